@@ -1,0 +1,240 @@
+"""The functional API (SPEC section 7): validate once, then dispatch each op to a backend."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _validate as V
+from ._dispatch import get_op, resolve_backend
+from .torch_backend.scores import accumulation_dtype
+from .types import MaskedTask, SCALELossOutput
+
+Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
+DEFAULT_LOGIT_SCALE = 1 / 0.07
+
+
+def normalize_present(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """z = e / max(||e||, 1e-12), with absent rows set to 0 first.
+
+    Replacing absent rows before any arithmetic keeps NaN there out of every
+    output and makes their gradient exactly 0.
+    """
+    kept = torch.where(present[..., None], e, torch.zeros((), dtype=e.dtype, device=e.device))
+    return F.normalize(kept.to(accumulation_dtype(e.dtype)), dim=-1, eps=1e-12).to(e.dtype)
+
+
+def _prepare(embeddings, present):
+    e = V.as_embeddings(embeddings)
+    M, B, _ = e.shape
+    present = V.as_present(present, M, B, e.device)
+    return e, present, normalize_present(e, present)
+
+
+def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None = None, *, mode: str = "sample"):
+    """Scores S, matching scores S' and the active-pair mask (SPEC section 3).
+
+    embeddings: [M, B, D] or M tensors [B, D]; present: [M, B] bool.
+    Returns (S, S_prime, active): S and S_prime are [B, M, M] (mode="sample")
+    or [M, M] (mode="batch"), float32 (float64 for float64 input); active is
+    [M, M] bool.
+    """
+    V.check_choice("mode", mode, V.MODES)
+    e, present, z = _prepare(embeddings, present)
+    backend = resolve_backend("auto", e.device)
+    return get_op(backend, "scores")(z, present, mode)
+
+
+def multi_pair_info_nce(
+    embeddings: Embeddings,
+    present: torch.Tensor | None = None,
+    *,
+    logit_scale: float | torch.Tensor = DEFAULT_LOGIT_SCALE,
+    weights: torch.Tensor | None = None,
+    form: str = "ntxent",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Contrastive loss of every modality pair i < j (SPEC section 4).
+
+    weights: None (all 1), [M, M] or [B, M, M]; weights[b, i, j] multiplies the
+    logits of the rows of sample b in pair (i, j).
+    Returns [M, M]: L(i, j) in the upper triangle of active pairs, 0 elsewhere.
+    """
+    V.check_choice("form", form, V.FORMS)
+    e, present, z = _prepare(embeddings, present)
+    M, B, _ = e.shape
+    scale = V.as_logit_scale(logit_scale, e.device)
+    row_weights = V.as_pair_weights(weights, M, B, e.device)
+    backend = resolve_backend(backend, e.device)
+    return get_op(backend, "contrastive")(z, present, scale, row_weights, form)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    scale: float | torch.Tensor | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """F.cross_entropy(scale[:, None] * (hidden @ weight.T + bias), target) without storing the logits.
+
+    hidden: [N, H]; weight: [K, H]; bias: [K]; target: [N] class ids (rows equal
+    to ignore_index skipped) or [N, K] float probabilities; scale: None, a
+    float, a 0-dim tensor or [N]. Returns a 0-dim loss ("mean", "sum") or [N]
+    ("none"), float32 (float64 for float64 hidden). Unlike F.cross_entropy,
+    "mean" over zero non-ignored rows is 0, not NaN.
+    """
+    V.check_choice("reduction", reduction, V.REDUCTIONS)
+    V.check_tensor("hidden", hidden, ndim=2, floating=True)
+    if weight is None:
+        raise TypeError("weight must be a torch.Tensor [K, H], got None")
+    device = hidden.device
+    k = V.check_linear_head("", hidden, weight, bias, device)
+    n = hidden.shape[0]
+    V.check_tensor("target", target)
+    V.check_device("target", target, device)
+    if target.is_floating_point():
+        if tuple(target.shape) != (n, k):
+            raise ValueError(f"target (probabilities) must have shape [N, K] = {(n, k)}, got {tuple(target.shape)}")
+    else:
+        V.check_tensor("target", target, floating=False)
+        V.check_class_targets("target", target, n, k, ignore_index)
+    row_scale = _row_scale(scale, n, device)
+    backend = resolve_backend(backend, device)
+    return get_op(backend, "linear_cross_entropy")(hidden, weight, target, bias, row_scale, ignore_index, reduction)
+
+
+def _row_scale(scale, n: int, device) -> torch.Tensor | None:
+    """None, or an [N] tensor (a float or 0-dim tensor is broadcast, keeping its gradient)."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        V.check_tensor("scale", scale, floating=True)
+        V.check_device("scale", scale, device)
+        if scale.dim() == 0 or tuple(scale.shape) == (1,):
+            return scale.reshape(()).expand(n)
+        if tuple(scale.shape) != (n,):
+            raise ValueError(f"scale must be a float, a 0-dim tensor or shape [N] = ({n},), got {tuple(scale.shape)}")
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be None, a float or a tensor, got {type(scale).__name__}")
+    return torch.full((n,), float(scale), device=device)
+
+
+def scale_loss(
+    embeddings: Embeddings,
+    present: torch.Tensor | None = None,
+    *,
+    logit_scale: float | torch.Tensor = DEFAULT_LOGIT_SCALE,
+    tasks: Mapping[int, MaskedTask] | None = None,
+    task_embeddings: Embeddings | None = None,
+    mode: str = "sample",
+    form: str = "ntxent",
+    harmonize: bool = True,
+    detach_weights: bool = False,
+    backend: str = "auto",
+) -> SCALELossOutput:
+    """The SCALE objective (SPEC section 6): harmonized contrastive pairs plus masked tasks.
+
+    embeddings: [M, B, D] (or M tensors [B, D]) modality CLS embeddings;
+    present: [M, B] bool; tasks: {modality index: MaskedTask};
+    task_embeddings: [M, B, D'] CLS vectors whose S' weights the masked tasks
+    (default: embeddings).  Returns SCALELossOutput.
+    """
+    V.check_choice("mode", mode, V.MODES)
+    V.check_choice("form", form, V.FORMS)
+    e, present, z = _prepare(embeddings, present)
+    M, B, _ = e.shape
+    scale = V.as_logit_scale(logit_scale, e.device)
+    tasks = dict(tasks or {})
+    if not isinstance(tasks, dict):
+        raise TypeError("tasks must be a mapping {modality index: MaskedTask}")
+    for m, task in tasks.items():
+        V.check_task(m, task, M, B, present, mode, needs_index=harmonize and mode == "sample")
+    backend = resolve_backend(backend, e.device)
+    scores_op = get_op(backend, "scores")
+
+    S, S_prime, active = scores_op(z, present, mode)
+    weights = S_prime.detach() if detach_weights else S_prime
+    row_weights = None
+    if harmonize:
+        row_weights = weights if mode == "sample" else weights.expand(B, M, M)
+    pair = get_op(backend, "contrastive")(z, present, scale, row_weights, form)
+    n_active = torch.triu(active, diagonal=1).sum()
+    contrastive_term = pair.sum() / n_active.clamp(min=1).to(pair.dtype)
+
+    masked = torch.zeros(M, dtype=pair.dtype, device=e.device)
+    if tasks:
+        task_weights = weights
+        if task_embeddings is not None and harmonize:
+            te = V.as_embeddings(task_embeddings, name="task_embeddings")
+            if te.shape[:2] != e.shape[:2]:
+                raise ValueError(f"task_embeddings must have shape [M, B, D'] with M, B = {(M, B)}, got {tuple(te.shape)}")
+            V.check_device("task_embeddings", te, e.device)
+            _, task_S_prime, _ = scores_op(normalize_present(te, present), present, mode)
+            task_weights = task_S_prime.detach() if detach_weights else task_S_prime
+        losses = []
+        for m in range(M):
+            if m not in tasks:
+                losses.append(masked[m])
+                continue
+            w_rows = None
+            if harmonize:
+                diag = task_weights[:, m, m] if mode == "sample" else task_weights[m, m]
+                w_rows = diag[tasks[m].sample_index] if mode == "sample" else diag.expand(tasks[m].hidden.shape[0])
+            losses.append(masked_task_loss(tasks[m], w_rows, backend).to(pair.dtype))
+        masked = torch.stack(losses)
+    total = contrastive_term + masked.sum()
+    return SCALELossOutput(total, pair, masked, S, S_prime, active)
+
+
+def masked_task_loss(task: MaskedTask, w_rows: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """L_M of one validated task (SPEC section 5); w_rows: [N] per-row weights or None."""
+    hidden = task.hidden
+    acc = accumulation_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    if n == 0:
+        return torch.zeros((), dtype=acc, device=hidden.device)
+    if task.kind in ("ce", "kl"):
+        target = task.target
+        if task.weight is not None:
+            loss = get_op(backend, "linear_cross_entropy")(
+                hidden, task.weight, target, task.bias, w_rows, task.ignore_index, "mean"
+            )
+        else:
+            logits = hidden.to(acc) if w_rows is None else hidden.to(acc) * w_rows.to(acc)[:, None]
+            if task.kind == "ce":
+                kept = (target != task.ignore_index).sum()
+                summed = F.cross_entropy(logits, target, ignore_index=task.ignore_index, reduction="sum")
+                loss = summed / kept.clamp(min=1).to(acc)
+            else:
+                loss = F.cross_entropy(logits, target.to(acc), reduction="mean")
+        if task.kind == "kl":  # KL = soft cross-entropy minus the targets' entropy
+            q = target.to(acc)
+            loss = loss + torch.special.xlogy(q, q).sum() / n
+        return loss
+    y = _predictions(task, acc)
+    target = task.target.to(acc)
+    if task.kind == "mse":
+        if w_rows is not None:
+            y = y * w_rows.to(acc)[:, None]
+        return ((y - target) ** 2).sum() / target.numel()
+    # nce: the row weight multiplies the logits, so it is passed to the op
+    # rather than applied to y (which is L2-normalised).
+    a = F.normalize(y, dim=-1, eps=1e-12)
+    b = F.normalize(target, dim=-1, eps=1e-12)
+    return get_op(backend, "info_nce")(a, b, None if w_rows is None else w_rows.to(acc), float(task.nce_scale))
+
+
+def _predictions(task: MaskedTask, acc: torch.dtype) -> torch.Tensor:
+    """y = hidden @ weight.T + bias (or hidden itself), in the accumulation dtype."""
+    hidden = task.hidden.to(acc)
+    if task.weight is None:
+        return hidden
+    bias = None if task.bias is None else task.bias.to(acc)
+    return F.linear(hidden, task.weight.to(acc), bias)

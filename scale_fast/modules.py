@@ -1,0 +1,94 @@
+"""nn.Module wrappers: parameters and options, with the math in scale_fast.functional."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import _validate as V
+from .functional import DEFAULT_LOGIT_SCALE, Embeddings, scale_loss
+from .types import MaskedTask, SCALELossOutput
+
+DEFAULT_MODALITIES = ("text", "image", "table", "video", "audio")
+
+
+class SCALELoss(nn.Module):
+    """The SCALE loss as a module, a drop-in in the spirit of OpenCLIP's ClipLoss.
+
+    Args:
+        modalities: names of the M modalities, in the order of the embeddings.
+        logit_scale: the (already exponentiated) multiplier of the cosines.
+        learnable_logit_scale: learn it as a log parameter (CLIP convention),
+            initialised to ln(logit_scale) and clamped at ln(max_logit_scale).
+        mode, form, harmonize, detach_weights, backend: as in scale_fast.scale_loss.
+
+    forward(embeddings [M, B, D], present [M, B] bool = None,
+            tasks {modality name or index: MaskedTask} = None,
+            task_embeddings [M, B, D'] = None) -> SCALELossOutput
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str] = DEFAULT_MODALITIES,
+        *,
+        logit_scale: float = DEFAULT_LOGIT_SCALE,
+        learnable_logit_scale: bool = False,
+        max_logit_scale: float = 100.0,
+        mode: str = "sample",
+        form: str = "ntxent",
+        harmonize: bool = True,
+        detach_weights: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        if len(self.modalities) < 2 or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be at least 2 distinct names, got {self.modalities}")
+        V.check_choice("mode", mode, V.MODES)
+        V.check_choice("form", form, V.FORMS)
+        V.as_logit_scale(float(logit_scale), torch.device("cpu"))
+        if not max_logit_scale >= logit_scale:
+            raise ValueError(f"max_logit_scale must be >= logit_scale, got {max_logit_scale} < {logit_scale}")
+        self.mode, self.form, self.backend = mode, form, backend
+        self.harmonize, self.detach_weights = bool(harmonize), bool(detach_weights)
+        self.max_log_scale = math.log(max_logit_scale)
+        if learnable_logit_scale:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+        else:
+            self.register_buffer("fixed_logit_scale", torch.tensor(float(logit_scale)), persistent=False)
+
+    def logit_scale(self) -> torch.Tensor:
+        """The current multiplier (exp of the clamped log parameter when learnable)."""
+        if hasattr(self, "log_logit_scale"):
+            return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
+        return self.fixed_logit_scale
+
+    def _task_index(self, key: Union[int, str]) -> int:
+        if isinstance(key, str):
+            if key not in self.modalities:
+                raise ValueError(f"tasks key {key!r} is not one of the modalities {self.modalities}")
+            return self.modalities.index(key)
+        return key
+
+    def forward(
+        self,
+        embeddings: Embeddings,
+        present: torch.Tensor | None = None,
+        tasks: Mapping[Union[int, str], MaskedTask] | None = None,
+        task_embeddings: Embeddings | None = None,
+    ) -> SCALELossOutput:
+        e = V.as_embeddings(embeddings)
+        if e.shape[0] != len(self.modalities):
+            raise ValueError(f"embeddings hold {e.shape[0]} modalities but the loss has {len(self.modalities)}: {self.modalities}")
+        scale = self.logit_scale().to(e.device)
+        indexed = {self._task_index(k): t for k, t in (tasks or {}).items()}
+        return scale_loss(
+            e, present, logit_scale=scale, tasks=indexed, task_embeddings=task_embeddings,
+            mode=self.mode, form=self.form, harmonize=self.harmonize,
+            detach_weights=self.detach_weights, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"modalities={self.modalities}, mode={self.mode!r}, form={self.form!r}, harmonize={self.harmonize}"
