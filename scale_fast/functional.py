@@ -15,6 +15,15 @@ Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
 DEFAULT_LOGIT_SCALE = 1 / 0.07
 
 
+def run_op(backend: str, name: str, *args):
+    """Run backend op `name`; under torch.compile through its custom op (one graph node)."""
+    if torch.compiler.is_compiling():
+        from . import _compiled_ops
+
+        return getattr(_compiled_ops, name)(*args, backend)
+    return get_op(backend, name)(*args)
+
+
 def normalize_present(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """z = e / max(||e||, 1e-12), with absent rows set to 0 first.
 
@@ -43,7 +52,7 @@ def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None =
     V.check_choice("mode", mode, V.MODES)
     e, present, z = _prepare(embeddings, present)
     backend = resolve_backend("auto", e.device)
-    return get_op(backend, "scores")(z, present, mode)
+    return run_op(backend, "scores", z, present, mode)
 
 
 def multi_pair_info_nce(
@@ -67,7 +76,7 @@ def multi_pair_info_nce(
     scale = V.as_logit_scale(logit_scale, e.device)
     row_weights = V.as_pair_weights(weights, M, B, e.device)
     backend = resolve_backend(backend, e.device)
-    return get_op(backend, "contrastive")(z, present, scale, row_weights, form)
+    return run_op(backend, "contrastive", z, present, scale, row_weights, form)
 
 
 def linear_cross_entropy(
@@ -106,7 +115,7 @@ def linear_cross_entropy(
         V.check_class_targets("target", target, n, k, ignore_index)
     row_scale = _row_scale(scale, n, device)
     backend = resolve_backend(backend, device)
-    return get_op(backend, "linear_cross_entropy")(hidden, weight, target, bias, row_scale, ignore_index, reduction)
+    return run_op(backend, "linear_cross_entropy", hidden, weight, target, bias, row_scale, ignore_index, reduction)
 
 
 def _row_scale(scale, n: int, device) -> torch.Tensor | None:
@@ -157,14 +166,12 @@ def scale_loss(
     for m, task in tasks.items():
         V.check_task(m, task, M, B, present, mode, needs_index=harmonize and mode == "sample")
     backend = resolve_backend(backend, e.device)
-    scores_op = get_op(backend, "scores")
-
-    S, S_prime, active = scores_op(z, present, mode)
+    S, S_prime, active = run_op(backend, "scores", z, present, mode)
     weights = S_prime.detach() if detach_weights else S_prime
     row_weights = None
     if harmonize:
         row_weights = weights if mode == "sample" else weights.expand(B, M, M)
-    pair = get_op(backend, "contrastive")(z, present, scale, row_weights, form)
+    pair = run_op(backend, "contrastive", z, present, scale, row_weights, form)
     n_active = torch.triu(active, diagonal=1).sum()
     contrastive_term = pair.sum() / n_active.clamp(min=1).to(pair.dtype)
 
@@ -176,7 +183,7 @@ def scale_loss(
             if te.shape[:2] != e.shape[:2]:
                 raise ValueError(f"task_embeddings must have shape [M, B, D'] with M, B = {(M, B)}, got {tuple(te.shape)}")
             V.check_device("task_embeddings", te, e.device)
-            _, task_S_prime, _ = scores_op(normalize_present(te, present), present, mode)
+            _, task_S_prime, _ = run_op(backend, "scores", normalize_present(te, present), present, mode)
             task_weights = task_S_prime.detach() if detach_weights else task_S_prime
         losses = []
         for m in range(M):
@@ -203,9 +210,8 @@ def masked_task_loss(task: MaskedTask, w_rows: torch.Tensor | None, backend: str
     if task.kind in ("ce", "kl"):
         target = task.target
         if task.weight is not None:
-            loss = get_op(backend, "linear_cross_entropy")(
-                hidden, task.weight, target, task.bias, w_rows, task.ignore_index, "mean"
-            )
+            loss = run_op(backend, "linear_cross_entropy", hidden, task.weight, target, task.bias, w_rows,
+                          task.ignore_index, "mean")
         else:
             logits = hidden.to(acc) if w_rows is None else hidden.to(acc) * w_rows.to(acc)[:, None]
             if task.kind == "ce":
@@ -228,7 +234,7 @@ def masked_task_loss(task: MaskedTask, w_rows: torch.Tensor | None, backend: str
     # rather than applied to y (which is L2-normalised).
     a = F.normalize(y, dim=-1, eps=1e-12)
     b = F.normalize(target, dim=-1, eps=1e-12)
-    return get_op(backend, "info_nce")(a, b, None if w_rows is None else w_rows.to(acc), float(task.nce_scale))
+    return run_op(backend, "info_nce", a, b, None if w_rows is None else w_rows.to(acc), float(task.nce_scale))
 
 
 def _predictions(task: MaskedTask, acc: torch.dtype) -> torch.Tensor:
