@@ -24,14 +24,40 @@ def run_op(backend: str, name: str, *args):
     return get_op(backend, name)(*args)
 
 
-def normalize_present(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """z = e / max(||e||, 1e-12), with absent rows set to 0 first.
+class _NormalizePresent(torch.autograd.Function):
+    """z = e / max(||e||, 1e-12) on present rows, exactly 0 on absent ones.
 
-    Replacing absent rows before any arithmetic keeps NaN there out of every
-    output and makes their gradient exactly 0.
+    Absent rows never enter the arithmetic (NaN there cannot leak) and get a
+    gradient of exactly 0.  Saves only z (the output, which the losses keep
+    anyway) and the [M, B] inverse norms.
     """
-    kept = torch.where(present[..., None], e, torch.zeros((), dtype=e.dtype, device=e.device))
-    return F.normalize(kept.to(accumulation_dtype(e.dtype)), dim=-1, eps=1e-12).to(e.dtype)
+
+    @staticmethod
+    def forward(ctx, e, present):
+        acc = accumulation_dtype(e.dtype)
+        kept = torch.where(present[..., None], e, torch.zeros((), dtype=e.dtype, device=e.device)).to(acc)
+        norm = torch.linalg.vector_norm(kept, dim=-1)
+        inv = 1.0 / norm.clamp(min=1e-12)
+        z = kept.mul_(inv[..., None]).to(e.dtype)
+        ctx.save_for_backward(z, inv, norm > 1e-12, present)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        z, inv, projected, present = ctx.saved_tensors
+        acc = inv.dtype
+        zf, dzf = z.to(acc), dz.to(acc)
+        # d/de (e / ||e||) = (dz - z (z . dz)) / ||e||; below the 1e-12 clamp it is dz / 1e-12;
+        # absent rows get exactly 0 (a consumer may still send them a gradient: z is 0 there)
+        along = torch.einsum("mbd,mbd->mb", zf, dzf) * projected
+        de = zf * -along[..., None]
+        de.add_(dzf).mul_((inv * present)[..., None])
+        return de.to(dz.dtype), None
+
+
+def normalize_present(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """[M, B, D] unit rows for present entries, 0 for absent ones (see _NormalizePresent)."""
+    return _NormalizePresent.apply(e, present)
 
 
 def _prepare(embeddings, present):

@@ -152,7 +152,6 @@ class LinearCrossEntropy(torch.autograd.Function):
             p = _Problem(hidden, weight, bias, scale, target, ctx.ignore_index)
             g, factor = _Grads(p, ctx.needs_input_grad[:5]), None
             _sweep(p, g, grad_out.to(p.acc), lse)
-        ctx.grads = None
         out = []
         for tensor, dtype in zip((g.hidden, g.weight, g.bias, g.scale, g.target), ctx.dtypes):
             if tensor is not None and factor is not None:

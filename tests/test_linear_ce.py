@@ -1,0 +1,283 @@
+"""linear_cross_entropy (SPEC §7) against the float64 reference and F.cross_entropy, every backend."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scale_fast as sf
+from conftest import (BACKENDS, DEVICE, LOW_RTOL, assert_grad_close, assert_value_close, backend_cases,
+                      case_rng, dev_leaf, grads, is_slow, ref_leaf, torch_gen)
+from reference import ref_linear_cross_entropy
+
+REDUCTIONS = ("mean", "sum", "none")
+SCALE_KINDS = (None, "float", "0dim", "rows")
+
+
+def _shapes(backend, rng):
+    if is_slow(backend):
+        return rng.choice([1, 2, 5, 13, 24]), rng.choice([7, 16, 33, 40]), rng.choice([3, 17, 64, 70])
+    return (rng.choice([1, 2, 7, 64, 129, 300]), rng.choice([7, 33, 65, 128]),
+            rng.choice([5, 100, 1000, 4099]))
+
+
+def _make(backend, seed, *, soft=None, reduction=None, scale_kind="rand", bias=None, N=None, H=None, K=None,
+          ignore_frac=None, ignore_index=None, dtype=torch.float32):
+    rng = case_rng("lce", backend, seed)
+    n0, h0, k0 = _shapes(backend, rng)
+    N = n0 if N is None else N
+    H = h0 if H is None else H
+    K = k0 if K is None else K
+    soft = (seed % 2 == 1) if soft is None else soft
+    reduction = REDUCTIONS[(seed // 2) % 3] if reduction is None else reduction
+    scale_kind = SCALE_KINDS[(seed // 6) % 4] if scale_kind == "rand" else scale_kind
+    bias = rng.random() < 0.5 if bias is None else bias
+    ignore_index = rng.choice([-100, -1, K + 3]) if ignore_index is None else ignore_index
+    gen = torch_gen(3000 + seed)
+    hidden = torch.randn(N, H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(K, H, generator=gen, dtype=torch.float64) / H ** 0.5
+    b = torch.randn(K, generator=gen, dtype=torch.float64) if bias else None
+    if soft:
+        target = torch.softmax(2 * torch.randn(N, K, generator=gen, dtype=torch.float64), -1)
+    else:
+        target = torch.randint(0, K, (N,), generator=gen)
+        frac = rng.choice([0.0, 0.3]) if ignore_frac is None else ignore_frac
+        drop = torch.rand(N, generator=gen) < frac
+        target = torch.where(drop, torch.full_like(target, ignore_index), target)
+    if scale_kind is None:
+        scale = None
+    elif scale_kind == "float":
+        scale = rng.choice([0.5, 1 / 0.07, 2.0])
+    elif scale_kind == "0dim":
+        scale = torch.tensor(rng.uniform(0.3, 3.0), dtype=torch.float64)
+    else:
+        scale = torch.rand(N, generator=gen, dtype=torch.float64) * 2.0 - 0.5
+    cast = (lambda x: x.to(dtype)) if dtype != torch.float64 else (lambda x: x)
+    case = dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b) if b is not None else None,
+                target=cast(target) if soft else target,
+                scale=cast(scale) if isinstance(scale, torch.Tensor) else scale,
+                ignore_index=ignore_index, reduction=reduction)
+    return case
+
+
+def _check(backend, case, *, rtol=1e-5, atol=1e-6, grtol=1e-4, target_grad=True):
+    names = ["hidden", "weight", "bias", "scale", "target"]
+    lib = {k: (dev_leaf(case[k], requires_grad=(k != "target" or target_grad))
+               if isinstance(case[k], torch.Tensor) else case[k]) for k in names}
+    ref = {k: (ref_leaf(case[k], requires_grad=(k != "target" or target_grad))
+               if isinstance(case[k], torch.Tensor) else case[k]) for k in names}
+    out = sf.linear_cross_entropy(lib["hidden"], lib["weight"], lib["target"], lib["bias"],
+                                  ignore_index=case["ignore_index"], scale=lib["scale"],
+                                  reduction=case["reduction"], backend=backend)
+    want = ref_linear_cross_entropy(ref["hidden"], ref["weight"], ref["target"], ref["bias"],
+                                    case["ignore_index"], ref["scale"], case["reduction"])
+    in_dtype = case["hidden"].dtype
+    assert out.dtype == (torch.float64 if in_dtype == torch.float64 else torch.float32), out.dtype
+    assert_value_close(out, want, rtol, atol, "loss")
+
+    # the documented formula, in float64, as a second independent check
+    if case["reduction"] != "mean" or case["target"].is_floating_point() or \
+            bool((case["target"] != case["ignore_index"]).any()):
+        logits = ref["hidden"].detach() @ ref["weight"].detach().T
+        if ref["bias"] is not None:
+            logits = logits + ref["bias"].detach()
+        s = ref["scale"]
+        if isinstance(s, torch.Tensor):
+            s = s.detach()
+            logits = (s[:, None] if s.dim() == 1 else s) * logits
+        elif s is not None:
+            logits = s * logits
+        t = ref["target"].detach() if ref["target"].is_floating_point() else ref["target"]
+        if t.is_floating_point():  # F.cross_entropy takes no ignore_index with probability targets
+            f = F.cross_entropy(logits, t, reduction=case["reduction"])
+        else:
+            f = F.cross_entropy(logits, t, ignore_index=case["ignore_index"], reduction=case["reduction"])
+        assert_value_close(out, f, rtol, atol, "loss vs F.cross_entropy")
+
+    G = torch.randn(want.shape, generator=torch_gen(1), dtype=torch.float64)
+    trip = [(k, lib[k], ref[k]) for k in names
+            if isinstance(lib[k], torch.Tensor) and lib[k].requires_grad]
+    g_ref = grads((want * G).sum(), [t[2] for t in trip])
+    g_lib = grads((out * G.to(out.dtype).to(DEVICE)).sum(), [t[1] for t in trip])
+    for (name, l_leaf, r_leaf), gl, gr in zip(trip, g_lib, g_ref):
+        assert_grad_close(gl, gr if gr is not None else torch.zeros_like(r_leaf), grtol, name=f"d {name}")
+        if gl is not None:
+            assert gl.dtype == l_leaf.dtype, f"d {name} dtype"
+    return out
+
+
+@pytest.mark.parametrize("backend,seed", backend_cases(48, 10))
+def test_linear_cross_entropy_matches_reference(backend, seed):
+    _check(backend, _make(backend, seed))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_reduction_and_target_kind(backend, soft, reduction):
+    _check(backend, _make(backend, 77, soft=soft, reduction=reduction, scale_kind="rows", bias=True))
+
+
+@pytest.mark.parametrize("scale_kind", SCALE_KINDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_scale_kind(backend, scale_kind):
+    _check(backend, _make(backend, 78, soft=False, reduction="mean", scale_kind=scale_kind, ignore_frac=0.3))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_row_ignored(backend, reduction):
+    """'mean' with every row ignored is 0, not NaN (documented deviation); grads exactly 0."""
+    case = _make(backend, 79, soft=False, reduction=reduction, ignore_frac=1.0, N=6, H=7, K=11, bias=True)
+    out = _check(backend, case)
+    assert torch.isfinite(out).all()
+    assert (out.detach().cpu() == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_row(backend):
+    for soft in (False, True):
+        out = _check(backend, _make(backend, 80, soft=soft, reduction="mean", N=1, ignore_frac=0.0))
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_vocabulary_odd_sizes(backend):
+    N, H, K = (24, 33, 70) if is_slow(backend) else (257, 65, 8191)
+    _check(backend, _make(backend, 81, soft=False, reduction="mean", scale_kind="rows", bias=True, N=N, H=H, K=K,
+                          ignore_frac=0.2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_are_stable(backend):
+    """Large logits (|logit| ~ 1e3): log-sum-exp must not overflow."""
+    case = _make(backend, 82, soft=False, reduction="sum", scale_kind="float", N=9, H=16, K=37, ignore_frac=0.0)
+    case["scale"] = 300.0
+    _check(backend, case, rtol=1e-5, atol=1e-3, grtol=1e-3)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_bfloat16_inputs(soft):
+    case = _make("torch", 83, soft=soft, reduction="mean", scale_kind="rows", bias=True, N=64, H=33, K=1000,
+                 dtype=torch.bfloat16)
+    _check("torch", case, rtol=LOW_RTOL, atol=LOW_RTOL, grtol=LOW_RTOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_inputs_backends(backend):
+    case = _make(backend, 84, soft=False, reduction="mean", scale_kind=None, bias=True, N=12, H=16, K=40,
+                 dtype=torch.bfloat16)
+    _check(backend, case, rtol=LOW_RTOL, atol=LOW_RTOL, grtol=LOW_RTOL)
+
+
+def test_float64_inputs():
+    case = _make("torch", 85, soft=False, reduction="mean", scale_kind="rows", bias=True, N=40, H=9, K=300,
+                 dtype=torch.float64)
+    _check("torch", case, rtol=1e-10, atol=1e-12, grtol=1e-9)
+
+
+def test_empty_input():
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(5, 8, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long)
+    out = sf.linear_cross_entropy(hidden, weight, target, backend="torch")
+    assert out.item() == 0.0
+    out = sf.linear_cross_entropy(hidden, weight, target, reduction="none", backend="torch")
+    assert out.shape == (0,)
+
+
+def test_gradcheck_torch_backend():
+    gen = torch_gen(86)
+    h = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
+    sc = (torch.rand(5, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    t = torch.tensor([0, 3, -100, 6, 2])
+    q = torch.softmax(torch.randn(5, 7, generator=gen, dtype=torch.float64), -1).requires_grad_()
+    for red in REDUCTIONS:
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, sc: sf.linear_cross_entropy(h, w, t, b, scale=sc, reduction=red, backend="torch"),
+            (h, w, b, sc))
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, sc, q: sf.linear_cross_entropy(h, w, q, b, scale=sc, reduction=red, backend="torch"),
+            (h, w, b, sc, q))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_with_retained_graph(backend, reduction):
+    """loss.backward(retain_graph=True) twice accumulates exactly twice the reference gradient."""
+    case = _make(backend, 87, soft=False, reduction=reduction, scale_kind=None, bias=True, N=10, H=16, K=37,
+                 ignore_frac=0.2)
+    h, W, b = dev_leaf(case["hidden"]), dev_leaf(case["weight"]), dev_leaf(case["bias"])
+    out = sf.linear_cross_entropy(h, W, case["target"].to(DEVICE), b, ignore_index=case["ignore_index"],
+                                  reduction=reduction, backend=backend)
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()
+    hr, Wr, br = ref_leaf(case["hidden"]), ref_leaf(case["weight"]), ref_leaf(case["bias"])
+    want = ref_linear_cross_entropy(hr, Wr, case["target"], br, case["ignore_index"], None, reduction)
+    gh, gW, gb = torch.autograd.grad(2 * want.sum(), [hr, Wr, br])
+    assert_grad_close(h.grad, gh, name="d hidden")
+    assert_grad_close(W.grad, gW, name="d weight")
+    assert_grad_close(b.grad, gb, name="d bias")
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_torch_backend_row_blocks(monkeypatch, soft):
+    """The torch backend's row blocking (normally 2^24 logits per block) with tiny blocks."""
+    import importlib
+
+    mod = importlib.import_module("scale_fast.torch_backend.linear_ce")
+    assert hasattr(mod, "BLOCK_ELEMENTS"), "torch backend block knob renamed: update this test"
+    monkeypatch.setattr(mod, "BLOCK_ELEMENTS", 7 * 101)  # 7 rows per block, ragged last block
+    for reduction in REDUCTIONS:
+        _check("torch", _make("torch", 88, soft=soft, reduction=reduction, scale_kind="rows", bias=True, N=53, H=33,
+                              K=101, ignore_frac=0.25))
+
+
+@pytest.mark.parametrize("scheme", ["chunked", "fused"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_schemes(monkeypatch, backend, scheme):
+    """SCALE_FAST_LCE_BACKWARD picks the Triton backward (chunked with a tiny chunk, or fused)."""
+    monkeypatch.setenv("SCALE_FAST_LCE_BACKWARD", scheme)
+    monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", "0.0001")
+    for soft in (False, True):
+        _check(backend, _make(backend, 89, soft=soft, reduction="mean", scale_kind="rows", bias=True, N=37, H=16,
+                              K=45, ignore_frac=0.2))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs(backend, soft):
+    """hidden, weight and soft targets given as transposed / strided views."""
+    case = _make(backend, 90, soft=soft, reduction="sum", scale_kind="rows", bias=True, N=19, H=16, K=33,
+                 ignore_frac=0.2)
+    h_base = case["hidden"].T.contiguous().to(DEVICE).requires_grad_()       # [H, N]
+    W_base = torch.zeros(case["weight"].shape[0], 2 * case["weight"].shape[1], dtype=torch.float32)
+    W_base[:, ::2] = case["weight"]
+    W_base = W_base.to(DEVICE).requires_grad_()
+    h_view, W_view = h_base.T, W_base[:, ::2]
+    target = case["target"].to(DEVICE)
+    if soft:
+        target = target.T.contiguous().T
+    assert not h_view.is_contiguous() and not W_view.is_contiguous()
+    out = sf.linear_cross_entropy(h_view, W_view, target, case["bias"].to(DEVICE), scale=case["scale"].to(DEVICE),
+                                  ignore_index=case["ignore_index"], reduction="sum", backend=backend)
+    hr, Wr = ref_leaf(case["hidden"]), ref_leaf(case["weight"])
+    want = ref_linear_cross_entropy(hr, Wr, ref_leaf(case["target"], False), case["bias"].double(),
+                                    case["ignore_index"], case["scale"].double(), "sum")
+    assert_value_close(out, want, name="loss (strided inputs)")
+    gh, gW = torch.autograd.grad(out, [h_base, W_base])
+    gh_r, gW_r = torch.autograd.grad(want, [hr, Wr])
+    assert_grad_close(gh.T, gh_r, name="d hidden")
+    assert_grad_close(gW[:, ::2], gW_r, name="d weight")
+    assert (gW[:, 1::2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_inputs(backend, dtype):
+    for soft in (False, True):
+        case = _make(backend, 91, soft=soft, reduction="mean", scale_kind="rows", bias=True, N=12, H=16, K=40,
+                     dtype=dtype)
+        _check(backend, case, rtol=LOW_RTOL, atol=LOW_RTOL, grtol=LOW_RTOL)
