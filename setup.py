@@ -6,9 +6,10 @@ setup(
     version="0.1.0",
     description="Fused, exact, memory-efficient SCALE multi-modal contrastive pretraining losses",
     python_requires=">=3.9",
-    packages=["scale_fast", "scale_fast.torch_backend", "scale_fast.kernels"],
+    packages=["scale_fast", "scale_fast.torch_backend", "scale_fast.kernels", "scale_fast.model", "scale_fast.data"],
     package_dir={"scale_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    entry_points={"console_scripts": ["scale-fast=scale_fast.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0"],

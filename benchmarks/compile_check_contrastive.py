@@ -79,13 +79,13 @@ def contrastive_jobs(con, quick):
     fwd_types = dict(
         pres_ptr="*u8", w_ptr="*fp32", pi_ptr="*i32", pj_ptr="*i32",
         scale_ptr="*fp32", part_ptr="*fp32", pos2_ptr="*fp32",
-        B="i32", D="i32", stride_zm="i64", stride_zb="i32", stride_pm="i32", RCAP="i32")
+        B="i32", D="i32", stride_zm="i32", stride_zb="i32", stride_pm="i32", RCAP="i32")
     bwd_types = dict(
         pres_ptr="*u8", w_ptr="*fp32", pi_ptr="*i32", pj_ptr="*i32",
         scale_ptr="*fp32", coef_ptr="*fp32", lse_ptr="*fp32",
         dz_ptr="*fp32", dw_ptr="*fp32", ds_ptr="*fp32",
-        B="i32", D="i32", stride_zm="i64", stride_zb="i32", stride_pm="i32",
-        stride_dzm="i64", stride_dzb="i32")
+        B="i32", D="i32", stride_zm="i32", stride_zb="i32", stride_pm="i32",
+        stride_dzm="i32", stride_dzb="i32")
     for dt in ("bf16", "fp16", "fp32"):
         for prec in (["ieee", "tf32"] if dt == "fp32" else ["ieee"]):
             fma = dt == "fp32" and prec == "ieee"
@@ -122,6 +122,17 @@ def contrastive_jobs(con, quick):
                              ft, fce, nw, ns, True))
                 jobs.append((f"contrastive_bwd {dt} nseg={nseg} {ones}", con._contrastive_bwd_kernel,
                              bt, bce, nw, ns, True))
+    # B * D >= 2^31: the M strides arrive as int64
+    for dt in ("bf16", "fp32"):
+        fma = dt == "fp32"
+        cfg = ([c for c in allcfg if getattr(c, "scale_fast_fma", False) == fma] or allcfg)[0]
+        kw, nw, ns = dict(cfg.kwargs), cfg.num_warps, cfg.num_stages
+        ce = dict(HAS_W=True, BOTH_DIR=True, NSEG=2, PRECISION="ieee", DOT_F32=False, EVEN_D=True, **kw)
+        jobs.append((f"contrastive_fwd {dt} int64 strides", con._contrastive_fwd_kernel,
+                     dict(fwd_types, z_ptr=PTR[dt], stride_zm="i64"), ce, nw, ns, True))
+        jobs.append((f"contrastive_bwd {dt} int64 strides", con._contrastive_bwd_kernel,
+                     dict(bwd_types, z_ptr=PTR[dt], stride_zm="i64", stride_dzm="i64"),
+                     dict(ce, NPOS=2, GROUP=8), nw, ns, True))
     return jobs
 
 
@@ -131,7 +142,7 @@ def scores_jobs(sc):
         for M in (2, 3, 5, 8):
             MP, BB, BD = sc._blocks(M, 4096)
             ce = dict(MP=MP, BLOCK_B=BB, BLOCK_D=BD)
-            base = dict(M="i32", B="i32", D="i32", stride_zm="i64", stride_zb="i32", stride_pm="i32")
+            base = dict(M="i32", B="i32", D="i32", stride_zm="i32", stride_zb="i32", stride_pm="i32")
             jobs.append((f"scores_sample_fwd {dt} M={M}", sc._scores_sample_fwd_kernel,
                          dict(base, z_ptr=PTR[dt], pres_ptr="*u8", s_ptr="*fp32", sp_ptr="*fp32"),
                          ce, 4, 2, True))
@@ -140,10 +151,10 @@ def scores_jobs(sc):
             for from_scores in (True, False):
                 jobs.append((f"scores_bwd {dt} M={M} from_scores={from_scores}", sc._scores_bwd_kernel,
                              dict(base, z_ptr=PTR[dt], pres_ptr="*u8", s_ptr="*fp32", ds_ptr="*fp32",
-                                  dsp_ptr="*fp32", dg_ptr="*fp32", dz_ptr=PTR[dt], stride_dzm="i64",
+                                  dsp_ptr="*fp32", dg_ptr="*fp32", dz_ptr=PTR[dt], stride_dzm="i32",
                                   stride_dzb="i32", stride_gb="i32"),
                              dict(ce, FROM_SCORES=from_scores), 4, 2, True))
-    jobs.append(("scores_sample_fwd fp32 M=3 no hints", sc._scores_sample_fwd_kernel,
+    jobs.append(("scores_sample_fwd fp32 M=3 no hints, int64 strides", sc._scores_sample_fwd_kernel,
                  dict(M="i32", B="i32", D="i32", stride_zm="i64", stride_zb="i32", stride_pm="i32",
                       z_ptr="*fp32", pres_ptr="*u8", s_ptr="*fp32", sp_ptr="*fp32"),
                  dict(zip(("MP", "BLOCK_B", "BLOCK_D"), sc._blocks(3, 4096))), 4, 2, False))

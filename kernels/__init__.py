@@ -1,15 +1,9 @@
 """Triton kernels (installed as ``scale_fast.kernels``): the "triton" backend.
 
 Each op lives in its own module with its kernels and its autograd.Function;
-this package exposes them under the names of the backend contract in
-``scale_fast/_dispatch.py``.  Importing needs triton; the kernels run on CUDA
+``scale_fast.kernels.ops`` exposes them under the names of the backend contract
+in ``scale_fast/_dispatch.py``.  Importing needs triton; the kernels run on CUDA
 tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was
 imported (how the test suite runs them without a GPU).
 """
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
-
-from .scores import scores  # noqa: E402
-from .contrastive import contrastive, info_nce  # noqa: E402
-from .linear_ce import linear_cross_entropy  # noqa: E402
-
-__all__ = ["scores", "contrastive", "info_nce", "linear_cross_entropy"]

@@ -24,7 +24,7 @@ import triton.language as tl
 
 _EPS = 1e-12
 _MAX_M = 16
-_ELEMS = 8192  # BLOCK_B * MP * MP * BLOCK_D per step
+_ELEMS = 4096  # BLOCK_B * MP * MP * BLOCK_D per step
 _BLOCK_D = 16
 
 

@@ -22,3 +22,7 @@ __all__ = [
     "SCALELoss",
     "available_backends",
 ]
+
+from .model import JointCoTransformer, SCALEConfig, SCALEModel  # noqa: E402
+
+__all__ += ["JointCoTransformer", "SCALEConfig", "SCALEModel"]

@@ -7,19 +7,22 @@ lacks falls back to the torch backend (the fallback is documented per op).
 
 Backend op contracts (inputs are already validated; backends trust them):
 
-``scores(z, present, mode) -> (S, S_prime, active)``
-    z: [M, B, D] float, L2-normalised rows, rows of absent modalities are 0.
-    present: [M, B] bool.  mode: "sample" | "batch".
+``scores(e, present, mode) -> (S, S_prime, active)``
+    e: [M, B, D] float raw embeddings; rows of absent modalities may hold
+    anything (NaN): the op normalises present rows itself (z = e / max(||e||,
+    1e-12), see scale_fast/_normalize.py) and gives absent rows exactly 0
+    gradient.  Taking e rather than a normalised copy lets a backend avoid
+    keeping an extra [M, B, D] tensor.  present: [M, B] bool.  mode: "sample" | "batch".
     S, S_prime: [B, M, M] (sample) or [M, M] (batch), float32 (float64 for
-    float64 z); active: [M, M] bool (|P_ij| >= 1).  Differentiable in z.
+    float64 e); active: [M, M] bool (|P_ij| >= 1).  Differentiable in e.
 
-``contrastive(z, present, logit_scale, row_weights, form) -> pair_losses``
-    z, present as above.  logit_scale: 0-dim float tensor (may require grad).
+``contrastive(e, present, logit_scale, row_weights, form) -> pair_losses``
+    e, present as above.  logit_scale: 0-dim float tensor (may require grad).
     row_weights: None (all 1) or [B, M, M] float tensor (may require grad); the
     weight of a row of sample b in pair (i, j) is row_weights[b, i, j].
     form: "ntxent" | "clip".  Returns [M, M] float32 (float64 for float64 z):
     L(i, j) in the upper triangle for active pairs, exactly 0 elsewhere.
-    Differentiable in z, logit_scale and row_weights.
+    Differentiable in e, logit_scale and row_weights.
 
 ``linear_cross_entropy(hidden, weight, target, bias, scale, ignore_index, reduction)``
     hidden: [N, H]; weight: [K, H]; target: [N] int64 (class index or
@@ -46,7 +49,7 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cpp")
 _MODULES = {
     "torch": "scale_fast.torch_backend",
-    "triton": "scale_fast.kernels",
+    "triton": "scale_fast.kernels.ops",
     "cpp": "scale_fast.cpp_backend",
 }
 _loaded: dict[str, ModuleType | None] = {}

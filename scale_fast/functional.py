@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from . import _validate as V
 from ._dispatch import get_op, resolve_backend
-from .torch_backend.scores import accumulation_dtype
+from ._normalize import accumulation_dtype
 from .types import MaskedTask, SCALELossOutput
 
 Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -24,47 +24,10 @@ def run_op(backend: str, name: str, *args):
     return get_op(backend, name)(*args)
 
 
-class _NormalizePresent(torch.autograd.Function):
-    """z = e / max(||e||, 1e-12) on present rows, exactly 0 on absent ones.
-
-    Absent rows never enter the arithmetic (NaN there cannot leak) and get a
-    gradient of exactly 0.  Saves only z (the output, which the losses keep
-    anyway) and the [M, B] inverse norms.
-    """
-
-    @staticmethod
-    def forward(ctx, e, present):
-        acc = accumulation_dtype(e.dtype)
-        kept = torch.where(present[..., None], e, torch.zeros((), dtype=e.dtype, device=e.device)).to(acc)
-        norm = torch.linalg.vector_norm(kept, dim=-1)
-        inv = 1.0 / norm.clamp(min=1e-12)
-        z = kept.mul_(inv[..., None]).to(e.dtype)
-        ctx.save_for_backward(z, inv, norm > 1e-12, present)
-        return z
-
-    @staticmethod
-    def backward(ctx, dz):
-        z, inv, projected, present = ctx.saved_tensors
-        acc = inv.dtype
-        zf, dzf = z.to(acc), dz.to(acc)
-        # d/de (e / ||e||) = (dz - z (z . dz)) / ||e||; below the 1e-12 clamp it is dz / 1e-12;
-        # absent rows get exactly 0 (a consumer may still send them a gradient: z is 0 there)
-        along = torch.einsum("mbd,mbd->mb", zf, dzf) * projected
-        de = zf * -along[..., None]
-        de.add_(dzf).mul_((inv * present)[..., None])
-        return de.to(dz.dtype), None
-
-
-def normalize_present(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """[M, B, D] unit rows for present entries, 0 for absent ones (see _NormalizePresent)."""
-    return _NormalizePresent.apply(e, present)
-
-
 def _prepare(embeddings, present):
     e = V.as_embeddings(embeddings)
     M, B, _ = e.shape
-    present = V.as_present(present, M, B, e.device)
-    return e, present, normalize_present(e, present)
+    return e, V.as_present(present, M, B, e.device)
 
 
 def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None = None, *, mode: str = "sample"):
@@ -76,9 +39,9 @@ def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None =
     [M, M] bool.
     """
     V.check_choice("mode", mode, V.MODES)
-    e, present, z = _prepare(embeddings, present)
+    e, present = _prepare(embeddings, present)
     backend = resolve_backend("auto", e.device)
-    return run_op(backend, "scores", z, present, mode)
+    return run_op(backend, "scores", e, present, mode)
 
 
 def multi_pair_info_nce(
@@ -97,12 +60,12 @@ def multi_pair_info_nce(
     Returns [M, M]: L(i, j) in the upper triangle of active pairs, 0 elsewhere.
     """
     V.check_choice("form", form, V.FORMS)
-    e, present, z = _prepare(embeddings, present)
+    e, present = _prepare(embeddings, present)
     M, B, _ = e.shape
     scale = V.as_logit_scale(logit_scale, e.device)
     row_weights = V.as_pair_weights(weights, M, B, e.device)
     backend = resolve_backend(backend, e.device)
-    return run_op(backend, "contrastive", z, present, scale, row_weights, form)
+    return run_op(backend, "contrastive", e, present, scale, row_weights, form)
 
 
 def linear_cross_entropy(
@@ -183,7 +146,7 @@ def scale_loss(
     """
     V.check_choice("mode", mode, V.MODES)
     V.check_choice("form", form, V.FORMS)
-    e, present, z = _prepare(embeddings, present)
+    e, present = _prepare(embeddings, present)
     M, B, _ = e.shape
     scale = V.as_logit_scale(logit_scale, e.device)
     tasks = dict(tasks or {})
@@ -192,12 +155,12 @@ def scale_loss(
     for m, task in tasks.items():
         V.check_task(m, task, M, B, present, mode, needs_index=harmonize and mode == "sample")
     backend = resolve_backend(backend, e.device)
-    S, S_prime, active = run_op(backend, "scores", z, present, mode)
+    S, S_prime, active = run_op(backend, "scores", e, present, mode)
     weights = S_prime.detach() if detach_weights else S_prime
     row_weights = None
     if harmonize:
         row_weights = weights if mode == "sample" else weights.expand(B, M, M)
-    pair = run_op(backend, "contrastive", z, present, scale, row_weights, form)
+    pair = run_op(backend, "contrastive", e, present, scale, row_weights, form)
     n_active = torch.triu(active, diagonal=1).sum()
     contrastive_term = pair.sum() / n_active.clamp(min=1).to(pair.dtype)
 
@@ -209,7 +172,7 @@ def scale_loss(
             if te.shape[:2] != e.shape[:2]:
                 raise ValueError(f"task_embeddings must have shape [M, B, D'] with M, B = {(M, B)}, got {tuple(te.shape)}")
             V.check_device("task_embeddings", te, e.device)
-            _, task_S_prime, _ = run_op(backend, "scores", normalize_present(te, present), present, mode)
+            _, task_S_prime, _ = run_op(backend, "scores", te, present, mode)
             task_weights = task_S_prime.detach() if detach_weights else task_S_prime
         losses = []
         for m in range(M):

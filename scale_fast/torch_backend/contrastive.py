@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .scores import accumulation_dtype
+from .._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
 
 TILE = 1024
 # Largest |logit| range for which exp(x - bound) neither over- nor underflows
@@ -175,20 +175,25 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos_dot, coef):
     return da, db, coef * (dot_p / p_sum - pos_dot).sum(0)
 
 
-class AllPairsContrastive(torch.autograd.Function):
-    """Every active pair i < j in one Function.
+def _gather_unit_rows(e, m, rows, acc):
+    """(u, inv, projected): the rows `rows` of modality m, normalised (all are present)."""
+    return normalize_rows(e[m].index_select(0, rows).to(acc))
 
-    Only z (the caller's tensor, not a copy), the row indices and O(n)
-    per-row statistics are saved; a pair's rows are gathered again in
-    backward and its gradient is added straight into one dz buffer.
+
+class AllPairsContrastive(torch.autograd.Function):
+    """Every active pair i < j in one Function, from the raw embeddings e.
+
+    Only e (the caller's tensor, not a copy), the row indices and O(n)
+    per-row statistics are saved; a pair's rows are gathered and normalised
+    again in backward and their gradient is added straight into one de buffer.
     """
 
     @staticmethod
-    def forward(ctx, z, present, scale, row_weights, form):
-        M = z.shape[0]
-        acc = accumulation_dtype(z.dtype)
+    def forward(ctx, e, present, scale, row_weights, form):
+        M = e.shape[0]
+        acc = accumulation_dtype(e.dtype)
         s = scale.detach().to(acc)
-        out = torch.zeros(M, M, dtype=acc, device=z.device)
+        out = torch.zeros(M, M, dtype=acc, device=e.device)
         pairs = []
         for i in range(M):
             for j in range(i + 1, M):
@@ -196,7 +201,7 @@ class AllPairsContrastive(torch.autograd.Function):
                 if rows.numel() == 0:
                     continue
                 rs = _pair_row_scale(s, row_weights, rows, i, j, acc)
-                a, b = z[i].index_select(0, rows).to(acc), z[j].index_select(0, rows).to(acc)
+                a, b = _gather_unit_rows(e, i, rows, acc)[0], _gather_unit_rows(e, j, rows, acc)[0]
                 if form == "ntxent":
                     out[i, j], lse, pos = ntxent_forward(torch.cat([a, b]), torch.cat([rs, rs]))
                     stats = (lse, None, pos)
@@ -204,20 +209,21 @@ class AllPairsContrastive(torch.autograd.Function):
                     out[i, j], lse_r, lse_c, pos = cross_forward(a, b, rs, True)
                     stats = (lse_r, lse_c, pos)
                 pairs.append((i, j, rows, stats))
-        ctx.save_for_backward(z, scale, row_weights)
+        ctx.save_for_backward(e, scale, row_weights)
         ctx.pairs, ctx.form = pairs, form
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        z, scale, row_weights = ctx.saved_tensors
-        acc = accumulation_dtype(z.dtype)
+        e, scale, row_weights = ctx.saved_tensors
+        acc = accumulation_dtype(e.dtype)
         s = scale.detach().to(acc)
-        dz = torch.zeros(z.shape, dtype=acc, device=z.device)
-        d_rows = torch.zeros(z.shape[1], z.shape[0], z.shape[0], dtype=acc, device=z.device)  # d loss / d (s w)
+        de = torch.zeros(e.shape, dtype=acc, device=e.device)
+        d_rows = torch.zeros(e.shape[1], e.shape[0], e.shape[0], dtype=acc, device=e.device)  # d loss / d (s w)
         for i, j, rows, (lse, lse_c, pos) in ctx.pairs:
             rs = _pair_row_scale(s, row_weights, rows, i, j, acc)
-            a, b = z[i].index_select(0, rows).to(acc), z[j].index_select(0, rows).to(acc)
+            a, inv_a, proj_a = _gather_unit_rows(e, i, rows, acc)
+            b, inv_b, proj_b = _gather_unit_rows(e, j, rows, acc)
             coef = grad[i, j].to(acc)
             if ctx.form == "ntxent":
                 n = rows.numel()
@@ -225,8 +231,8 @@ class AllPairsContrastive(torch.autograd.Function):
                 da, db, d_rs = du[:n], du[n:], d_rs[:n] + d_rs[n:]
             else:
                 da, db, d_rs = cross_backward(a, b, rs, lse, lse_c, pos, coef)
-            dz[i].index_add_(0, rows, da)
-            dz[j].index_add_(0, rows, db)
+            de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
+            de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
             d_rows[rows, i, j] = d_rs
         dweights = dscale = None
         if ctx.needs_input_grad[3]:
@@ -234,7 +240,7 @@ class AllPairsContrastive(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             w = 1.0 if row_weights is None else row_weights.to(acc)
             dscale = (d_rows * w).sum().to(scale.dtype)
-        return dz.to(z.dtype), None, dscale, dweights, None
+        return de.to(e.dtype), None, dscale, dweights, None
 
 
 def _pair_row_scale(s, row_weights, rows, i, j, acc):

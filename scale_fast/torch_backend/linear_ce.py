@@ -13,8 +13,8 @@ import torch
 
 from .scores import accumulation_dtype
 
-# Elements of one [rows, K] logits block (float32: 64 MiB).
-BLOCK_ELEMENTS = 1 << 24
+# Elements of one [rows, K] logits block (float32: 16 MiB); the softmax works in place on it.
+BLOCK_ELEMENTS = 1 << 22
 
 
 def _row_blocks(n: int, k: int):
@@ -35,13 +35,15 @@ class _Problem:
         self.soft = target.is_floating_point()
         self.ignore_index = ignore_index
 
-    def logits(self, rows: slice):
-        """(raw, scaled) logits of a block; scaled is raw when there is no scale."""
+    def logits(self, rows: slice, keep_raw: bool):
+        """(h, raw, scaled) logits of a block; scaled is raw itself unless keep_raw and a scale."""
         h = self.hidden[rows].to(self.acc)
         raw = h @ self.weight.T if self.bias is None else torch.addmm(self.bias, h, self.weight.T)
         if self.scale is None:
             return h, raw, raw
-        return h, raw, raw * self.scale[rows, None]
+        if keep_raw:
+            return h, raw, raw * self.scale[rows, None]
+        return h, raw, raw.mul_(self.scale[rows, None])
 
     def row_terms(self, rows: slice, logits: torch.Tensor):
         """(loss per row without lse, weight of lse per row) for the block."""
@@ -53,9 +55,9 @@ class _Problem:
         picked = logits.gather(1, torch.where(valid, t, torch.zeros_like(t))[:, None]).squeeze(1)
         return -picked * valid, valid.to(self.acc)
 
-    def dlogits(self, rows: slice, logits: torch.Tensor, lse: torch.Tensor, lse_weight: torch.Tensor):
-        """d loss_n / d scaled_logits for the block (overwrites `logits`)."""
-        prob = logits.sub_(lse[:, None]).exp_().mul_(lse_weight[:, None])
+    def dlogits(self, rows: slice, prob: torch.Tensor, lse_weight: torch.Tensor):
+        """d loss_n / d scaled_logits for the block, from its softmax `prob` (overwritten)."""
+        prob.mul_(lse_weight[:, None])
         if self.soft:
             return prob.sub_(self.target[rows].to(self.acc))
         t = self.target[rows]
@@ -94,24 +96,37 @@ class _Grads:
             self.bias += g_raw.sum(0)
 
 
+def _softmax_(logits: torch.Tensor, lse: torch.Tensor | None, normalize: bool) -> torch.Tensor:
+    """Turn a block of logits into exp(logits - max) (or its row softmax) in place; returns the rows' lse.
+
+    In place, so a block costs one [rows, K] buffer; with a known lse the softmax is one exp pass.
+    """
+    if lse is not None:
+        logits.sub_(lse[:, None]).exp_()
+        return lse
+    top = logits.amax(1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(1, keepdim=True)
+    if normalize:
+        logits.div_(total)
+    return (top + total.log()).squeeze(1)
+
+
 def _sweep(p: _Problem, grads: _Grads | None, coef: torch.Tensor, lse_saved: torch.Tensor | None):
     """One pass over the row blocks: per-row losses and lse, plus gradients when `grads`."""
     n = p.hidden.shape[0]
     losses = torch.zeros(n, dtype=p.acc, device=p.hidden.device)
     lse_all = torch.empty(n, dtype=p.acc, device=p.hidden.device)
     for rows in _row_blocks(n, p.weight.shape[0]):
-        h, raw, logits = p.logits(rows)
-        lse = torch.logsumexp(logits, 1) if lse_saved is None else lse_saved[rows]
-        lse_all[rows] = lse
+        h, raw, logits = p.logits(rows, keep_raw=grads is not None and grads.scale is not None)
         partial, lse_weight = p.row_terms(rows, logits)
+        # the target gradient needs the logits that the softmax overwrites
+        for_target = logits.clone() if grads is not None and grads.target is not None else None
+        lse = _softmax_(logits, None if lse_saved is None else lse_saved[rows], normalize=grads is not None)
+        lse_all[rows] = lse
         losses[rows] = partial + lse * lse_weight
-        if grads is None:
-            continue
-        # dlogits overwrites `logits` (and `raw` with it when there is no scale,
-        # in which case raw is not needed); keep a copy for the target gradient.
-        for_target = logits.clone() if grads.target is not None else None
-        g = p.dlogits(rows, logits, lse, lse_weight)
-        grads.add_block(p, rows, h, raw, g, coef[rows], lse, for_target)
+        if grads is not None:
+            g = p.dlogits(rows, logits, lse_weight)
+            grads.add_block(p, rows, h, raw, g, coef[rows], lse, for_target)
     return losses, lse_all
 
 

@@ -1,17 +1,63 @@
 """Inter-modality scores S and self-harmonizing weights S' (SPEC section 3), in plain torch.
 
-The work is O(B * M^2 * D) with O(B * M^2) memory, so autograd through ordinary
-ops is already frugal; no custom Function is needed.
+The Gram entries z_i . z_j are formed by a Function that normalises a chunk of
+samples at a time and recomputes it in backward, so no normalised [M, B, D]
+copy is kept; the rest works on [B, M, M] and is left to autograd.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+SAMPLES_PER_CHUNK = 4096
+
+
+def _chunks(n: int):
+    return [slice(start, min(start + SAMPLES_PER_CHUNK, n)) for start in range(0, n, SAMPLES_PER_CHUNK)]
+
+
+def _normalized_chunk(e, present, cols, acc):
+    """(z, inv, projected) of samples `cols`: unit rows where present, 0 (and inv 0) elsewhere."""
+    keep = present[:, cols]
+    kept = torch.where(keep[..., None], e[:, cols], torch.zeros((), dtype=e.dtype, device=e.device)).to(acc)
+    z, inv, projected = normalize_rows(kept)
+    return z, inv * keep, projected
+
+
+class _Gram(torch.autograd.Function):
+    """Per-sample Gram matrices [B, M, M] (per_sample) or their sum over samples [M, M]."""
+
+    @staticmethod
+    def forward(ctx, e, present, per_sample: bool):
+        acc = accumulation_dtype(e.dtype)
+        M, B, _ = e.shape
+        out = torch.zeros((B, M, M) if per_sample else (M, M), dtype=acc, device=e.device)
+        for cols in _chunks(B):
+            z, _, _ = _normalized_chunk(e, present, cols, acc)
+            if per_sample:
+                out[cols] = torch.einsum("mbd,nbd->bmn", z, z)
+            else:
+                out += torch.einsum("mbd,nbd->mn", z, z)
+        ctx.save_for_backward(e, present)
+        ctx.per_sample = per_sample
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        e, present = ctx.saved_tensors
+        acc = accumulation_dtype(e.dtype)
+        sym = (grad + grad.transpose(-1, -2)).to(acc)
+        de = torch.empty(e.shape, dtype=e.dtype, device=e.device)
+        for cols in _chunks(e.shape[1]):
+            z, inv, projected = _normalized_chunk(e, present, cols, acc)
+            if ctx.per_sample:
+                dz = torch.einsum("bmn,nbd->mbd", sym[cols], z)
+            else:
+                dz = torch.einsum("mn,nbd->mbd", sym, z)
+            de[:, cols] = normalize_rows_backward(z, dz, inv, projected)
+        return de, None, None
 
 
 def masked_softmax(scores: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -29,20 +75,18 @@ def harmonize(scores: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return F.normalize(scores * masked_softmax(scores, active), dim=-1, eps=1e-12)
 
 
-def scores(z: torch.Tensor, present: torch.Tensor, mode: str):
-    """(S, S_prime, active) from normalised embeddings z [M, B, D] (absent rows zero)."""
-    acc = accumulation_dtype(z.dtype)
-    zf = z.to(acc)
+def scores(e: torch.Tensor, present: torch.Tensor, mode: str):
+    """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in _dispatch.py)."""
+    acc = accumulation_dtype(e.dtype)
     pf = present.to(acc)
     counts = pf @ pf.T  # |P_ij|
     active = counts >= 1
     if mode == "sample":
-        per_sample = zf.transpose(0, 1)  # [B, M, D]
-        gram = per_sample @ per_sample.transpose(1, 2)  # [B, M, M]
+        gram = _Gram.apply(e, present, True)
         act = present.T[:, :, None] & present.T[:, None, :]
     else:
         # absent rows are exactly zero, so the sum over all b is the sum over P_ij
-        gram = torch.einsum("ibd,jbd->ij", zf, zf) / counts.clamp(min=1)
+        gram = _Gram.apply(e, present, False) / counts.clamp(min=1)
         act = active
     S = torch.where(act, gram, torch.zeros_like(gram))
     return S, harmonize(S, act), active

@@ -1,0 +1,56 @@
+"""L2 normalisation of embedding rows with a `present` mask (SPEC section 2).
+
+z = e / max(||e||, 1e-12) for present rows, exactly 0 for absent ones: absent
+rows never enter the arithmetic (NaN there cannot leak) and get a gradient of
+exactly 0.  The row helpers let a backend normalise the rows it gathers on the
+fly instead of keeping a normalised copy of the whole [M, B, D] tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalize_rows(x: torch.Tensor):
+    """(u, inv, projected) for rows x [..., D] in their dtype: u = x * inv, inv = 1 / max(||x||, EPS)."""
+    norm = torch.linalg.vector_norm(x, dim=-1)
+    inv = 1.0 / norm.clamp(min=EPS)
+    return x * inv[..., None], inv, norm > EPS
+
+
+def normalize_rows_backward(u: torch.Tensor, du: torch.Tensor, inv: torch.Tensor, projected: torch.Tensor):
+    """d x from d u: (du - u (u . du)) / ||x||; below the EPS clamp it is du / EPS.  Overwrites du."""
+    along = torch.einsum("...d,...d->...", u, du) * projected
+    return du.sub_(u * along[..., None]).mul_(inv[..., None])
+
+
+class NormalizePresent(torch.autograd.Function):
+    """[M, B, D] -> unit rows where present, 0 elsewhere; saves only z and [M, B] statistics."""
+
+    @staticmethod
+    def forward(ctx, e, present):
+        acc = accumulation_dtype(e.dtype)
+        kept = torch.where(present[..., None], e, torch.zeros((), dtype=e.dtype, device=e.device)).to(acc)
+        z, inv, projected = normalize_rows(kept)
+        z = z.to(e.dtype)
+        ctx.save_for_backward(z, inv * present, projected)
+        return z
+
+    @staticmethod
+    def backward(ctx, dz):
+        z, inv, projected = ctx.saved_tensors
+        acc = inv.dtype
+        # absent rows get exactly 0 (inv is 0 there): a consumer may still send them a gradient
+        de = normalize_rows_backward(z.to(acc), dz.to(acc, copy=True), inv, projected)
+        return de.to(dz.dtype), None
+
+
+def normalize_present(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """z [M, B, D]: unit rows for present entries, 0 for absent ones."""
+    return NormalizePresent.apply(e, present)

@@ -1,0 +1,459 @@
+"""The `scale-fast` command: `scale-fast pretrain` (SCALE pretraining) and `scale-fast eval`.
+
+    scale-fast pretrain                       # the tiny model on the synthetic world, CPU, ~2-3 minutes
+    scale-fast pretrain --out runs/a          # + checkpoints and logs in runs/a
+    scale-fast pretrain --out runs/a --resume # continue runs/a exactly where it stopped
+    scale-fast pretrain --data DIR --config base --device cuda --precision bf16
+    scale-fast eval runs/a                    # held-out retrieval of a checkpoint
+
+Training is deterministic: the data order, the masking (a generator seeded per step),
+the model and optimizer states and the RNG states (torch, numpy, python) are all in
+the checkpoint, so --resume gives the same losses step for step as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .data import ManifestDataset, SyntheticProducts, collate, mask_batch
+from .eval import encode_dataset, masked_accuracy, retrieval
+from .model import MODALITIES, SCALEConfig, SCALEModel
+from .model.scale_model import MODALITY_TASK, atomic_torch_save, atomic_write_bytes
+
+HELDOUT_SEED = 999_999          # the synthetic held-out products: SyntheticProducts(eval_size, HELDOUT_SEED, world_seed)
+SYNTHETIC_TRAIN_SIZE = 10_000_000
+CHECKPOINT = "checkpoint.pt"
+DEFAULT_STEPS = 300
+LOG = "log.jsonl"
+
+
+# ----------------------------------------------------------------------------------- arguments
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="'tiny' (default), 'base' (SCALE's sizes) or a JSON file of SCALEConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a SCALEConfig field, e.g. --set jct_layers=4 (repeatable)")
+    p.add_argument("--data", default=None, help="real data: a manifest.jsonl (or its folder), see docs/data_format.md; default: the synthetic world")
+    p.add_argument("--val-data", default=None, help="held-out manifest for evaluation (default with --data: none; synthetic: 1,000 new products of the world)")
+    p.add_argument("--world-seed", type=int, default=0, help="the synthetic world")
+    p.add_argument("--seed", type=int, default=0, help="model init, data order and masking")
+    p.add_argument("--steps", type=int, default=None, help="total steps (default 300; with --resume: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps, then cosine decay to 10%%")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--eval-size", type=int, default=1000, help="held-out products for retrieval")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: --eval-every; needs --out)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--out", default=None, help="folder for checkpoint.pt, config.json and log.jsonl")
+    p.add_argument("--log", default=None, help="JSONL log file (default: OUT/log.jsonl when --out is given)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop after this step (checkpointed), as if interrupted; --resume continues the same run")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (on CUDA)")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cpp"), help="scale_fast loss backend")
+    p.add_argument("--attention", default=None, choices=("auto", "sdpa", "xformers"))
+    p.add_argument("--missing", default=None, choices=("zero", "mask", "drop"), help="absent modalities in the JCT")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads: a number, or 'auto' (the cores that the current load average leaves free, at least 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_config(spec: str, overrides: List[str]) -> SCALEConfig:
+    if spec == "tiny":
+        cfg = SCALEConfig.tiny()
+    elif spec == "base":
+        cfg = SCALEConfig()
+    else:
+        with open(spec) as f:
+            cfg = SCALEConfig.from_dict(json.load(f))
+    fields = cfg.to_dict()
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        if key not in fields:
+            raise SystemExit(f"--set: SCALEConfig has no field {key!r}")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
+        if isinstance(fields[key], float) and isinstance(changes[key], int):
+            changes[key] = float(changes[key])
+    return SCALEConfig.from_dict({**fields, **changes})
+
+
+def pick_threads(spec) -> int:
+    if spec != "auto":
+        return max(1, int(spec))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        load = 0.0
+    # OpenMP threads that compete for busy cores spin at every barrier: on an oversubscribed
+    # machine one thread is several times faster than two.
+    return max(1, min(cores, int(round(cores - load))))
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+# ----------------------------------------------------------------------------------- data
+class DataOrder:
+    """Which dataset indices step s reads: a stream of per-epoch permutations (or 0, 1, 2, ...
+    without shuffling), cut into consecutive batches; position = samples already read."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self._epoch, self._perm = -1, None
+
+    def _index(self, p: int) -> int:
+        epoch, k = divmod(p, self.n)
+        if not self.shuffle:
+            return k
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return int(self._perm[k])
+
+    def indices(self, position: int) -> List[int]:
+        return [self._index(p) for p in range(position, position + self.batch_size)]
+
+
+class Prefetcher:
+    """Collates the batches of steps start, start+1, ... in a background thread (a few ahead)."""
+
+    def __init__(self, dataset, order: DataOrder, config: SCALEConfig, start_position: int, depth: int = 3):
+        self.dataset, self.order, self.config = dataset, order, config
+        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.position = start_position
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        position = self.position
+        try:
+            while not self._stop.is_set():
+                idx = self.order.indices(position)
+                batch = collate([self.dataset[i] for i in idx], self.config)
+                position += len(idx)
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced in the training thread
+            self.queue.put(e)
+
+    def next(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(timeout=5)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The masking generator of one step (a function of (seed, step) only)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 77]).generate_state(1)[0]))
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def count_tokens(batch) -> int:
+    return int(sum((batch.valid(m) & batch.present[i][:, None]).sum() + batch.present[i].sum()
+                   for i, m in enumerate(MODALITIES)))
+
+
+# ----------------------------------------------------------------------------------- state
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class JsonlLog:
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if not self.path:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+# ----------------------------------------------------------------------------------- evaluation
+class HeldOut:
+    """The held-out set, collated once: retrieval batches and one masked batch for task accuracy."""
+
+    def __init__(self, dataset, config: SCALEConfig, size: int, seed: int, batch_size: int = 250):
+        n = min(size, len(dataset))
+        self.size = n
+        self.batches = [collate([dataset[i] for i in range(s, min(n, s + batch_size))], config)
+                        for s in range(0, n, batch_size)]
+        first = self.batches[0] if self.batches else None
+        self.masked = None if first is None else mask_batch(first, config, step_generator(seed, 2**31 - 1))
+
+    @torch.no_grad()
+    def evaluate(self, model: SCALEModel, device, autocast) -> Dict[str, object]:
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast():
+                emb, present = encode_dataset(model, self.batches, device)
+                result = retrieval(emb, present)
+                if self.masked is not None:
+                    batch, masks = self.masked
+                    result.update(masked_accuracy(model, batch.to(device), {m: r.to(device) for m, r in masks.items()}))
+        finally:
+            model.train(was_training)
+        return result
+
+
+# ----------------------------------------------------------------------------------- pretrain
+def pretrain(args) -> Dict[str, object]:
+    """Run `scale-fast pretrain` with parsed arguments; returns the final evaluation."""
+    out_dir = args.out
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    resume = None
+    if args.resume:
+        if not ckpt_path or not os.path.exists(ckpt_path):
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path or '(no --out given)'}")
+        resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        config = SCALEConfig.from_dict(resume["config"])
+        for key in ("seed", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "world_seed"):
+            setattr(args, key, resume["args"][key])
+        if args.threads == "auto":
+            args.threads = resume["args"]["threads"]
+        if args.steps is None:
+            args.steps = resume["args"]["steps"]
+    else:
+        config = build_config(args.config, args.set)
+        if args.attention:
+            config.attention = args.attention
+        if args.missing:
+            config.missing = args.missing
+
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS
+    threads = pick_threads(args.threads)
+    args.threads = threads
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(args.device)
+    use_bf16 = args.precision == "bf16"
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, enabled=False)
+
+    # data
+    if args.data:
+        train_set = ManifestDataset(args.data, config)
+        shuffle = True
+        val_set = ManifestDataset(args.val_data, config) if args.val_data else None
+    else:
+        train_set = SyntheticProducts(SYNTHETIC_TRAIN_SIZE, seed=args.seed, world_seed=args.world_seed, config=config)
+        shuffle = False  # i.i.d. draws already
+        val_set = SyntheticProducts(args.eval_size, seed=HELDOUT_SEED, world_seed=args.world_seed, config=config)
+    order = DataOrder(len(train_set), args.batch_size, args.seed, shuffle)
+
+    # model and optimizer
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    random.seed(args.seed)
+    model = SCALEModel(config, backend=args.backend).to(device)
+    model.set_backend(args.backend)
+    if args.attention and resume is not None:
+        model.set_attention(args.attention)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    step, position = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        step, position = resume["step"], resume["position"]
+        set_rng_state(resume["rng"])
+
+    log_path = args.log or (os.path.join(out_dir, LOG) if out_dir else None)
+    log = JsonlLog(log_path)
+    saved_args = {k: v for k, v in vars(args).items() if k != "func"}
+
+    def save():
+        if not out_dir:
+            return
+        atomic_write_bytes(os.path.join(out_dir, "config.json"), config.to_json().encode())
+        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                           "position": position, "rng": rng_state(), "config": config.to_dict(),
+                           "args": saved_args, "version": 1}, ckpt_path)
+
+    held_out = HeldOut(val_set, config, args.eval_size, args.seed) if val_set is not None else None
+    if resume is None:
+        log.write({"event": "start", "config": config.to_dict(), "args": saved_args,
+                   "torch": torch.__version__, "device": str(device)})
+    else:
+        log.write({"event": "resume", "step": step})
+
+    save_every = args.save_every if args.save_every is not None else args.eval_every
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr)
+    prefetch = Prefetcher(train_set, order, config, position) if step < args.steps else None
+    if args.resume and args.data is None and resume["args"].get("data"):
+        raise SystemExit("--resume: the checkpoint was trained with --data; pass the same --data")
+    t_start = time.perf_counter()
+    window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
+    result: Dict[str, object] = {}
+    model.train()
+    try:
+        stop = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+        while step < stop:
+            batch = prefetch.next()
+            batch, masks = mask_batch(batch, config, step_generator(args.seed, step))
+            n_tokens = count_tokens(batch)
+            batch = batch.to(device, non_blocking=True)
+            masks = {m: r.to(device) for m, r in masks.items()}
+            model.loss_fn.harmonize = config.harmonize and step >= config.harmonize_warmup_steps
+            lr = lr_at(step, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast():
+                out = model(batch, masks)
+            loss = out.loss.total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            step += 1
+            position += batch.size
+            window_samples += batch.size
+            window_tokens += n_tokens
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}")
+            if step % args.log_every == 0 or step == args.steps:
+                now = time.perf_counter()
+                dt = max(now - window_t, 1e-9)
+                rec = {"event": "train", "step": step, "loss": loss_value,
+                       "contrastive": float(out.loss.contrastive.detach().sum() / out.loss.active.triu(1).sum().clamp(min=1)),
+                       "lr": lr, "samples_per_s": window_samples / dt, "tokens_per_s": window_tokens / dt,
+                       "elapsed_s": now - t_start}
+                for i, m in enumerate(MODALITIES):
+                    if MODALITY_TASK[m] in config.tasks:
+                        rec[MODALITY_TASK[m]] = float(out.loss.masked[i].detach())
+                log.write(rec)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rec['samples_per_s']:.0f}",
+                                         tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+                window_t, window_samples, window_tokens = now, 0, 0
+            if progress is not None:
+                progress.update(1)
+            evaluate_now = held_out is not None and (step == args.steps or (args.eval_every and step % args.eval_every == 0))
+            if evaluate_now:
+                result = held_out.evaluate(model, device, autocast)
+                log.write({"event": "eval", "step": step, **result})
+                if progress is not None:
+                    progress.write(f"step {step}: held-out R@1 {result['R@1']:.3f} R@5 {result['R@5']:.3f} "
+                                   f"R@10 {result['R@10']:.3f} " + " ".join(
+                                       f"{k} {v:.3f}" for k, v in result.items() if k.endswith("_acc")))
+            if out_dir and (step in (args.steps, stop) or (save_every and step % save_every == 0)):
+                save()
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+        if progress is not None:
+            progress.close()
+    if not result and held_out is not None and step == args.steps:
+        result = held_out.evaluate(model, device, autocast)
+    summary = {"event": "done", "step": step, "elapsed_s": time.perf_counter() - t_start, "threads": threads}
+    summary.update({k: v for k, v in result.items() if k != "pairs"})
+    log.write(summary)
+    return {**result, **summary}
+
+
+def run_eval(args) -> Dict[str, object]:
+    model = SCALEModel.from_checkpoint(args.checkpoint)
+    config = model.config
+    device = resolve_device(args.device)
+    model.to(device)
+    if args.data:
+        dataset = ManifestDataset(args.data, config)
+    else:
+        dataset = SyntheticProducts(args.eval_size, seed=HELDOUT_SEED, world_seed=args.world_seed, config=config)
+    held_out = HeldOut(dataset, config, args.eval_size, 0)
+    return held_out.evaluate(model, device, lambda: torch.autocast(device_type=device.type, enabled=False))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="scale-fast", description="SCALE multi-modal contrastive pretraining")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pretrain a SCALE model (default: the tiny model on the synthetic world)")
+    _add_pretrain_args(p)
+    e = sub.add_parser("eval", help="held-out retrieval and masked-task accuracy of a checkpoint folder")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", default=None, help="a manifest (default: the synthetic held-out products)")
+    e.add_argument("--world-seed", type=int, default=0)
+    e.add_argument("--eval-size", type=int, default=1000)
+    e.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.command == "pretrain":
+        result = pretrain(args)
+    else:
+        result = run_eval(args)
+    pairs = result.pop("pairs", None)
+    print(json.dumps(result, indent=None))
+    if pairs and args.command == "eval":
+        print(json.dumps(pairs))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Batches: `collate(samples)` pads a list of products into a Batch; `mask_batch` adds the masked tasks.
+
+A sample (what SyntheticProducts and ManifestDataset return) is a dict:
+
+    {"id": str | int,
+     "text":  int64 [Lt] token ids (no CLS: the model prepends its own) or None,
+     "table": list of (property ids int64 [p], value ids int64 [v]) pairs, or None,
+     "image": {"features": float [R, 2048], "boxes": float [R, 4 or 5],
+               "classes": float [R, K] (optional, region class distributions)} or None,
+     "video": {"features": float [F, 1024]} or None,
+     "audio": {"features": float [A, 751]} or None}
+
+None (or a missing key, or zero tokens/rows) means the product lacks that modality.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..model.config import FEATURE_MODALITIES, MODALITIES, SCALEConfig
+
+TABLE_PROPERTY, TABLE_VALUE = 0, 1
+
+
+@dataclass
+class Batch:
+    """A padded batch.  B samples; every *_valid is True on real tokens/rows.
+
+    present [M, B] bool in MODALITIES order (text, image, table, video, audio).
+    text_ids [B, Lt]; table_ids, table_types (0 property, 1 value), table_spans
+    (index of the property or value span inside the sample, -1 on padding) [B, Lb];
+    image_feats [B, R, F_img], image_boxes [B, R, box_dim], image_classes
+    [B, R, K] or None; video_feats [B, Fv, F_vid]; audio_feats [B, Fa, F_aud].
+    Absent modalities hold zeros (pad ids) and all-False valid rows.
+    """
+
+    present: torch.Tensor
+    text_ids: torch.Tensor
+    text_valid: torch.Tensor
+    table_ids: torch.Tensor
+    table_types: torch.Tensor
+    table_spans: torch.Tensor
+    table_valid: torch.Tensor
+    image_feats: torch.Tensor
+    image_boxes: torch.Tensor
+    image_valid: torch.Tensor
+    video_feats: torch.Tensor
+    video_valid: torch.Tensor
+    audio_feats: torch.Tensor
+    audio_valid: torch.Tensor
+    image_classes: Optional[torch.Tensor] = None
+    ids: Optional[list] = None
+
+    @property
+    def size(self) -> int:
+        return self.present.shape[1]
+
+    def valid(self, modality: str) -> torch.Tensor:
+        return getattr(self, f"{modality}_valid")
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                changes[f.name] = v.to(device, non_blocking=non_blocking)
+        return replace(self, **changes)
+
+    def select(self, rows: torch.Tensor) -> "Batch":
+        """The sub-batch of the given sample indices."""
+        changes = {"present": self.present[:, rows]}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name != "present" and isinstance(v, torch.Tensor):
+                changes[f.name] = v[rows]
+        if self.ids is not None:
+            changes["ids"] = [self.ids[int(i)] for i in rows]
+        return replace(self, **changes)
+
+    def num_tokens(self) -> Dict[str, int]:
+        return {m: int(self.valid(m).sum()) for m in MODALITIES}
+
+
+def _max_lengths(config: Optional[SCALEConfig]) -> Dict[str, int]:
+    config = config or SCALEConfig()
+    return {m: config.seq_len(m) - 1 for m in MODALITIES}  # minus the CLS position
+
+
+def _rows(sample: dict, key: str):
+    value = sample.get(key)
+    if value is None:
+        return None
+    if key in FEATURE_MODALITIES:
+        feats = value.get("features") if isinstance(value, dict) else value
+        if feats is None or len(feats) == 0:
+            return None
+        return value
+    if len(value) == 0:
+        return None
+    return value
+
+
+def _feature_dim(m: str, entries, config, cfg) -> int:
+    """The feature size of modality m: the config's, checked against the samples (or the samples' own)."""
+    dims = {int(np.shape(e["features"] if isinstance(e, dict) else e)[1]) for e in entries if e is not None}
+    if config is None:
+        if len(dims) > 1:
+            raise ValueError(f"collate: {m} features of different sizes {sorted(dims)} in one batch")
+        return dims.pop() if dims else cfg.feature_dim(m)
+    want = cfg.feature_dim(m)
+    if dims - {want}:
+        raise ValueError(f"collate: {m} features have size {sorted(dims)}, the config expects {want}")
+    return want
+
+
+def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
+            dtype: torch.dtype = torch.float32) -> Batch:
+    """Pad a list of samples into a Batch (longer sequences are truncated to the config's lengths).
+
+    Each modality is padded to the longest sample of the batch (at least 1).
+    config: supplies the lengths, pad id and feature sizes; without it the lengths and pad id
+    are SCALEConfig()'s and the feature sizes are read from the samples.
+    """
+    cfg = config or SCALEConfig()
+    maxlen = _max_lengths(cfg)
+    B = len(samples)
+    if B == 0:
+        raise ValueError("collate needs at least one sample")
+    present = torch.zeros(len(MODALITIES), B, dtype=torch.bool)
+
+    # text
+    texts = [_rows(s, "text") for s in samples]
+    texts = [None if t is None else np.asarray(t, dtype=np.int64)[: maxlen["text"]] for t in texts]
+    Lt = max([1] + [len(t) for t in texts if t is not None])
+    text_ids = np.full((B, Lt), cfg.pad_token_id, dtype=np.int64)
+    text_valid = np.zeros((B, Lt), dtype=bool)
+    for b, t in enumerate(texts):
+        if t is not None:
+            text_ids[b, : len(t)] = t
+            text_valid[b, : len(t)] = True
+            present[0, b] = True
+
+    # table: property and value spans flattened
+    flat = []
+    for s in samples:
+        pairs = _rows(s, "table")
+        if pairs is None:
+            flat.append(None)
+            continue
+        ids, types, spans = [], [], []
+        for k, (prop, val) in enumerate(pairs):
+            for kind, part in ((TABLE_PROPERTY, prop), (TABLE_VALUE, val)):
+                part = np.asarray(part, dtype=np.int64).reshape(-1)
+                ids.append(part)
+                types.append(np.full(len(part), kind, dtype=np.int64))
+                spans.append(np.full(len(part), 2 * k + kind, dtype=np.int64))
+        ids = np.concatenate(ids)[: maxlen["table"]]
+        flat.append((ids, np.concatenate(types)[: len(ids)], np.concatenate(spans)[: len(ids)]))
+    Lb = max([1] + [len(f[0]) for f in flat if f is not None])
+    table_ids = np.full((B, Lb), cfg.pad_token_id, dtype=np.int64)
+    table_types = np.zeros((B, Lb), dtype=np.int64)
+    table_spans = np.full((B, Lb), -1, dtype=np.int64)
+    table_valid = np.zeros((B, Lb), dtype=bool)
+    for b, f in enumerate(flat):
+        if f is not None and len(f[0]):
+            n = len(f[0])
+            table_ids[b, :n], table_types[b, :n], table_spans[b, :n] = f
+            table_valid[b, :n] = True
+            present[2, b] = True
+
+    out = dict(text_ids=text_ids, text_valid=text_valid, table_ids=table_ids, table_types=table_types,
+               table_spans=table_spans, table_valid=table_valid)
+
+    # features
+    np_dtype = np.float32
+    image_classes = None
+    for m_index, m in ((1, "image"), (3, "video"), (4, "audio")):
+        entries = [_rows(s, m) for s in samples]
+        F_dim = _feature_dim(m, entries, config, cfg)
+        feats = []
+        for e in entries:
+            if e is None:
+                feats.append(None)
+            else:
+                arr = e["features"] if isinstance(e, dict) else e
+                feats.append(arr[: maxlen[m]])
+        L = max([1] + [len(f) for f in feats if f is not None])
+        buf = np.zeros((B, L, F_dim), dtype=np_dtype)
+        valid = np.zeros((B, L), dtype=bool)
+        for b, f in enumerate(feats):
+            if f is not None:
+                buf[b, : len(f)] = f
+                valid[b, : len(f)] = True
+                present[m_index, b] = True
+        out[f"{m}_feats"] = buf
+        out[f"{m}_valid"] = valid
+        if m == "image":
+            box_dim = cfg.box_dim
+            if config is None:
+                box_dim = next((np.shape(e["boxes"])[1] for e in entries
+                                if isinstance(e, dict) and e.get("boxes") is not None), cfg.box_dim)
+            boxes = np.zeros((B, L, box_dim), dtype=np_dtype)
+            has_classes = [e is not None and isinstance(e, dict) and e.get("classes") is not None for e in entries]
+            if any(has_classes):
+                k = cfg.num_region_classes
+                if config is None:
+                    k = next(np.shape(e["classes"])[1] for e, h in zip(entries, has_classes) if h)
+                image_classes = np.zeros((B, L, k), dtype=np_dtype)
+            for b, e in enumerate(entries):
+                if e is None:
+                    continue
+                n = len(feats[b])
+                bx = e.get("boxes") if isinstance(e, dict) else None
+                if bx is not None:  # 4-number boxes fill the first 4 of 5 columns (area 0)
+                    bx = np.asarray(bx[:n])[:, :box_dim]
+                    boxes[b, :n, : bx.shape[1]] = bx
+                if image_classes is not None and has_classes[b]:
+                    image_classes[b, :n] = e["classes"][:n]
+            out["image_boxes"] = boxes
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    for k in ("image_feats", "image_boxes", "video_feats", "audio_feats"):
+        tensors[k] = tensors[k].to(dtype)
+    return Batch(present=present, image_classes=None if image_classes is None else torch.from_numpy(image_classes).to(dtype),
+                 ids=[s.get("id") for s in samples], **tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# masking
+
+
+@dataclass
+class MaskedRows:
+    """The masked positions of one modality: sample [N], position [N] (in the modality's
+    sequence, without the CLS), target ([N] ids, or [N, F] features), and for MRP
+    optionally classes [N, K]."""
+
+    sample: torch.Tensor
+    position: torch.Tensor
+    target: torch.Tensor
+    classes: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.sample.shape[0])
+
+    def to(self, device) -> "MaskedRows":
+        return MaskedRows(self.sample.to(device), self.position.to(device), self.target.to(device),
+                          None if self.classes is None else self.classes.to(device))
+
+
+TASK_OF = {"text": "mlm", "table": "mem", "image": "mrp", "video": "mfp", "audio": "mam"}
+
+
+def _bernoulli(shape, p: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator) < p
+
+
+def mask_batch(batch: Batch, config: SCALEConfig, generator: torch.Generator) -> tuple:
+    """SCALE's masking of a CPU batch -> (masked Batch, {modality: MaskedRows}).
+
+    MLM (text): each real token with probability mask_prob; of those 80% -> [MASK],
+    10% -> a random non-special id, 10% kept (BERT).  MEM (table): each
+    property-value pair with probability mask_prob; then its property or its value
+    (even odds) has all its tokens replaced by [MASK].  MRP / MFP / MAM: each real
+    region / frame with probability mask_prob is zeroed; targets are the original
+    features (and the region class distributions when the batch has them).
+    Only samples that hold a modality get rows for it.  Tasks not in config.tasks
+    are skipped.  Deterministic given the generator's state.
+    """
+    p = config.mask_prob
+    masks: Dict[str, MaskedRows] = {}
+    changes = {}
+    tasks = set(config.tasks)
+
+    if "mlm" in tasks:
+        ids = batch.text_ids.clone()
+        chosen = _bernoulli(ids.shape, p, generator) & batch.text_valid & batch.present[0][:, None]
+        action = torch.rand(ids.shape, generator=generator)
+        random_ids = torch.randint(config.num_special_tokens, config.text_vocab_size, ids.shape, generator=generator)
+        b, pos = chosen.nonzero(as_tuple=True)
+        masks["text"] = MaskedRows(b, pos, batch.text_ids[b, pos].clone())
+        ids = torch.where(chosen & (action < 0.8), torch.full_like(ids, config.mask_token_id), ids)
+        ids = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, ids)
+        changes["text_ids"] = ids
+
+    if "mem" in tasks:
+        spans = batch.table_spans
+        n_pairs = int(spans.max()) // 2 + 1 if spans.numel() and int(spans.max()) >= 0 else 0
+        B = spans.shape[0]
+        pick_pair = _bernoulli((B, max(n_pairs, 1)), p, generator)
+        pick_value = torch.rand((B, max(n_pairs, 1)), generator=generator) < 0.5
+        valid = batch.table_valid & batch.present[2][:, None]
+        pair = spans.clamp(min=0) // 2
+        kind = spans.clamp(min=0) % 2
+        chosen = valid & pick_pair.gather(1, pair) & (pick_value.gather(1, pair).long() == kind)
+        b, pos = chosen.nonzero(as_tuple=True)
+        masks["table"] = MaskedRows(b, pos, batch.table_ids[b, pos].clone())
+        changes["table_ids"] = torch.where(chosen, torch.full_like(batch.table_ids, config.mask_token_id),
+                                           batch.table_ids)
+
+    for m_index, m in ((1, "image"), (3, "video"), (4, "audio")):
+        if TASK_OF[m] not in tasks:
+            continue
+        feats = getattr(batch, f"{m}_feats")
+        valid = batch.valid(m) & batch.present[m_index][:, None]
+        chosen = _bernoulli(valid.shape, p, generator) & valid
+        b, pos = chosen.nonzero(as_tuple=True)
+        classes = None
+        if m == "image" and batch.image_classes is not None:
+            classes = batch.image_classes[b, pos].clone()
+        masks[m] = MaskedRows(b, pos, feats[b, pos].clone(), classes)
+        changes[f"{m}_feats"] = feats.masked_fill(chosen[..., None], 0.0)
+
+    return replace(batch, **changes), masks
+
+
+class MaskingCollator:
+    """collate + mask_batch with its own generator, for a torch DataLoader:
+    returns (masked Batch, masks)."""
+
+    def __init__(self, config: SCALEConfig, seed: int = 0):
+        self.config = config
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, samples: List[dict]):
+        return mask_batch(collate(samples, self.config), self.config, self.generator)

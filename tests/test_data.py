@@ -1,0 +1,185 @@
+"""Synthetic world, batching, masking, and the on-disk format's errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and far faster when other jobs share the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+from scale_fast.data import DataFormatError, ManifestDataset, SyntheticProducts, collate, mask_batch
+from scale_fast.data.manifest import write_manifest
+from scale_fast.model import MODALITIES, SCALEConfig
+
+CFG = SCALEConfig.tiny()
+
+
+def same_sample(a, b, atol=0.0):
+    assert set(a) == set(b)
+    for k in a:
+        if k == "id":
+            continue
+        if k == "text":
+            np.testing.assert_array_equal(a[k], b[k])
+        elif k == "table":
+            assert len(a[k]) == len(b[k])
+            for (p1, v1), (p2, v2) in zip(a[k], b[k]):
+                np.testing.assert_array_equal(p1, p2)
+                np.testing.assert_array_equal(v1, v2)
+        else:
+            assert set(a[k]) == set(b[k])
+            for key in a[k]:
+                np.testing.assert_allclose(a[k][key], b[k][key], atol=atol, rtol=atol)
+
+
+def test_synthetic_is_deterministic_and_one_world():
+    a, b = SyntheticProducts(50, seed=0), SyntheticProducts(50, seed=0)
+    same_sample(a[7], b[7])
+    assert len(a) == 50 and a[-1]["id"] == a[49]["id"]
+    held = SyntheticProducts(50, seed=1)
+    assert not np.array_equal(held[7]["text"], a[7]["text"]) or held[7].keys() != a[7].keys()
+    # one world: the same maps and vocabulary for every seed; another world_seed changes them
+    assert np.array_equal(held.world.attr_maps, a.world.attr_maps)
+    assert not np.array_equal(SyntheticProducts(5, world_seed=1).world.attr_maps, a.world.attr_maps)
+    with pytest.raises(IndexError):
+        a[50]
+
+
+def test_synthetic_missing_rates_are_long_tailed():
+    data = SyntheticProducts(300, seed=2)
+    batch = collate([data[i] for i in range(300)], CFG)
+    rate = batch.present.float().mean(1)
+    assert rate[0] == 1.0                                  # text always
+    assert 0.75 < rate[1] < 0.95 and 0.7 < rate[2] < 0.9   # image, table: most
+    assert rate[3] < 0.4 and rate[4] < 0.3                 # video, audio: a minority
+
+
+def test_collate_shapes_and_truncation():
+    data = SyntheticProducts(6, seed=3)
+    samples = [data[i] for i in range(6)]
+    samples[0]["text"] = np.arange(4, 100)               # longer than SCALE's 35 text tokens
+    samples[1]["video"] = None
+    b = collate(samples, CFG)
+    assert b.text_ids.shape[1] == CFG.text_len - 1 and b.text_valid[0].all()
+    assert not b.present[3, 1] and not b.video_valid[1].any()
+    assert b.image_feats.shape[-1] == 2048 and b.image_boxes.shape[-1] == 5
+    assert b.audio_feats.shape[-1] == 128
+    for i, m in enumerate(MODALITIES):
+        assert torch.equal(b.valid(m).any(1), b.present[i])
+    # without a config the feature sizes come from the samples
+    b2 = collate(samples)
+    assert b2.audio_feats.shape[-1] == 128
+    with pytest.raises(ValueError, match="audio features have size"):
+        collate(samples, SCALEConfig())
+
+
+def test_masking_follows_scale():
+    cfg = SCALEConfig.tiny(mask_prob=0.3)
+    data = SyntheticProducts(200, seed=4)
+    batch = collate([data[i] for i in range(200)], cfg)
+    masked, masks = mask_batch(batch, cfg, torch.Generator().manual_seed(0))
+    for i, m in enumerate(MODALITIES):  # rows only from samples holding the modality, on real tokens
+        rows = masks[m]
+        assert len(rows) > 0
+        assert batch.present[i, rows.sample].all() and batch.valid(m)[rows.sample, rows.position].all()
+    # MLM: 80% [MASK], ~10% random, ~10% unchanged, targets the original ids
+    t = masks["text"]
+    assert torch.equal(t.target, batch.text_ids[t.sample, t.position])
+    new = masked.text_ids[t.sample, t.position]
+    frac_mask = (new == cfg.mask_token_id).float().mean()
+    frac_same = (new == t.target).float().mean()
+    assert 0.74 < frac_mask < 0.86 and 0.05 < frac_same < 0.16
+    assert (masked.text_ids != batch.text_ids).sum() <= len(t)
+    # MEM: whole property or whole value spans
+    tb = masks["table"]
+    span_masked = torch.zeros_like(batch.table_valid)
+    span_masked[tb.sample, tb.position] = True
+    for b in range(200):
+        for s in batch.table_spans[b].unique():
+            if s < 0:
+                continue
+            sel = batch.table_spans[b] == s
+            assert span_masked[b][sel].all() or not span_masked[b][sel].any()
+    assert (masked.table_ids[tb.sample, tb.position] == cfg.mask_token_id).all()
+    # features zeroed at the masked rows, targets the originals
+    im = masks["image"]
+    assert (masked.image_feats[im.sample, im.position] == 0).all()
+    assert torch.equal(im.target, batch.image_feats[im.sample, im.position])
+    # deterministic in the generator
+    _, again = mask_batch(batch, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(again["text"].position, t.position)
+
+
+def test_manifest_roundtrip_is_lazy(tmp_path):
+    data = SyntheticProducts(20, seed=5, region_classes=True, config=SCALEConfig.tiny(mrp_loss="kl"))
+    samples = [data[i] for i in range(20)]
+    write_manifest(samples, str(tmp_path), dtype=np.float32)
+    ds = ManifestDataset(str(tmp_path), SCALEConfig.tiny(mrp_loss="kl"))
+    assert len(ds) == 20
+    for i in (0, 7, 19):
+        same_sample(ds[i], samples[i], atol=1e-6)
+    assert all(isinstance(a, np.memmap) for a in ds._arrays.values())
+    b = collate([ds[i] for i in range(20)], ds.config)
+    assert b.image_classes is not None and b.present.sum() == collate(samples, ds.config).present.sum()
+
+
+def write_bad(tmp_path, lines, arrays=None):
+    for name, arr in (arrays or {}).items():
+        np.save(tmp_path / name, arr)
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+GOOD = json.dumps({"id": "a", "text": [5, 6, 7]})
+IMG = {"img.npy": np.zeros((10, 2048), np.float16), "box.npy": np.zeros((10, 5), np.float32)}
+
+
+@pytest.mark.parametrize("line, arrays, field, words", [
+    ('{"text": [5, 6,', None, None, "invalid JSON"),
+    ('[1, 2]', None, None, "JSON object"),
+    ('{"text": [5, 600]}', None, "text[1]", "outside [0, 512)"),
+    ('{"text": [5, "x"]}', None, "text[1]", "integer token id"),
+    ('{"table": [[[5], [6]], [[7]]]}', None, "table[1]", "pair"),
+    ('{"colour": 1}', None, "colour", "unknown field"),
+    ('{"image": {"features": "nope.npy", "offset": 0, "count": 2}}', None, "image.features", "does not exist"),
+    ('{"image": {"features": "img.npy", "offset": 8, "count": 4}}', IMG, "image.count", "exceed the 10 rows"),
+    ('{"image": {"features": "img.npy", "offset": -1, "count": 4}}', IMG, "image.offset", "integer >= 0"),
+    ('{"image": {"features": "img.npy", "count": 4}}', IMG, "image.offset", "required"),
+    ('{"image": {"features": "box.npy", "offset": 0, "count": 4}}', IMG, "image.features", "2048"),
+    ('{"image": {"features": "img.npy", "boxes": "img.npy", "offset": 0, "count": 4}}', IMG, "image.boxes", "4 or 5"),
+    ('{"video": {"features": "bad.npy", "offset": 0, "count": 1}}', {"bad.npy": np.zeros((3, 4, 5), np.float32)},
+     "video.features", "2-D"),
+])
+def test_manifest_errors_name_file_line_field(tmp_path, line, arrays, field, words):
+    path = write_bad(tmp_path, [GOOD, GOOD, line, GOOD], arrays)
+    with pytest.raises(DataFormatError) as info:
+        ManifestDataset(path, CFG)
+    err = info.value
+    msg = str(err)
+    assert path in msg and "line 3" in msg and words in msg
+    assert err.line == 3 and err.file == path
+    if field:
+        assert f"field '{field}'" in msg and err.field == field
+
+
+def test_manifest_file_errors(tmp_path):
+    with pytest.raises(DataFormatError, match="no such manifest"):
+        ManifestDataset(str(tmp_path / "missing.jsonl"), CFG)
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    path = write_bad(tmp_path, [GOOD, '{"audio": {"features": "junk.npy", "offset": 0, "count": 1}}'])
+    with pytest.raises(DataFormatError, match=r"line 2, field 'audio.features': cannot read"):
+        ManifestDataset(path, CFG)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataFormatError, match="no product"):
+        ManifestDataset(str(empty), CFG)
