@@ -60,7 +60,7 @@ def build_cases(args) -> list[dict]:
         cases.append(kw)
 
     if table == "cpu":
-        Bs = [64, 96] if dry else CPU_BATCHES
+        Bs = [64, 96] if dry else (args.batches or CPU_BATCHES)
         if not dry:   # the targets' sizes first (B <= 4096, then 16384), the naive 8192 (slowest) last
             Bs = [b for b in Bs if b <= 4096] + [b for b in Bs if b > 8192] + [b for b in Bs if b == 8192]
         for B in Bs:
@@ -71,7 +71,7 @@ def build_cases(args) -> list[dict]:
             add(**g, impl="scale_fast torch", backend="torch", role="impl")
             add(**g, impl="torch.mm", role="mm")
     else:
-        Bs = [64, 96] if dry else GPU_BATCHES
+        Bs = [64, 96] if dry else (args.batches or GPU_BATCHES)
         D = 256 if dry else 512          # inf-cl needs D to be a multiple of its head_dim (256)
         tri = "torch" if dry else "triton"
         later = []
@@ -396,6 +396,8 @@ def main(argv=None):
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--table", choices=["cpu", "gpu"], default=None,
                    help="which table (default: gpu on CUDA or with --dry-run, else cpu)")
+    p.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="comma-separated batch sizes (default: the table's own list)")
     args = p.parse_args(argv)
     if args.dry_run:
         args.device = "cpu"
