@@ -13,5 +13,6 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+        "bench": ["matplotlib", "pytest-benchmark"],
     },
 )

@@ -122,10 +122,13 @@ def resolve_device(spec: str) -> torch.device:
 # ----------------------------------------------------------------------------------- data
 class DataOrder:
     """Which dataset indices step s reads: a stream of per-epoch permutations (or 0, 1, 2, ...
-    without shuffling), cut into consecutive batches; position = samples already read."""
+    without shuffling), cut into consecutive batches; position = samples already read.
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool):
+    shard=(rank, world): this rank reads its contiguous share of each (global) batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, shard=(0, 1)):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = shard
         self._epoch, self._perm = -1, None
 
     def _index(self, p: int) -> int:
@@ -138,7 +141,9 @@ class DataOrder:
         return int(self._perm[k])
 
     def indices(self, position: int) -> List[int]:
-        return [self._index(p) for p in range(position, position + self.batch_size)]
+        lo = position + self.rank * self.batch_size // self.world
+        hi = position + (self.rank + 1) * self.batch_size // self.world
+        return [self._index(p) for p in range(lo, hi)]
 
 
 class Prefetcher:
@@ -158,7 +163,7 @@ class Prefetcher:
             while not self._stop.is_set():
                 idx = self.order.indices(position)
                 batch = collate([self.dataset[i] for i in idx], self.config)
-                position += len(idx)
+                position += self.order.batch_size  # the global batch (all ranks' shards)
                 while not self._stop.is_set():
                     try:
                         self.queue.put(batch, timeout=0.1)
@@ -179,9 +184,10 @@ class Prefetcher:
         self.thread.join(timeout=5)
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The masking generator of one step (a function of (seed, step) only)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 77]).generate_state(1)[0]))
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The masking generator of one step (a function of (seed, step) and, under torchrun, the rank)."""
+    key = [seed, step, 77] + ([rank] if rank else [])
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
 
 def lr_at(step: int, args) -> float:
@@ -253,8 +259,39 @@ class HeldOut:
 
 
 # ----------------------------------------------------------------------------------- pretrain
+def init_distributed(args):
+    """(rank, world): under torchrun (WORLD_SIZE > 1) join the process group: NCCL on CUDA, else gloo.
+
+    With CUDA, rank r uses cuda:LOCAL_RANK (`--device auto` or `cuda`); on CPU, gloo.
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = args.device != "cpu" and torch.cuda.is_available()
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            args.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def pretrain(args) -> Dict[str, object]:
-    """Run `scale-fast pretrain` with parsed arguments; returns the final evaluation."""
+    """Run `scale-fast pretrain` with parsed arguments; returns the final evaluation.
+
+    Under torchrun (WORLD_SIZE > 1): --batch-size is the global batch, each rank reads its
+    contiguous share of it and the SCALE loss is computed over the global batch
+    (scale_fast.distributed); gradients are averaged by DDP, so the update is that of one process
+    on the global batch.  Rank 0 logs, evaluates and writes the checkpoint (with every rank's RNG
+    state); --resume works the same way on every rank.
+    """
+    import torch.distributed as dist
+
+    rank, world = init_distributed(args)
+    lead = rank == 0
     out_dir = args.out
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     resume = None
@@ -299,7 +336,9 @@ def pretrain(args) -> Dict[str, object]:
         train_set = SyntheticProducts(SYNTHETIC_TRAIN_SIZE, seed=args.seed, world_seed=args.world_seed, config=config)
         shuffle = False  # i.i.d. draws already
         val_set = SyntheticProducts(args.eval_size, seed=HELDOUT_SEED, world_seed=args.world_seed, config=config)
-    order = DataOrder(len(train_set), args.batch_size, args.seed, shuffle)
+    if world > 1 and args.batch_size < world:
+        raise SystemExit(f"--batch-size ({args.batch_size}) is the global batch: it must be >= the number of processes ({world})")
+    order = DataOrder(len(train_set), args.batch_size, args.seed, shuffle, shard=(rank, world))
 
     # model and optimizer
     torch.manual_seed(args.seed)
@@ -318,21 +357,32 @@ def pretrain(args) -> Dict[str, object]:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         step, position = resume["step"], resume["position"]
-        set_rng_state(resume["rng"])
+        per_rank = resume.get("rng_per_rank")
+        set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else resume["rng"])
+    train_model = model
+    if world > 1:
+        model.loss_fn.process_group = dist.group.WORLD
+        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
     log_path = args.log or (os.path.join(out_dir, LOG) if out_dir else None)
-    log = JsonlLog(log_path)
+    log = JsonlLog(log_path if lead else None)
     saved_args = {k: v for k, v in vars(args).items() if k != "func"}
 
     def save():
         if not out_dir:
             return
+        per_rank = None
+        if world > 1:  # every rank takes part; rank 0 writes
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, rng_state())
+            if not lead:
+                return
         atomic_write_bytes(os.path.join(out_dir, "config.json"), config.to_json().encode())
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                            "position": position, "rng": rng_state(), "config": config.to_dict(),
-                           "args": saved_args, "version": 1}, ckpt_path)
+                           "args": saved_args, "version": 1, "world_size": world, "rng_per_rank": per_rank}, ckpt_path)
 
-    held_out = HeldOut(val_set, config, args.eval_size, args.seed) if val_set is not None else None
+    held_out = HeldOut(val_set, config, args.eval_size, args.seed) if val_set is not None and lead else None
     if resume is None:
         log.write({"event": "start", "config": config.to_dict(), "args": saved_args,
                    "torch": torch.__version__, "device": str(device)})
@@ -341,7 +391,7 @@ def pretrain(args) -> Dict[str, object]:
 
     save_every = args.save_every if args.save_every is not None else args.eval_every
     progress = None
-    if not args.no_progress:
+    if not args.no_progress and lead:
         from tqdm import tqdm
 
         progress = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -356,7 +406,7 @@ def pretrain(args) -> Dict[str, object]:
         stop = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
         while step < stop:
             batch = prefetch.next()
-            batch, masks = mask_batch(batch, config, step_generator(args.seed, step))
+            batch, masks = mask_batch(batch, config, step_generator(args.seed, step, rank))
             n_tokens = count_tokens(batch)
             batch = batch.to(device, non_blocking=True)
             masks = {m: r.to(device) for m, r in masks.items()}
@@ -365,7 +415,7 @@ def pretrain(args) -> Dict[str, object]:
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast():
-                out = model(batch, masks)
+                out = train_model(batch, masks)
             loss = out.loss.total
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -373,8 +423,8 @@ def pretrain(args) -> Dict[str, object]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
             step += 1
-            position += batch.size
-            window_samples += batch.size
+            position += args.batch_size  # the global batch
+            window_samples += args.batch_size
             window_tokens += n_tokens
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -411,9 +461,13 @@ def pretrain(args) -> Dict[str, object]:
             prefetch.close()
         if progress is not None:
             progress.close()
+    if world > 1:
+        dist.barrier()
     if not result and held_out is not None and step == args.steps:
         result = held_out.evaluate(model, device, autocast)
     summary = {"event": "done", "step": step, "elapsed_s": time.perf_counter() - t_start, "threads": threads}
+    if world > 1:
+        summary["world_size"] = world
     summary.update({k: v for k, v in result.items() if k != "pairs"})
     log.write(summary)
     return {**result, **summary}
@@ -443,9 +497,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("--world-seed", type=int, default=0)
     e.add_argument("--eval-size", type=int, default=1000)
     e.add_argument("--device", default="cpu")
+    from .bench import add_arguments as _bench_arguments  # `scale-fast bench`: scale_fast/bench.py
+    _bench_arguments(sub.add_parser("bench", help="time and memory of the ops against naive PyTorch and installed peers"))
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench import main as bench_main
+        return bench_main(list(sys.argv[1:] if argv is None else argv)[1:])
     if args.command == "pretrain":
         result = pretrain(args)
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # torchrun: rank 0 reports
+            quiet = dist.get_rank() != 0
+            dist.destroy_process_group()
+            if quiet:
+                return 0
     else:
         result = run_eval(args)
     pairs = result.pop("pairs", None)

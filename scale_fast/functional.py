@@ -136,6 +136,7 @@ def scale_loss(
     harmonize: bool = True,
     detach_weights: bool = False,
     backend: str = "auto",
+    process_group=None,
 ) -> SCALELossOutput:
     """The SCALE objective (SPEC section 6): harmonized contrastive pairs plus masked tasks.
 
@@ -143,6 +144,12 @@ def scale_loss(
     present: [M, B] bool; tasks: {modality index: MaskedTask};
     task_embeddings: [M, B, D'] CLS vectors whose S' weights the masked tasks
     (default: embeddings).  Returns SCALELossOutput.
+
+    process_group: a torch.distributed process group (e.g. torch.distributed.group.WORLD)
+    to compute the loss of the global batch, every rank passing its local batch (see
+    scale_fast/distributed.py for the contract).  Then total, contrastive, masked and
+    active are global (the same on every rank); scores and weights are the rank's local
+    samples' [B_r, M, M] in mode="sample" and the global [M, M] in mode="batch".
     """
     V.check_choice("mode", mode, V.MODES)
     V.check_choice("form", form, V.FORMS)
@@ -155,6 +162,14 @@ def scale_loss(
     for m, task in tasks.items():
         V.check_task(m, task, M, B, present, mode, needs_index=harmonize and mode == "sample")
     backend = resolve_backend(backend, e.device)
+    if process_group is not None:
+        from .distributed import scale_loss_distributed
+
+        te = None
+        if task_embeddings is not None and harmonize and tasks:
+            te = _check_task_embeddings(task_embeddings, e)
+        return scale_loss_distributed(e, present, scale, tasks, te, mode, form, harmonize, detach_weights,
+                                      backend, process_group)
     S, S_prime, active = run_op(backend, "scores", e, present, mode)
     weights = S_prime.detach() if detach_weights else S_prime
     row_weights = None
@@ -168,10 +183,7 @@ def scale_loss(
     if tasks:
         task_weights = weights
         if task_embeddings is not None and harmonize:
-            te = V.as_embeddings(task_embeddings, name="task_embeddings")
-            if te.shape[:2] != e.shape[:2]:
-                raise ValueError(f"task_embeddings must have shape [M, B, D'] with M, B = {(M, B)}, got {tuple(te.shape)}")
-            V.check_device("task_embeddings", te, e.device)
+            te = _check_task_embeddings(task_embeddings, e)
             _, task_S_prime, _ = run_op(backend, "scores", te, present, mode)
             task_weights = task_S_prime.detach() if detach_weights else task_S_prime
         losses = []
@@ -187,6 +199,14 @@ def scale_loss(
         masked = torch.stack(losses)
     total = contrastive_term + masked.sum()
     return SCALELossOutput(total, pair, masked, S, S_prime, active)
+
+
+def _check_task_embeddings(task_embeddings, e: torch.Tensor) -> torch.Tensor:
+    te = V.as_embeddings(task_embeddings, name="task_embeddings")
+    if te.shape[:2] != e.shape[:2]:
+        raise ValueError(f"task_embeddings must have shape [M, B, D'] with M, B = {tuple(e.shape[:2])}, got {tuple(te.shape)}")
+    V.check_device("task_embeddings", te, e.device)
+    return te
 
 
 def masked_task_loss(task: MaskedTask, w_rows: torch.Tensor | None, backend: str) -> torch.Tensor:

@@ -23,6 +23,8 @@ class SCALELoss(nn.Module):
         learnable_logit_scale: learn it as a log parameter (CLIP convention),
             initialised to ln(logit_scale) and clamped at ln(max_logit_scale).
         mode, form, harmonize, detach_weights, backend: as in scale_fast.scale_loss.
+        process_group: a torch.distributed process group: the loss of the global batch,
+            each rank passing its local batch (scale_fast.scale_loss, scale_fast/distributed.py).
 
     forward(embeddings [M, B, D], present [M, B] bool = None,
             tasks {modality name or index: MaskedTask} = None,
@@ -41,8 +43,10 @@ class SCALELoss(nn.Module):
         harmonize: bool = True,
         detach_weights: bool = False,
         backend: str = "auto",
+        process_group=None,
     ):
         super().__init__()
+        self.process_group = process_group
         self.modalities = tuple(modalities)
         if len(self.modalities) < 2 or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be at least 2 distinct names, got {self.modalities}")
@@ -87,7 +91,7 @@ class SCALELoss(nn.Module):
         return scale_loss(
             e, present, logit_scale=scale, tasks=indexed, task_embeddings=task_embeddings,
             mode=self.mode, form=self.form, harmonize=self.harmonize,
-            detach_weights=self.detach_weights, backend=self.backend,
+            detach_weights=self.detach_weights, backend=self.backend, process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -29,6 +29,25 @@ class _RowLSE:
         self.shift = bound.abs().clone() if self.fixed else torch.full_like(bound, float("-inf"))
         self.sumexp = torch.zeros_like(bound)
 
+    def add_gram(self, gram: torch.Tensor, scale: torch.Tensor, rows: slice, dim: int, self_diagonal: bool = False) -> None:
+        """Fold the logits scale * gram of a tile (rows along `dim`, scale per row) into rows `rows`.
+
+        self_diagonal excludes the tile's diagonal (NT-Xent's self-similarities).
+        With the fixed shift, shift-scale-exp is one addcmul and one in-place exp.
+        """
+        if self.fixed:
+            shift = self.shift[rows]
+            view = (lambda v: v[:, None]) if dim == 1 else (lambda v: v[None, :])
+            terms = torch.addcmul(-view(shift), gram, view(scale)).exp_()
+            if self_diagonal:
+                terms.diagonal().zero_()
+            self.sumexp[rows] += terms.sum(dim)
+            return
+        logits = gram * (scale[:, None] if dim == 1 else scale[None, :])
+        if self_diagonal:
+            logits.diagonal().fill_(float("-inf"))
+        self.add(logits, rows, dim)
+
     def add(self, logits: torch.Tensor, rows: slice, dim: int) -> None:
         """Fold a tile of logits (rows along `dim` of the tile) into rows `rows`; clobbers `logits`."""
         if self.fixed:
@@ -71,14 +90,9 @@ def ntxent_forward(u: torch.Tensor, rs: torch.Tensor):
     for bi, rows in enumerate(tiles):
         for cols in tiles[bi:]:
             gram = u[rows] @ u[cols].T
-            if cols is rows:
-                logits = gram.mul_(rs[rows, None])
-                logits.diagonal().fill_(float("-inf"))
-                lse.add(logits, rows, 1)
-            else:
-                col_logits = gram * rs[None, cols]
-                lse.add(gram.mul_(rs[rows, None]), rows, 1)
-                lse.add(col_logits, cols, 0)
+            lse.add_gram(gram, rs[rows], rows, 1, self_diagonal=cols is rows)
+            if cols is not rows:
+                lse.add_gram(gram, rs[cols], cols, 0)
     half = n2 // 2
     pos_dot = (u[:half] * u[half:]).sum(1).repeat(2)
     lse_all = lse.result()
@@ -99,7 +113,7 @@ def ntxent_backward(u, rs, lse, pos_dot, coef):
     for bi, rows in enumerate(tiles):
         for cols in tiles[bi:]:
             gram = u[rows] @ u[cols].T
-            prob = torch.exp(gram * rs[rows, None] - lse[rows, None])
+            prob = torch.addcmul(-lse[rows, None], gram, rs[rows, None]).exp_()
             if cols is rows:
                 prob.diagonal().zero_()
                 dot_p[rows] += (prob * gram).sum(1)
@@ -107,12 +121,12 @@ def ntxent_backward(u, rs, lse, pos_dot, coef):
                 dgram = prob.mul_(coef * rs[rows, None])
                 du[rows] += (dgram + dgram.T) @ u[rows]
                 continue
-            prob_t = torch.exp(gram * rs[None, cols] - lse[None, cols])
+            prob_t = torch.addcmul(-lse[None, cols], gram, rs[None, cols]).exp_()
             dot_p[rows] += (prob * gram).sum(1)
             dot_p[cols] += (prob_t * gram).sum(0)
             p_sum[rows] += prob.sum(1)
             p_sum[cols] += prob_t.sum(0)
-            dgram = prob.mul_(coef * rs[rows, None]).add_(prob_t.mul_(coef * rs[None, cols]))
+            dgram = prob.mul_(coef * rs[rows, None]).addcmul_(prob_t, coef * rs[None, cols])
             du[rows] += dgram @ u[cols]
             du[cols] += dgram.T @ u[rows]
     # the positive logits' -s * w_r * (u_r . u_p(r)) terms
@@ -136,8 +150,8 @@ def cross_forward(a, b, rs, both: bool):
         for cols in tiles:
             gram = a[rows] @ b[cols].T
             if both:
-                lse_cols.add(gram * rs[None, cols], cols, 0)
-            lse_rows.add(gram.mul_(rs[rows, None]), rows, 1)
+                lse_cols.add_gram(gram, rs[cols], cols, 0)
+            lse_rows.add_gram(gram, rs[rows], rows, 1)
     pos_dot = (a * b).sum(1)
     lse_r = lse_rows.result()
     loss = (lse_r - rs * pos_dot).mean()
@@ -159,20 +173,71 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos_dot, coef):
     for rows in tiles:
         for cols in tiles:
             gram = a[rows] @ b[cols].T
-            prob = torch.exp(gram * rs[rows, None] - lse_r[rows, None])
+            prob = torch.addcmul(-lse_r[rows, None], gram, rs[rows, None]).exp_()
             dot_p[0, rows] += (prob * gram).sum(1)
             p_sum[0, rows] += prob.sum(1)
             dgram = prob.mul_(coef * rs[rows, None])
             if lse_c is not None:
-                prob_t = torch.exp(gram * rs[None, cols] - lse_c[None, cols])
+                prob_t = torch.addcmul(-lse_c[None, cols], gram, rs[None, cols]).exp_()
                 dot_p[1, cols] += (prob_t * gram).sum(0)
                 p_sum[1, cols] += prob_t.sum(0)
-                dgram.add_(prob_t.mul_(coef * rs[None, cols]))
+                dgram.addcmul_(prob_t, coef * rs[None, cols])
             da[rows] += dgram @ b[cols]
             db[cols] += dgram.T @ a[rows]
     da -= (directions * coef * rs)[:, None] * b
     db -= (directions * coef * rs)[:, None] * a
     return da, db, coef * (dot_p / p_sum - pos_dot).sum(0)
+
+
+def _self_mask(self_idx, rows: slice, cols: slice, device):
+    """[R, C] bool: True where column == the row's own index (its self-similarity), or None."""
+    if self_idx is None:
+        return None
+    col_ids = torch.arange(cols.start, cols.stop, device=device)
+    return col_ids[None, :] == self_idx[rows, None]
+
+
+def rows_forward(q, k, rs, pos, self_idx=None):
+    """Sum over the query rows r of (LSE_c rs_r q_r . k_c - rs_r q_r . k_pos(r)), c over every key.
+
+    The row-block form used under a process group: q [R, D] are this rank's
+    rows (unit), k [C, D] all the columns (unit), rs [R] their s * w, pos [R]
+    the column of each row's positive, self_idx [R] (or None) a column to
+    exclude (NT-Xent's self-similarity).  Only [T, T] tiles of q k^T are formed.
+    Returns (sum, lse [R], pos_dot [R]).
+    """
+    lse = _RowLSE(rs)
+    for rows in _tiles(q.shape[0], TILE):
+        for cols in _tiles(k.shape[0], TILE):
+            logits = (q[rows] @ k[cols].T).mul_(rs[rows, None])
+            mask = _self_mask(self_idx, rows, cols, q.device)
+            if mask is not None:
+                logits.masked_fill_(mask, float("-inf"))
+            lse.add(logits, rows, 1)
+    pos_dot = (q * k.index_select(0, pos)).sum(1)
+    lse_all = lse.result()
+    return (lse_all - rs * pos_dot).sum(), lse_all, pos_dot
+
+
+def rows_backward(q, k, rs, lse, pos, self_idx, pos_dot, coef):
+    """(dq, dk, d_rs) of coef * rows_forward's sum, recomputing its tiles."""
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    dot_p, p_sum = torch.zeros_like(rs), torch.zeros_like(rs)  # as in ntxent_backward
+    for rows in _tiles(q.shape[0], TILE):
+        for cols in _tiles(k.shape[0], TILE):
+            gram = q[rows] @ k[cols].T
+            prob = torch.exp(gram * rs[rows, None] - lse[rows, None])
+            mask = _self_mask(self_idx, rows, cols, q.device)
+            if mask is not None:
+                prob.masked_fill_(mask, 0.0)
+            dot_p[rows] += (prob * gram).sum(1)
+            p_sum[rows] += prob.sum(1)
+            dgram = prob.mul_(coef * rs[rows, None])
+            dq[rows] += dgram @ k[cols]
+            dk[cols] += dgram.T @ q[rows]
+    dq -= (coef * rs)[:, None] * k.index_select(0, pos)
+    dk.index_add_(0, pos, -(coef * rs)[:, None] * q)
+    return dq, dk, coef * (dot_p / p_sum - pos_dot)
 
 
 def _gather_unit_rows(e, m, rows, acc):
@@ -186,10 +251,17 @@ class AllPairsContrastive(torch.autograd.Function):
     Only e (the caller's tensor, not a copy), the row indices and O(n)
     per-row statistics are saved; a pair's rows are gathered and normalised
     again in backward and their gradient is added straight into one de buffer.
+
+    row_range=(start, stop) (the process-group path, see scale_fast/distributed.py):
+    e and present hold the global batch, and only the loss terms of the rows
+    whose sample lies in [start, stop) are summed (against every column),
+    divided by the global normaliser; row_weights is then the local
+    [stop - start, M, M].  Summing the outputs over a partition of [0, B)
+    gives the full loss.
     """
 
     @staticmethod
-    def forward(ctx, e, present, scale, row_weights, form):
+    def forward(ctx, e, present, scale, row_weights, form, row_range=None):
         M = e.shape[0]
         acc = accumulation_dtype(e.dtype)
         s = scale.detach().to(acc)
@@ -199,6 +271,15 @@ class AllPairsContrastive(torch.autograd.Function):
             for j in range(i + 1, M):
                 rows = torch.nonzero(present[i] & present[j]).squeeze(1)
                 if rows.numel() == 0:
+                    continue
+                if row_range is not None:
+                    local = torch.nonzero((rows >= row_range[0]) & (rows < row_range[1])).squeeze(1)
+                    if local.numel() == 0:
+                        continue
+                    a, b = _gather_unit_rows(e, i, rows, acc)[0], _gather_unit_rows(e, j, rows, acc)[0]
+                    rs = _pair_row_scale(s, row_weights, rows.index_select(0, local) - row_range[0], i, j, acc)
+                    out[i, j], stats = _local_rows_forward(a, b, rs, local, form)
+                    pairs.append((i, j, rows, (local, stats)))
                     continue
                 rs = _pair_row_scale(s, row_weights, rows, i, j, acc)
                 a, b = _gather_unit_rows(e, i, rows, acc)[0], _gather_unit_rows(e, j, rows, acc)[0]
@@ -210,7 +291,7 @@ class AllPairsContrastive(torch.autograd.Function):
                     stats = (lse_r, lse_c, pos)
                 pairs.append((i, j, rows, stats))
         ctx.save_for_backward(e, scale, row_weights)
-        ctx.pairs, ctx.form = pairs, form
+        ctx.pairs, ctx.form, ctx.row_range = pairs, form, row_range
         return out
 
     @staticmethod
@@ -219,12 +300,23 @@ class AllPairsContrastive(torch.autograd.Function):
         acc = accumulation_dtype(e.dtype)
         s = scale.detach().to(acc)
         de = torch.zeros(e.shape, dtype=acc, device=e.device)
-        d_rows = torch.zeros(e.shape[1], e.shape[0], e.shape[0], dtype=acc, device=e.device)  # d loss / d (s w)
-        for i, j, rows, (lse, lse_c, pos) in ctx.pairs:
-            rs = _pair_row_scale(s, row_weights, rows, i, j, acc)
+        n_rows = e.shape[1] if ctx.row_range is None else ctx.row_range[1] - ctx.row_range[0]
+        d_rows = torch.zeros(n_rows, e.shape[0], e.shape[0], dtype=acc, device=e.device)  # d loss / d (s w)
+        for i, j, rows, stats in ctx.pairs:
             a, inv_a, proj_a = _gather_unit_rows(e, i, rows, acc)
             b, inv_b, proj_b = _gather_unit_rows(e, j, rows, acc)
             coef = grad[i, j].to(acc)
+            if ctx.row_range is not None:
+                local, st = stats
+                w_rows = rows.index_select(0, local) - ctx.row_range[0]
+                rs = _pair_row_scale(s, row_weights, w_rows, i, j, acc)
+                da, db, d_rs = _local_rows_backward(a, b, rs, local, ctx.form, st, coef)
+                de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
+                de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
+                d_rows[w_rows, i, j] = d_rs
+                continue
+            lse, lse_c, pos = stats
+            rs = _pair_row_scale(s, row_weights, rows, i, j, acc)
             if ctx.form == "ntxent":
                 n = rows.numel()
                 du, d_rs = ntxent_backward(torch.cat([a, b]), torch.cat([rs, rs]), lse, pos, coef)
@@ -240,7 +332,54 @@ class AllPairsContrastive(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             w = 1.0 if row_weights is None else row_weights.to(acc)
             dscale = (d_rows * w).sum().to(scale.dtype)
-        return de.to(e.dtype), None, dscale, dweights, None
+        return de.to(e.dtype), None, dscale, dweights, None, None
+
+
+def _local_row_queries(n: int, local: torch.Tensor, form: str):
+    """The (query rows, positive columns, excluded columns) of one direction set, per form.
+
+    NT-Xent: rows `local` and `local + n` of u = [a; b] against all 2n rows of u.
+    clip: direction i->j queries a[local] against b, j->i queries b[local] against a;
+    positives on the diagonal, nothing excluded.
+    """
+    if form == "ntxent":
+        q_idx = torch.cat([local, local + n])
+        return q_idx, torch.cat([local + n, local]), q_idx
+    return local, local, None
+
+
+def _local_rows_forward(a, b, rs, local, form):
+    """This rank's share of pair (i, j)'s loss (global normaliser) and the stats backward needs."""
+    n = a.shape[0]
+    q_idx, pos, self_idx = _local_row_queries(n, local, form)
+    if form == "ntxent":
+        u = torch.cat([a, b])
+        total, lse, pos_dot = rows_forward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), pos, self_idx)
+        return total / (2 * n), (lse, pos_dot)
+    s1, lse1, pd1 = rows_forward(a.index_select(0, local), b, rs, pos)
+    s2, lse2, pd2 = rows_forward(b.index_select(0, local), a, rs, pos)
+    return 0.5 * (s1 + s2) / n, (lse1, pd1, lse2, pd2)
+
+
+def _local_rows_backward(a, b, rs, local, form, stats, coef):
+    """(da, db, d_rs) of coef * _local_rows_forward's loss; d_rs per local row."""
+    n = a.shape[0]
+    q_idx, pos, self_idx = _local_row_queries(n, local, form)
+    if form == "ntxent":
+        lse, pos_dot = stats
+        u = torch.cat([a, b])
+        dq, du, d_rs = rows_backward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), lse, pos, self_idx,
+                                     pos_dot, coef / (2 * n))
+        du.index_add_(0, q_idx, dq)
+        L = local.numel()
+        return du[:n], du[n:], d_rs[:L] + d_rs[L:]
+    lse1, pd1, lse2, pd2 = stats
+    c = coef / (2 * n)
+    dq1, db, d_rs1 = rows_backward(a.index_select(0, local), b, rs, lse1, pos, None, pd1, c)
+    dq2, da, d_rs2 = rows_backward(b.index_select(0, local), a, rs, lse2, pos, None, pd2, c)
+    da.index_add_(0, local, dq1)
+    db.index_add_(0, local, dq2)
+    return da, db, d_rs1 + d_rs2
 
 
 def _pair_row_scale(s, row_weights, rows, i, j, acc):
@@ -271,9 +410,49 @@ class _InfoNCE(torch.autograd.Function):
         return da.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), dweights, None
 
 
-def contrastive(z, present, logit_scale, row_weights, form):
-    """[M, M] pair losses of every active pair i < j (backend contract in _dispatch.py)."""
-    return AllPairsContrastive.apply(z, present, logit_scale, row_weights, form)
+def contrastive(z, present, logit_scale, row_weights, form, row_range=None):
+    """[M, M] pair losses of every active pair i < j (backend contract in _dispatch.py).
+
+    row_range=(start, stop): only the rows of samples start..stop-1 (see AllPairsContrastive).
+    """
+    return AllPairsContrastive.apply(z, present, logit_scale, row_weights, form,
+                                     None if row_range is None else (int(row_range[0]), int(row_range[1])))
+
+
+contrastive.supports_row_range = True  # scale_fast.distributed uses row_range (other backends: no)
+
+
+class _InfoNCERows(torch.autograd.Function):
+    """Sum over this rank's rows of the "nce" task's terms, against every rank's targets."""
+
+    @staticmethod
+    def forward(ctx, a, b, weights, scale: float, offset: int):
+        acc = accumulation_dtype(a.dtype)
+        a32, b32 = a.to(acc), b.to(acc)
+        rs = torch.full((a.shape[0],), scale, dtype=acc, device=a.device)
+        if weights is not None:
+            rs = rs * weights.to(acc)
+        pos = torch.arange(offset, offset + a.shape[0], device=a.device)
+        total, lse, pos_dot = rows_forward(a32, b32, rs, pos)
+        ctx.save_for_backward(a32, b32, rs, lse, pos_dot, pos)
+        ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype, None if weights is None else weights.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, rs, lse, pos_dot, pos = ctx.saved_tensors
+        da, db, d_rs = rows_backward(a, b, rs, lse, pos, None, pos_dot, grad.to(a.dtype))
+        dweights = None if ctx.dtypes[2] is None else (d_rs * ctx.scale).to(ctx.dtypes[2])
+        return da.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), dweights, None, None
+
+
+def info_nce_rows(a, b, row_weights, scale, offset):
+    """sum_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_(offset+n)) over the rows a [R, F] against b [N, F].
+
+    The row-block form of info_nce under a process group: a holds this rank's
+    rows, b every rank's (gathered), and a_n's positive is b[offset + n].
+    """
+    return _InfoNCERows.apply(a, b, row_weights, float(scale), int(offset))
 
 
 def info_nce(a, b, row_weights, scale):

@@ -1,0 +1,285 @@
+"""scale_loss under a process group (scale_fast/distributed.py) against one process on the global batch.
+
+2 and 3 gloo processes on CPU, each holding a slice of one global batch (uneven sizes, a rank
+lacking a modality, masked tasks of every kind with ignored rows and ranks without rows):
+
+- every rank's total / contrastive / masked / active equal the single-process values;
+- the gradient on a rank's local inputs is world_size x the single-process gradient of its slice;
+- the mean over ranks of a replicated input's gradient (logit_scale, head weight, bias) is the
+  single-process gradient.
+
+All cases of one world size run in one spawn (module-scoped fixture) to keep the suite fast.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import scale_fast as sf
+
+import importlib
+
+C = importlib.import_module("scale_fast.torch_backend.contrastive")
+
+LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
+M, D, H, K = 4, 6, 5, 7
+
+# (name, mode, form, dtype, harmonize, detach, with task_embeddings)
+CASES = [
+    ("sample-ntxent", "sample", "ntxent", torch.float64, True, False, True),
+    ("sample-clip", "sample", "clip", torch.float64, True, False, False),
+    ("batch-ntxent", "batch", "ntxent", torch.float64, True, False, True),
+    ("batch-clip", "batch", "clip", torch.float64, True, True, False),
+    ("plain-ntxent", "sample", "ntxent", torch.float64, False, False, False),
+    ("f32-sample-clip", "sample", "clip", torch.float32, True, False, True),
+]
+SIZES = {2: [3, 6], 3: [4, 1, 5]}
+
+
+# --------------------------------------------------------------------------- inputs
+def make_case(idx: int, sizes, dtype):
+    """The global batch: tensors of every sample in rank order, task rows sorted by sample."""
+    g = torch.Generator().manual_seed(1000 + idx)
+    B = sum(sizes)
+    present = torch.rand(M, B, generator=g) < 0.8
+    present[0] = True
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    present[3, offsets[1]:offsets[1] + sizes[1]] = False  # rank 1 lacks modality 3 entirely
+    present[3, 0] = True
+    e = torch.randn(M, B, D, generator=g, dtype=torch.float64) * (0.5 + torch.rand(M, B, 1, generator=g, dtype=torch.float64))
+    e = torch.where(present[..., None], e, torch.full_like(e, float("nan"))).to(dtype)  # absent rows: NaN
+    te = torch.randn(M, B, D + 1, generator=g, dtype=torch.float64).to(dtype)
+    logit_scale = torch.tensor(4.0, dtype=dtype)
+    tasks = {}
+    for m, kind, n in ((0, "ce", 9), (1, "mse", 6), (2, "nce", 7), (3, "kl", 4)):
+        samples = torch.nonzero(present[m]).squeeze(1)
+        if m == 1:  # no rows on rank 0
+            samples = samples[samples >= offsets[1]]
+        idx_ = samples[torch.randint(0, samples.numel(), (n,), generator=g)].sort().values
+        t = dict(kind=kind, hidden=torch.randn(n, H, generator=g, dtype=torch.float64).to(dtype), sample_index=idx_)
+        if kind == "ce":
+            target = torch.randint(0, K, (n,), generator=g)
+            target[::3] = -100  # ignored rows
+            t.update(target=target, weight=torch.randn(K, H, generator=g, dtype=torch.float64).to(dtype) / 2,
+                     bias=torch.randn(K, generator=g, dtype=torch.float64).to(dtype))
+        elif kind == "kl":
+            t.update(target=torch.softmax(torch.randn(n, K, generator=g, dtype=torch.float64), 1).to(dtype),
+                     weight=torch.randn(K, H, generator=g, dtype=torch.float64).to(dtype) / 2, bias=None)
+        elif kind == "mse":
+            t.update(target=torch.randn(n, H, generator=g, dtype=torch.float64).to(dtype), weight=None, bias=None)
+        else:
+            t.update(target=torch.randn(n, K, generator=g, dtype=torch.float64).to(dtype),
+                     weight=torch.randn(K, H, generator=g, dtype=torch.float64).to(dtype) / 2, bias=None)
+        tasks[m] = t
+    return dict(present=present, e=e, te=te, logit_scale=logit_scale, tasks=tasks, offsets=offsets, sizes=sizes)
+
+
+def local_slice(case, rank):
+    """(present, e, te, tasks-raw) of rank `rank`, plus each task's row slice in the global order."""
+    lo, n = case["offsets"][rank], case["sizes"][rank]
+    tasks, rows = {}, {}
+    for m, t in case["tasks"].items():
+        keep = (t["sample_index"] >= lo) & (t["sample_index"] < lo + n)
+        first = int(torch.nonzero(keep)[0]) if keep.any() else int((t["sample_index"] < lo).sum())
+        rows[m] = slice(first, first + int(keep.sum()))
+        tasks[m] = dict(t, hidden=t["hidden"][keep], target=t["target"][keep], sample_index=t["sample_index"][keep] - lo)
+    return case["present"][:, lo:lo + n], case["e"][:, lo:lo + n], case["te"][:, lo:lo + n], tasks, rows
+
+
+def run_loss(present, e, te, raw_tasks, logit_scale, mode, form, harmonize, detach, with_te, group=None):
+    """scale_loss with fresh leaves; returns (output, {name: grad})."""
+    leaves = {"e": e.clone().requires_grad_(), "logit_scale": logit_scale.clone().requires_grad_()}
+    if with_te:
+        leaves["te"] = te.clone().requires_grad_()
+    tasks = {}
+    for m, t in raw_tasks.items():
+        h = leaves[f"hidden{m}"] = t["hidden"].clone().requires_grad_()
+        W = b = None
+        if t["weight"] is not None:
+            W = leaves[f"weight{m}"] = t["weight"].clone().requires_grad_()
+        if t["bias"] is not None:
+            b = leaves[f"bias{m}"] = t["bias"].clone().requires_grad_()
+        target = t["target"]
+        if target.is_floating_point():
+            target = leaves[f"target{m}"] = target.clone().requires_grad_()
+        tasks[m] = sf.MaskedTask(t["kind"], h, target, weight=W, bias=b, sample_index=t["sample_index"])
+    out = sf.scale_loss(leaves["e"], present, logit_scale=leaves["logit_scale"], tasks=tasks,
+                        task_embeddings=leaves.get("te"), mode=mode, form=form, harmonize=harmonize,
+                        detach_weights=detach, backend="torch", process_group=group)
+    out.total.backward()
+    return out, {k: (torch.zeros_like(v) if v.grad is None else v.grad) for k, v in leaves.items()}
+
+
+LOCAL = ("e", "te") + tuple(f"{p}{m}" for p in ("hidden", "target") for m in range(M))
+REPLICATED = ("logit_scale",) + tuple(f"{p}{m}" for p in ("weight", "bias") for m in range(M))
+
+
+# --------------------------------------------------------------------------- workers
+def _worker(rank, world, init, outdir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results = {}
+        for idx, (name, mode, form, dtype, harmonize, detach, with_te) in enumerate(CASES):
+            case = make_case(idx, SIZES[world], dtype)
+            present, e, te, tasks, _ = local_slice(case, rank)
+            out, g = run_loss(present, e, te, tasks, case["logit_scale"], mode, form, harmonize, detach, with_te,
+                              group=dist.group.WORLD)
+            results[name] = dict(total=out.total.detach(), contrastive=out.contrastive.detach(),
+                                 masked=out.masked.detach(), active=out.active, scores=out.scores.detach(),
+                                 weights=out.weights.detach(), grads=g)
+        # SCALELoss(process_group=...) is scale_loss(process_group=...)
+        name, mode, form, dtype, harmonize, detach, with_te = CASES[0]
+        case = make_case(0, SIZES[world], dtype)
+        present, e, te, tasks, _ = local_slice(case, rank)
+        mod = sf.SCALELoss(["a", "b", "c", "d"], logit_scale=4.0, mode=mode, form=form, backend="torch",
+                           process_group=dist.group.WORLD)
+        mtasks = {m: sf.MaskedTask(t["kind"], t["hidden"], t["target"], weight=t["weight"], bias=t["bias"],
+                                   sample_index=t["sample_index"]) for m, t in tasks.items()}
+        results["module_total"] = mod(e, present, mtasks, te).total.detach()
+        # a layout that differs between ranks is refused on every rank (no hang)
+        case = make_case(0, SIZES[world], torch.float64)
+        present, e, te, tasks, _ = local_slice(case, rank)
+        if rank == 1:
+            tasks.pop(2)
+        try:
+            run_loss(present, e, te, tasks, case["logit_scale"], "sample", "ntxent", True, False, False,
+                     group=dist.group.WORLD)
+            results["mismatch"] = None
+        except ValueError as exc:
+            results["mismatch"] = str(exc)
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world, tmp_path_factory):
+    outdir = str(tmp_path_factory.mktemp(f"dist{world}"))
+    mp.spawn(_worker, args=(world, f"tcp://127.0.0.1:{_free_port()}", outdir), nprocs=world, join=True)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks2(tmp_path_factory):
+    return _spawn(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ranks3(tmp_path_factory):
+    return _spawn(3, tmp_path_factory)
+
+
+# --------------------------------------------------------------------------- checks
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30)) if b.norm() > 0 else float(a.norm())
+
+
+def _check(results, world, idx):
+    name, mode, form, dtype, harmonize, detach, with_te = CASES[idx]
+    case = make_case(idx, SIZES[world], dtype)
+    ref, ref_g = run_loss(case["present"], case["e"], case["te"],
+                          {m: dict(t) for m, t in case["tasks"].items()}, case["logit_scale"],
+                          mode, form, harmonize, detach, with_te)
+    for rank, res in enumerate(results):
+        r = res[name]
+        for key in ("total", "contrastive", "masked"):
+            torch.testing.assert_close(r[key].double(), getattr(ref, key).detach().double(),
+                                       rtol=LOSS_RTOL, atol=1e-7, msg=lambda s: f"{name} rank {rank} {key}: {s}")
+        assert torch.equal(r["active"], ref.active)
+        lo, n = case["offsets"][rank], case["sizes"][rank]
+        for key in ("scores", "weights"):
+            want = getattr(ref, key).detach()
+            want = want[lo:lo + n] if mode == "sample" else want
+            assert _rel(r[key], want) < LOSS_RTOL, (name, rank, key)
+        _, _, _, _, rows = local_slice(case, rank)
+        for key in LOCAL:
+            if key not in ref_g:
+                continue
+            want = ref_g[key]
+            if key in ("e", "te"):
+                want = want[:, lo:lo + n]
+            else:
+                want = want[rows[int(key[-1])]]
+            got = r["grads"][key]
+            assert got.shape == want.shape, (name, rank, key)
+            assert not torch.isnan(got).any(), (name, rank, key)
+            assert _rel(got, world * want) < GRAD_RTOL, (name, rank, key, _rel(got, world * want))
+    for key in REPLICATED:
+        if key not in ref_g:
+            continue
+        mean = sum(res[name]["grads"][key].double() for res in results) / world
+        assert _rel(mean, ref_g[key]) < GRAD_RTOL, (name, key, _rel(mean, ref_g[key]))
+
+
+@pytest.mark.parametrize("idx", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_two_ranks_match_single_process(ranks2, idx):
+    _check(ranks2, 2, idx)
+
+
+@pytest.mark.parametrize("idx", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_three_ranks_match_single_process(ranks3, idx):
+    _check(ranks3, 3, idx)
+
+
+def test_module_passes_process_group(ranks2):
+    for res in ranks2:
+        torch.testing.assert_close(res["module_total"], res[CASES[0][0]]["total"], rtol=1e-12, atol=1e-12)
+
+
+def test_pretrain_data_shards_cover_the_global_batch():
+    from scale_fast.cli import DataOrder
+
+    single = DataOrder(50, 7, 0, True).indices(21)
+    shards = [DataOrder(50, 7, 0, True, shard=(r, 3)).indices(21) for r in range(3)]
+    assert [len(s) for s in shards] == [2, 2, 3] and sum(shards, []) == single
+
+
+def test_layout_mismatch_raises_on_every_rank(ranks2):
+    for res in ranks2:
+        assert res["mismatch"] is not None and "same M, D, tasks keys" in res["mismatch"]
+
+
+# --------------------------------------------------------------------------- row_range (one process)
+@pytest.mark.parametrize("form", ["ntxent", "clip"])
+@pytest.mark.parametrize("tile", [1024, 3])
+def test_row_range_partition_sums_to_full_loss(form, tile, monkeypatch):
+    """Summing the row_range partial losses over a partition of the batch gives the loss and its gradients."""
+    monkeypatch.setattr(C, "TILE", tile)
+    g = torch.Generator().manual_seed(7)
+    B = 13
+    present = torch.rand(M, B, generator=g) < 0.7
+    e = torch.randn(M, B, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(B, M, M, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    coef = torch.randn(M, M, generator=g, dtype=torch.float64)
+    full = C.contrastive(e, present, s, w, form)
+    g_full = torch.autograd.grad((full * coef).sum(), [e, w, s])
+    parts = sum(C.contrastive(e, present, s, w[a:b], form, row_range=(a, b)) for a, b in [(0, 4), (4, 5), (5, 13)])
+    g_parts = torch.autograd.grad((parts * coef).sum(), [e, w, s])
+    torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-12)
+    for x, y in zip(g_parts, g_full):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_info_nce_rows_partition():
+    g = torch.Generator().manual_seed(3)
+    a = torch.nn.functional.normalize(torch.randn(9, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    b = torch.nn.functional.normalize(torch.randn(9, 5, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    w = torch.rand(9, generator=g, dtype=torch.float64, requires_grad=True)
+    full = C.info_nce(a, b, w, 3.0)
+    parts = (C.info_nce_rows(a[:4], b, w[:4], 3.0, 0) + C.info_nce_rows(a[4:], b, w[4:], 3.0, 4)) / 9
+    torch.testing.assert_close(parts, full, rtol=1e-12, atol=1e-12)
+    for x, y in zip(torch.autograd.grad(parts, [a, b, w]), torch.autograd.grad(full, [a, b, w])):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
