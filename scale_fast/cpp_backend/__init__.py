@@ -1,0 +1,45 @@
+"""The "cpp" backend: compiled CPU kernels (csrc/scale_fast_cpu.cpp) for the fused ops.
+
+Importing this module compiles nothing; ``is_available()`` (called by the dispatcher the
+first time backend "cpp" -- or "auto" on CPU, or ``sf.available_backends()`` -- is asked
+for) JIT-builds the extension with torch.utils.cpp_extension (ninja + pybind11) into a
+cache directory, see ``_build``.  A failed build gives one RuntimeWarning and leaves the
+backend unavailable: "auto" then uses the torch backend, and backend="cpp" raises
+ValueError with the reason.
+
+Ops (backend contracts in scale_fast/_dispatch.py): ``contrastive`` (all-pairs NT-Xent /
+CLIP with row weights, logit-scale gradient, absent samples), ``linear_cross_entropy``
+(masked-token linear cross-entropy, class ids or probabilities, row scales, bias),
+``info_nce`` (the "nce" masked task) and ``scores`` (per-sample Gram in C++, the
+[B, M, M] softmax / harmonisation shared with the torch backend).
+
+``preferred_on_cpu``: "auto" routes CPU tensors here when the build succeeded.  It is set
+from benchmarks/bench_cpp.py (results in benchmarks/results/cpp_cpu.md): on the benchmark
+machine both ops beat backend="torch" (see that table).
+"""
+from __future__ import annotations
+
+from . import _build
+from .contrastive import contrastive, info_nce
+from .linear_ce import linear_cross_entropy
+from .scores import scores
+
+preferred_on_cpu = True
+
+
+def is_available() -> bool:
+    """True when the extension is built (building it now if it was not tried yet)."""
+    return _build.extension() is not None
+
+
+def unavailable_reason() -> str:
+    return _build.reason()
+
+
+def extension():
+    """The compiled module (None when unavailable)."""
+    return _build.extension()
+
+
+__all__ = ["contrastive", "linear_cross_entropy", "info_nce", "scores", "is_available", "unavailable_reason",
+           "preferred_on_cpu", "extension"]

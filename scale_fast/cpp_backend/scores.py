@@ -1,0 +1,58 @@
+"""Inter-modality scores S and S' (SPEC section 3) with the per-sample Gram in C++.
+
+The Gram entries z_i . z_j of every sample are formed in one pass over the raw embeddings
+(rows normalised on the fly, absent rows never read) and recomputed the same way in
+backward: nothing of size [M, B, D] is kept or materialised besides the gradient.  The
+rest works on [B, M, M] (softmax, harmonisation) and is shared with the torch backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._normalize import accumulation_dtype
+from ..torch_backend.scores import harmonize
+from . import _build
+
+
+def _ext():
+    ext = _build.extension()
+    if ext is None:  # pragma: no cover - the dispatcher only routes here when built
+        raise RuntimeError(f"backend='cpp' is not available: {_build.reason()}")
+    return ext
+
+
+class _SampleGram(torch.autograd.Function):
+    """[B, M, M] Gram matrices of the normalised present rows of e [M, B, D] (0 where absent)."""
+
+    @staticmethod
+    def forward(ctx, e, present):
+        acc = accumulation_dtype(e.dtype)
+        ec = e.to(acc).contiguous()
+        pc = present.contiguous()
+        G, inv = _ext().sample_gram_forward(ec, pc)
+        ctx.save_for_backward(e, pc, inv)
+        return G
+
+    @staticmethod
+    def backward(ctx, grad):
+        e, present, inv = ctx.saved_tensors
+        acc = inv.dtype
+        de = _ext().sample_gram_backward(e.to(acc).contiguous(), present, inv, grad.to(acc).contiguous())
+        return de.to(e.dtype), None
+
+
+def scores(e: torch.Tensor, present: torch.Tensor, mode: str):
+    """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in _dispatch.py)."""
+    acc = accumulation_dtype(e.dtype)
+    pf = present.to(acc)
+    counts = pf @ pf.T  # |P_ij|
+    active = counts >= 1
+    gram = _SampleGram.apply(e, present)
+    if mode == "sample":
+        act = present.T[:, :, None] & present.T[:, None, :]
+    else:
+        # absent entries are exactly zero, so the sum over all b is the sum over P_ij
+        gram = gram.sum(0) / counts.clamp(min=1)
+        act = active
+    S = torch.where(act, gram, torch.zeros_like(gram))
+    return S, harmonize(S, act), active
