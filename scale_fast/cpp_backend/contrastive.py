@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
+from .._normalize import accumulation_dtype, normalize_rows_backward
+# the row gathering and row scales are the torch backend's (their results are contiguous)
+from ..torch_backend.contrastive import _gather_unit_rows, _pair_row_scale
 from . import _build
 
 # Rows of one [TILE, TILE] Gram tile: 256 x 256 float32 (256 KiB) stays in L2 with its
@@ -24,19 +26,6 @@ def _ext():
     if ext is None:  # pragma: no cover - the dispatcher only routes here when built
         raise RuntimeError(f"backend='cpp' is not available: {_build.reason()}")
     return ext
-
-
-def _pair_row_scale(s, row_weights, rows, i, j, acc):
-    """s * w_b for the rows of pair (i, j) (w = 1 without weights), contiguous."""
-    if row_weights is None:
-        return s.expand(rows.numel()).contiguous()
-    return (s * row_weights[:, i, j].index_select(0, rows).to(acc)).contiguous()
-
-
-def _gather_unit_rows(e, m, rows, acc):
-    """(u, inv, projected): the rows `rows` of modality m, normalised (all are present), contiguous."""
-    u, inv, projected = normalize_rows(e[m].index_select(0, rows).to(acc))
-    return u.contiguous(), inv, projected
 
 
 def ntxent_forward(u, rs):
