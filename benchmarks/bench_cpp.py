@@ -260,7 +260,7 @@ def main(argv=None):
                  f"(CPU time {csp:.2f}x), peak extra {fmt_mib(c['peak extra MiB'])} vs "
                  f"{fmt_mib(t['peak extra MiB'])} MiB: {'PASS' if sp >= 1.3 and mem_ok else 'FAIL'}"
                  f"{'' if sp >= 1.3 or not wins[op] else ' (below the 1.3x target, but faster with less memory)'}\n")
-    text += ("\n`auto` on CPU (scale_fast/cpp_backend/__init__.py): cpp wins on "
+    text += ("\n`auto` on CPU (scale_fast/backends/cpp/__init__.py): cpp wins on "
              + (", ".join(op for op in wins if wins[op]) or "no op") + " in this run; "
              + ("`preferred_on_cpu = True` (both ops exposed) is supported by it.\n" if all(wins.values()) else
                 "expose only the winning ops there.\n"))

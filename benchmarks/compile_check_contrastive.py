@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load(name):
     try:
-        return importlib.import_module(f"scale_fast.kernels.{name}")
+        return importlib.import_module(f"scale_fast.backends.triton.{name}")
     except ImportError:
         path = os.path.join(ROOT, "kernels", f"{name}.py")
         spec = importlib.util.spec_from_file_location(f"_cc_{name}", path)

@@ -49,19 +49,19 @@ python3 -m pip list 2>/dev/null | grep -i -E "^(torch|triton|open.clip|inf.cl|li
 # the project itself: editable, else a plain copy, else the source tree on PYTHONPATH
 install_project() {
     python3 -m pip install -q --no-deps --no-build-isolation -e . \
-        && python3 -c "import scale_fast, scale_fast.kernels" && return 0
-    echo "editable install failed or scale_fast.kernels missing; trying a plain install"
+        && python3 -c "import scale_fast, scale_fast.backends.triton" && return 0
+    echo "editable install failed or scale_fast.backends.triton missing; trying a plain install"
     python3 -m pip install -q --no-deps --no-build-isolation . \
-        && (cd /tmp && python3 -c "import scale_fast, scale_fast.kernels") && return 0
+        && (cd /tmp && python3 -c "import scale_fast, scale_fast.backends.triton") && return 0
     echo "plain install failed; overlaying the source tree on PYTHONPATH"
     rm -rf /tmp/sf_overlay && mkdir -p /tmp/sf_overlay \
-        && cp -r scale_fast /tmp/sf_overlay/scale_fast && cp -r kernels /tmp/sf_overlay/scale_fast/kernels
+        && cp -r scale_fast /tmp/sf_overlay/scale_fast
     export PYTHONPATH=/tmp/sf_overlay${PYTHONPATH:+:$PYTHONPATH}
-    (cd /tmp && python3 -c "import scale_fast, scale_fast.kernels")
+    (cd /tmp && python3 -c "import scale_fast, scale_fast.backends.triton")
 }
 REPO=$(pwd)
 # tests and checks run from /tmp: "python3 -m pytest" puts the cwd first on sys.path, and the
-# source tree's ./scale_fast has no kernels/ inside (setup.py maps kernels/ to scale_fast.kernels)
+# installed package is the one under test
 RUN_DIR=/tmp
 step install install_project
 step import bash -c "cd '$RUN_DIR' && python3 -c \"import scale_fast as sf; print('scale_fast', getattr(sf, '__version__', '?'), sf.__file__); print('backends', sf.available_backends())\""

@@ -1,8 +1,8 @@
-"""Naive, materialized PyTorch implementations of the benchmarked ops (SPEC.md §3-§5).
+"""Naive, materialized PyTorch implementations of the benchmarked ops (docs/contract.md §3-§5).
 
 These are the "what a user would write" baselines: every pair's full logits matrix
 is built, the diagonal masked, and ``F.cross_entropy`` applied.  They follow
-SPEC.md exactly (present masks, S' weights multiplying the logits, ntxent / clip
+docs/contract.md exactly (present masks, S' weights multiplying the logits, ntxent / clip
 forms), compute in the dtype of their inputs, and are deliberately memory-hungry.
 
 A second, row-chunked variant (``contrastive_chunked``) computes the same loss
@@ -31,7 +31,7 @@ def normalize(embeddings: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 def scores_sample(z: torch.Tensor, present: torch.Tensor):
-    """Per-sample S, S' [B, M, M] (SPEC §3, mode="sample"), plain torch."""
+    """Per-sample S, S' [B, M, M] (docs/contract.md §3, mode="sample"), plain torch."""
     zb = z.transpose(0, 1)                                  # [B, M, D]
     S = zb @ zb.transpose(1, 2)                             # [B, M, M]
     pb = present.transpose(0, 1)                            # [B, M]
@@ -64,7 +64,7 @@ def pair_loss_ntxent(z, i, j, V, logit_scale, w):
 
 
 def pair_loss_clip(z, i, j, V, logit_scale, w):
-    """Symmetric cross-modal InfoNCE of pair (i, j) (SPEC §4, form="clip")."""
+    """Symmetric cross-modal InfoNCE of pair (i, j) (docs/contract.md §4, form="clip")."""
     n = V.numel()
     zi, zj = z[i, V], z[j, V]
     scale = logit_scale if w is None else logit_scale * w[:, None]
@@ -77,7 +77,7 @@ def pair_loss_clip(z, i, j, V, logit_scale, w):
 def multi_pair_info_nce(embeddings, present=None, *, logit_scale=1 / 0.07, weights=None, form="ntxent"):
     """[M, M] pair losses (upper triangle), naive and materialized.
 
-    weights: None, [M, M] or [B, M, M] (SPEC §7)."""
+    weights: None, [M, M] or [B, M, M] (docs/contract.md §7)."""
     M, B, _ = embeddings.shape
     if present is None:
         present = torch.ones(M, B, dtype=torch.bool, device=embeddings.device)

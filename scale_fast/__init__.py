@@ -1,6 +1,6 @@
 """scale_fast: exact, fast, memory-frugal SCALE multi-modal contrastive pretraining losses.
 
-See SPEC-level docs in the README; the public API:
+See docs/contract.md; the public API:
 
     inter_modality_scores, multi_pair_info_nce, linear_cross_entropy, scale_loss,
     MaskedTask, SCALELossOutput, SCALELoss, available_backends

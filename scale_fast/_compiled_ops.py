@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import get_op
-from .torch_backend.scores import accumulation_dtype
+from ._normalize import accumulation_dtype
 
 
 _AUTOGRAD_KEYS = [torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,

@@ -48,9 +48,9 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 _MODULES = {
-    "torch": "scale_fast.torch_backend",
-    "triton": "scale_fast.kernels.ops",
-    "cpp": "scale_fast.cpp_backend",
+    "torch": "scale_fast.backends.torch",
+    "triton": "scale_fast.backends.triton.ops",
+    "cpp": "scale_fast.backends.cpp",
 }
 _loaded: dict[str, ModuleType | None] = {}
 _load_errors: dict[str, str] = {}

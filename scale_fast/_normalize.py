@@ -1,4 +1,4 @@
-"""L2 normalisation of embedding rows with a `present` mask (SPEC section 2).
+"""L2 normalisation of embedding rows with a `present` mask (docs/contract.md §2).
 
 z = e / max(||e||, 1e-12) for present rows, exactly 0 for absent ones: absent
 rows never enter the arithmetic (NaN there cannot leak) and get a gradient of

@@ -160,7 +160,7 @@ def check_linear_head(prefix: str, hidden, weight, bias, device) -> int:
 
 
 def check_task(m: int, task, M: int, B: int, present: torch.Tensor, mode: str, needs_index: bool) -> None:
-    """SPEC section 5's checks for the task of modality m; names the task in every message."""
+    """docs/contract.md §5's checks for the task of modality m; names the task in every message."""
     name = f"tasks[{m}]"
     if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < M:
         raise ValueError(f"tasks keys must be modality indices in [0, M={M}), got {m!r}")

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ._dispatch import get_op
 from ._normalize import accumulation_dtype
-from .torch_backend.scores import harmonize as _harmonize
+from .backends.torch.scores import harmonize as _harmonize
 from .types import TASK_KINDS, MaskedTask, SCALELossOutput
 
 
@@ -158,7 +158,7 @@ def _zero_linked(task: MaskedTask, dtype) -> torch.Tensor:
 
 def _masked_partial(task: MaskedTask, w_rows, backend, n_global: int, kept_global: int, offset: int,
                     row_sizes: List[int], group, run_op) -> torch.Tensor:
-    """This rank's share of L_M(m): its rows' terms divided by the global counts (SPEC section 5)."""
+    """This rank's share of L_M(m): its rows' terms divided by the global counts (docs/contract.md §5)."""
     from .functional import _predictions
 
     hidden = task.hidden

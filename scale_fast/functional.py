@@ -1,4 +1,4 @@
-"""The functional API (SPEC section 7): validate once, then dispatch each op to a backend."""
+"""The functional API (docs/contract.md §7): validate once, then dispatch each op to a backend."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence, Union
@@ -31,7 +31,7 @@ def _prepare(embeddings, present):
 
 
 def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None = None, *, mode: str = "sample"):
-    """Scores S, matching scores S' and the active-pair mask (SPEC section 3).
+    """Scores S, matching scores S' and the active-pair mask (docs/contract.md §3).
 
     embeddings: [M, B, D] or M tensors [B, D]; present: [M, B] bool.
     Returns (S, S_prime, active): S and S_prime are [B, M, M] (mode="sample")
@@ -53,7 +53,7 @@ def multi_pair_info_nce(
     form: str = "ntxent",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Contrastive loss of every modality pair i < j (SPEC section 4).
+    """Contrastive loss of every modality pair i < j (docs/contract.md §4).
 
     weights: None (all 1), [M, M] or [B, M, M]; weights[b, i, j] multiplies the
     logits of the rows of sample b in pair (i, j).
@@ -138,7 +138,7 @@ def scale_loss(
     backend: str = "auto",
     process_group=None,
 ) -> SCALELossOutput:
-    """The SCALE objective (SPEC section 6): harmonized contrastive pairs plus masked tasks.
+    """The SCALE objective (docs/contract.md §6): harmonized contrastive pairs plus masked tasks.
 
     embeddings: [M, B, D] (or M tensors [B, D]) modality CLS embeddings;
     present: [M, B] bool; tasks: {modality index: MaskedTask};
@@ -210,7 +210,7 @@ def _check_task_embeddings(task_embeddings, e: torch.Tensor) -> torch.Tensor:
 
 
 def masked_task_loss(task: MaskedTask, w_rows: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """L_M of one validated task (SPEC section 5); w_rows: [N] per-row weights or None."""
+    """L_M of one validated task (docs/contract.md §5); w_rows: [N] per-row weights or None."""
     hidden = task.hidden
     acc = accumulation_dtype(hidden.dtype)
     n = hidden.shape[0]

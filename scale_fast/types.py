@@ -11,7 +11,7 @@ TASK_KINDS = ("ce", "kl", "mse", "nce")
 
 @dataclass
 class MaskedTask:
-    """One modality's masked-modeling task (SPEC section 5).
+    """One modality's masked-modeling task (docs/contract.md §5).
 
     kind: "ce" (MLM, MEM, MRP classes), "kl" (MRP against soft classes),
         "mse" (MRP/MFP/MAM regression) or "nce" (contrastive MFP/MAM).
@@ -37,7 +37,7 @@ class MaskedTask:
 
 @dataclass
 class SCALELossOutput:
-    """What scale_loss returns (SPEC section 6).
+    """What scale_loss returns (docs/contract.md §6).
 
     total: 0-dim loss; contrastive: [M, M] pair losses (upper triangle);
     masked: [M] task losses (0 where no task); scores: S and weights: S'

@@ -43,7 +43,7 @@ if DEVICE == "cuda":  # the checked path uses exact float32 dot products
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
-# SPEC §8 tolerances
+# docs/contract.md §8 tolerances
 LOSS_RTOL = 1e-5
 LOSS_ATOL = 1e-6
 GRAD_RTOL = 1e-4
@@ -208,7 +208,7 @@ def assert_grad_close(g, gref, rtol: float = GRAD_RTOL, name: str = "grad", zero
 
 
 def assert_rows_zero_grad(g, present: torch.Tensor, name: str = "embeddings grad"):
-    """SPEC §2: the gradient of absent rows is exactly 0 (and nothing is NaN)."""
+    """docs/contract.md §2: the gradient of absent rows is exactly 0 (and nothing is NaN)."""
     if g is None:
         return
     g = g.detach().cpu()

@@ -1,6 +1,6 @@
-"""Float64 plain-PyTorch reference of SPEC.md §2–§6 (the ground truth of the tests).
+"""Float64 plain-PyTorch reference of docs/contract.md §2–§6 (the ground truth of the tests).
 
-Written from SPEC.md alone, as plainly and materialized as possible: every
+Written from docs/contract.md alone, as plainly and materialized as possible: every
 logit matrix is built whole, pairs and tasks are explicit Python loops, and
 nothing here imports scale_fast.  Everything is differentiable with autograd
 (call it on float64 leaves to get reference gradients).

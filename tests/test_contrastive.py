@@ -1,4 +1,4 @@
-"""multi_pair_info_nce (SPEC §4) against the float64 reference, every backend."""
+"""multi_pair_info_nce (docs/contract.md §4) against the float64 reference, every backend."""
 from __future__ import annotations
 
 
@@ -252,7 +252,7 @@ def test_torch_backend_multiple_tiles(monkeypatch, form, seed):
     """The torch backend's tiling (normally 1024 rows) with tiny tiles: tile edges, ragged last tile."""
     import importlib
 
-    mod = importlib.import_module("scale_fast.torch_backend.contrastive")
+    mod = importlib.import_module("scale_fast.backends.torch.contrastive")
     assert hasattr(mod, "TILE"), "torch backend tile size knob renamed: update this test"
     monkeypatch.setattr(mod, "TILE", 16)
     _run_case("torch", 900 + seed, M=3, B=[17, 50, 101][seed], D=33, pattern=["random", "mixed", "all"][seed],

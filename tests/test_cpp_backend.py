@@ -19,7 +19,8 @@ import torch
 
 import scale_fast as sf
 from scale_fast import _dispatch
-from scale_fast.cpp_backend import _build
+import scale_fast.backends.cpp  # noqa: F401  (sf.backends.cpp below)
+from scale_fast.backends.cpp import _build
 from conftest import LOW_RTOL, torch_gen
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,8 @@ def fresh_build(monkeypatch):
 # build and fallback
 # --------------------------------------------------------------------------- #
 def test_import_does_not_build():
-    code = ("import scale_fast, scale_fast.cpp_backend as cb\n"
-            "from scale_fast.cpp_backend import _build\n"
+    code = ("import scale_fast, scale_fast.backends.cpp as cb\n"
+            "from scale_fast.backends.cpp import _build\n"
             "assert not _build._state['tried'], 'import triggered the C++ build'\n"
             "print('ok')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -69,8 +70,8 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, fresh_build):
         backends = sf.available_backends()
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     assert "cpp" not in backends and "torch" in backends
-    assert not sf.cpp_backend.is_available()
-    assert "simulated failure" in sf.cpp_backend.unavailable_reason()
+    assert not sf.backends.cpp.is_available()
+    assert "simulated failure" in sf.backends.cpp.unavailable_reason()
 
     e = torch.randn(2, 6, 5, generator=torch_gen(0))
     with warnings.catch_warnings():
@@ -78,7 +79,7 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch, fresh_build):
         assert _dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
         out = sf.multi_pair_info_nce(e)  # auto -> torch
         assert torch.isfinite(out).all()
-        assert sf.cpp_backend.extension() is None
+        assert sf.backends.cpp.extension() is None
         with pytest.raises(ValueError, match="backend='cpp' is not available.*simulated failure"):
             sf.multi_pair_info_nce(e, backend="cpp")
 
@@ -88,7 +89,7 @@ def test_disabled_by_environment(monkeypatch, fresh_build):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "cpp" not in sf.available_backends()
-    assert "SCALE_FAST_DISABLE_CPP" in sf.cpp_backend.unavailable_reason()
+    assert "SCALE_FAST_DISABLE_CPP" in sf.backends.cpp.unavailable_reason()
 
 
 def test_missing_compiler_is_reported(monkeypatch):
@@ -109,7 +110,7 @@ def test_build_settings():
 @needs_cpp
 def test_auto_prefers_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("SCALE_FAST_BACKEND", raising=False)
-    want = "cpp" if sf.cpp_backend.preferred_on_cpu else "torch"
+    want = "cpp" if sf.backends.cpp.preferred_on_cpu else "torch"
     assert _dispatch.resolve_backend("auto", torch.device("cpu")) == want
     monkeypatch.setenv("SCALE_FAST_BACKEND", "torch")
     assert _dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
@@ -144,7 +145,7 @@ def test_contrastive_many_tiles(monkeypatch, threads, form, nthreads):
     """Tiny tiles: ragged last tiles, diagonal and off-diagonal tiles, thread-local accumulation."""
     import importlib
 
-    mod = importlib.import_module("scale_fast.cpp_backend.contrastive")
+    mod = importlib.import_module("scale_fast.backends.cpp.contrastive")
     monkeypatch.setattr(mod, "TILE", 16)
     threads(nthreads)
     for k, (B, pattern, wkind) in enumerate([(17, "random", "BMM"), (50, "mixed", "MM"), (101, "all", None)]):
@@ -163,7 +164,7 @@ def test_contrastive_online_max_path(monkeypatch, threads, form, nthreads):
     from conftest import assert_grad_close, assert_value_close, case_rng, make_embeddings, make_present, ref_leaf
     from reference import ref_pair_losses
 
-    mod = importlib.import_module("scale_fast.cpp_backend.contrastive")
+    mod = importlib.import_module("scale_fast.backends.cpp.contrastive")
     monkeypatch.setattr(mod, "TILE", 16)
     threads(nthreads)
     for seed, (B, s_val) in enumerate([(45, 100.0), (70, 40.0), (33, 31.0)]):
@@ -186,7 +187,7 @@ def test_contrastive_online_max_path(monkeypatch, threads, form, nthreads):
 @needs_cpp
 def test_tile_gemm_through_aten():
     """The tile GEMMs through at::mm (used where torch exports no BLAS) give the same results."""
-    ext = sf.cpp_backend.extension()
+    ext = sf.backends.cpp.extension()
     u = torch.nn.functional.normalize(torch.randn(70, 19, generator=torch_gen(3)), dim=1)
     rs = torch.rand(70, generator=torch_gen(4)) * 20
     try:
@@ -211,8 +212,8 @@ def test_tile_gemm_through_aten():
 @needs_cpp
 def test_info_nce_task_dtypes():
     """The "nce" masked task (one-direction InfoNCE) in bf16 / float64 against torch in float64."""
-    from scale_fast.cpp_backend import info_nce as cpp_nce
-    from scale_fast.torch_backend import info_nce as torch_nce
+    from scale_fast.backends.cpp import info_nce as cpp_nce
+    from scale_fast.backends.torch import info_nce as torch_nce
 
     gen = torch_gen(7)
     a = torch.nn.functional.normalize(torch.randn(300, 24, generator=gen, dtype=torch.float64), dim=1)
@@ -264,7 +265,7 @@ def test_linear_ce_many_blocks(monkeypatch, threads, soft, nthreads):
     """7 rows per block (ragged last block), row-parallel fused pass with thread-local bias gradient."""
     import importlib
 
-    mod = importlib.import_module("scale_fast.cpp_backend.linear_ce")
+    mod = importlib.import_module("scale_fast.backends.cpp.linear_ce")
     monkeypatch.setattr(mod, "BLOCK_ELEMENTS", 7 * 101)
     threads(nthreads)
     for k, reduction in enumerate(("mean", "sum", "none")):
@@ -307,7 +308,7 @@ def test_scores_op(mode, dtype):
         make_present, ref_leaf
     from reference import ref_scores
 
-    from scale_fast.cpp_backend import scores as cpp_scores
+    from scale_fast.backends.cpp import scores as cpp_scores
 
     tol = LOW_RTOL if dtype == torch.bfloat16 else (1e-10 if dtype == torch.float64 else 1e-5)
     for seed, (M, B, D) in enumerate([(5, 300, 33), (3, 1, 7), (4, 64, 16)]):

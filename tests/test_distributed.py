@@ -24,7 +24,7 @@ import scale_fast as sf
 
 import importlib
 
-C = importlib.import_module("scale_fast.torch_backend.contrastive")
+C = importlib.import_module("scale_fast.backends.torch.contrastive")
 
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
 M, D, H, K = 4, 6, 5, 7

@@ -1,4 +1,4 @@
-"""Bad inputs raise ValueError/TypeError naming the offending argument (SPEC §5, §7)."""
+"""Bad inputs raise ValueError/TypeError naming the offending argument (docs/contract.md §5, §7)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""linear_cross_entropy (SPEC §7) against the float64 reference and F.cross_entropy, every backend."""
+"""linear_cross_entropy (docs/contract.md §7) against the float64 reference and F.cross_entropy, every backend."""
 from __future__ import annotations
 
 import pytest
@@ -227,7 +227,7 @@ def test_torch_backend_row_blocks(monkeypatch, soft):
     """The torch backend's row blocking (normally 2^24 logits per block) with tiny blocks."""
     import importlib
 
-    mod = importlib.import_module("scale_fast.torch_backend.linear_ce")
+    mod = importlib.import_module("scale_fast.backends.torch.linear_ce")
     assert hasattr(mod, "BLOCK_ELEMENTS"), "torch backend block knob renamed: update this test"
     monkeypatch.setattr(mod, "BLOCK_ELEMENTS", 7 * 101)  # 7 rows per block, ragged last block
     for reduction in REDUCTIONS:

@@ -1,4 +1,4 @@
-"""sf.SCALELoss: a thin nn.Module over sf.scale_loss (SPEC §7)."""
+"""sf.SCALELoss: a thin nn.Module over sf.scale_loss (docs/contract.md §7)."""
 from __future__ import annotations
 
 import math

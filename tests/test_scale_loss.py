@@ -1,4 +1,4 @@
-"""scale_loss (SPEC §3–§6) against the float64 reference, every backend."""
+"""scale_loss (docs/contract.md §3–§6) against the float64 reference, every backend."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""inter_modality_scores (SPEC §3) and the backends' scores op against the float64 reference."""
+"""inter_modality_scores (docs/contract.md §3) and the backends' scores op against the float64 reference."""
 from __future__ import annotations
 
 import pytest

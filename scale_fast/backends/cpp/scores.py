@@ -1,4 +1,4 @@
-"""Inter-modality scores S and S' (SPEC section 3) with the per-sample Gram in C++.
+"""Inter-modality scores S and S' (docs/contract.md §3) with the per-sample Gram in C++.
 
 The Gram entries z_i . z_j of every sample are formed in one pass over the raw embeddings
 (rows normalised on the fly, absent rows never read) and recomputed the same way in
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .._normalize import accumulation_dtype
-from ..torch_backend.scores import harmonize
+from ..._normalize import accumulation_dtype
+from ..torch.scores import harmonize
 from . import _build
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._normalize import accumulation_dtype
+from ..._normalize import accumulation_dtype
 from . import _build
 
 # Elements of one [rows, K] logits block: 2^24 float32 = 64 MiB (K = 21128: 794 rows).  Each

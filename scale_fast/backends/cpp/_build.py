@@ -32,14 +32,14 @@ from types import ModuleType
 
 _SOURCE_NAME = "scale_fast_cpu.cpp"
 _STALE_LOCK_S = 900  # a build lock older than this was left by a killed build: remove it
-log = logging.getLogger("scale_fast.cpp_backend")
+log = logging.getLogger("scale_fast.backends.cpp")
 _lock = threading.RLock()
 _state: dict = {"tried": False, "ext": None, "reason": None, "warned": False}
 
 
 def source_path() -> Path:
-    """csrc/scale_fast_cpu.cpp of the source tree (the repository root is two levels up)."""
-    return Path(__file__).resolve().parents[2] / "csrc" / _SOURCE_NAME
+    """csrc/scale_fast_cpu.cpp, shipped inside this package (also in a wheel)."""
+    return Path(__file__).resolve().parent / "csrc" / _SOURCE_NAME
 
 
 def _truthy(name: str) -> bool:
@@ -87,7 +87,7 @@ def _compile() -> ModuleType:
 
     src = source_path()
     if not src.is_file():
-        raise RuntimeError(f"C++ source {src} not found (only a source tree or an editable install carries csrc/)")
+        raise RuntimeError(f"C++ source {src} not found (the package was installed without its csrc/ data)")
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH")

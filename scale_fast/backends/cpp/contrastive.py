@@ -1,6 +1,6 @@
-"""All-pairs contrastive losses (SPEC section 4) on the compiled tile kernels.
+"""All-pairs contrastive losses (docs/contract.md §4) on the compiled tile kernels.
 
-Same structure as scale_fast/torch_backend/contrastive.py (one autograd.Function over
+Same structure as scale_fast/backends/torch/contrastive.py (one autograd.Function over
 every active pair, the raw embeddings saved once, rows re-gathered and re-normalised in
 backward, O(n) statistics per pair), with each pair's tile loops in C++: NT-Xent forms only the Gram tiles R <= C, the
 log-sum-exp uses the fixed shift |s w_r| when 2 max|s w| <= 60 (float32; 600 float64) and
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .._normalize import accumulation_dtype, normalize_rows_backward
+from ..._normalize import accumulation_dtype, normalize_rows_backward
 # the row gathering and row scales are the torch backend's (their results are contiguous)
-from ..torch_backend.contrastive import _gather_unit_rows, _pair_row_scale
+from ..torch.contrastive import _gather_unit_rows, _pair_row_scale
 from . import _build
 
 # Rows of one [TILE, TILE] Gram tile: 256 x 256 float32 (256 KiB) stays in L2 with its

@@ -1,4 +1,4 @@
-"""Chunked linear cross-entropy (SPEC section 7, linear_cross_entropy) in plain torch.
+"""Chunked linear cross-entropy (docs/contract.md §7, linear_cross_entropy) in plain torch.
 
 The [N, K] logits are formed a block of rows at a time.  For reductions "mean"
 and "sum" the gradients are computed in the same pass as the loss (the

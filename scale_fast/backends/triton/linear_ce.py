@@ -1,7 +1,7 @@
 """Fused linear cross-entropy in Triton (the "triton" backend of ``linear_cross_entropy``).
 
 Computes ``F.cross_entropy(scale[:, None] * (hidden @ weight.T + bias), target)``
-(contract in ``scale_fast/_dispatch.py``, SPEC section 7) without storing the
+(contract in ``scale_fast/_dispatch.py``, docs/contract.md §7) without storing the
 [N, K] logits: the forward keeps O(N) per-row values; the backward either keeps
 nothing of size K per row (fused) or one bounded block of rows of the logit
 gradient (chunked, the default).

@@ -1,4 +1,4 @@
-"""Triton kernels for the SCALE pair contrastive losses (SPEC §4) and one-direction InfoNCE.
+"""Triton kernels for the SCALE pair contrastive losses (docs/contract.md §4) and one-direction InfoNCE.
 
 ``contrastive(z, present, logit_scale, row_weights, form)`` -> [M, M] pair losses
 ``info_nce(a, b, row_weights, scale)`` -> 0-dim loss (one direction of "clip")
@@ -46,7 +46,7 @@ Design (all pairs i < j of one call run in the same launches; nothing B x B is s
 Precision: bf16/fp16 inputs use tensor cores with fp32 accumulation.  float32 inputs
 use exact fp32 dot products (``input_precision="ieee"``) unless TF32 is enabled by the
 environment variable ``SCALE_FAST_TF32=1`` (read at import) or by setting the module
-attribute ``scale_fast.kernels.contrastive.ALLOW_TF32 = True``.  float64 inputs run a
+attribute ``scale_fast.backends.triton.contrastive.ALLOW_TF32 = True``.  float64 inputs run a
 plain torch implementation (materializes a pair's [2n, 2n] logits; a testing path).
 """
 from __future__ import annotations
@@ -470,7 +470,7 @@ def _prep_z(z: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive(z, present, logit_scale, row_weights, form):
-    """[M, M] pair losses of SPEC §4 (upper triangle, exactly 0 elsewhere)."""
+    """[M, M] pair losses of docs/contract.md §4 (upper triangle, exactly 0 elsewhere)."""
     if form not in _FORMS:
         raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
     M, B, D = z.shape

@@ -1,4 +1,4 @@
-"""Inter-modality scores S and self-harmonizing weights S' (SPEC section 3), in plain torch.
+"""Inter-modality scores S and self-harmonizing weights S' (docs/contract.md §3), in plain torch.
 
 The Gram entries z_i . z_j are formed by a Function that normalises a chunk of
 samples at a time and recomputes it in backward, so no normalised [M, B, D]
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
+from ..._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
 
 SAMPLES_PER_CHUNK = 4096
 

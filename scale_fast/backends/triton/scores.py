@@ -1,4 +1,4 @@
-"""Triton kernels for the inter-modality scores S and matching scores S' (SPEC §3).
+"""Triton kernels for the inter-modality scores S and matching scores S' (docs/contract.md §3).
 
 ``scores(z, present, mode) -> (S, S_prime, active)``
 
@@ -268,7 +268,7 @@ def _scores_torch(z, present, mode):
 
 
 def scores(z, present, mode="sample"):
-    """(S, S_prime, active) of SPEC §3 for z [M, B, D] (L2-normalised, absent rows 0)."""
+    """(S, S_prime, active) of docs/contract.md §3 for z [M, B, D] (L2-normalised, absent rows 0)."""
     if mode not in ("sample", "batch"):
         raise ValueError(f"mode must be 'sample' or 'batch', got {mode!r}")
     M, B, D = z.shape

@@ -1,4 +1,4 @@
-"""Chunked contrastive losses (SPEC section 4) as custom autograd Functions.
+"""Chunked contrastive losses (docs/contract.md §4) as custom autograd Functions.
 
 Logits are formed one [T, T] tile at a time and recomputed in backward, so the
 extra memory is O(n * D + T^2) per pair instead of O(n^2).
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
+from ..._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
 
 TILE = 1024
 # Largest |logit| range for which exp(x - bound) neither over- nor underflows
