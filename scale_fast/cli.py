@@ -279,8 +279,84 @@ def init_distributed(args):
     return dist.get_rank(), dist.get_world_size()
 
 
-def pretrain(args) -> Dict[str, object]:
-    """Run `scale-fast pretrain` with parsed arguments; returns the final evaluation.
+RESUMED_ARGS = ("seed", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "world_seed")
+
+
+def load_resume(args) -> Optional[dict]:
+    """--resume: the checkpoint of OUT, its training arguments copied onto args; else None."""
+    if not args.resume:
+        return None
+    ckpt_path = os.path.join(args.out, CHECKPOINT) if args.out else None
+    if not ckpt_path or not os.path.exists(ckpt_path):
+        raise SystemExit(f"--resume: no checkpoint at {ckpt_path or '(no --out given)'}")
+    resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if args.data is None and resume["args"].get("data"):
+        raise SystemExit("--resume: the checkpoint was trained with --data; pass the same --data")
+    for key in RESUMED_ARGS:
+        setattr(args, key, resume["args"][key])
+    if args.threads == "auto":
+        args.threads = resume["args"]["threads"]
+    if args.steps is None:
+        args.steps = resume["args"]["steps"]
+    return resume
+
+
+def run_config(args, resume: Optional[dict]) -> SCALEConfig:
+    """The model configuration: the checkpoint's on --resume, else --config with --set/--attention/--missing."""
+    if resume is not None:
+        return SCALEConfig.from_dict(resume["config"])
+    config = build_config(args.config, args.set)
+    if args.attention:
+        config.attention = args.attention
+    if args.missing:
+        config.missing = args.missing
+    return config
+
+
+def training_data(args, config: SCALEConfig):
+    """(train set, held-out set or None, shuffle): --data/--val-data manifests, else the synthetic world."""
+    if args.data:
+        val_set = ManifestDataset(args.val_data, config) if args.val_data else None
+        return ManifestDataset(args.data, config), val_set, True
+    train_set = SyntheticProducts(SYNTHETIC_TRAIN_SIZE, seed=args.seed, world_seed=args.world_seed, config=config)
+    val_set = SyntheticProducts(args.eval_size, seed=HELDOUT_SEED, world_seed=args.world_seed, config=config)
+    return train_set, val_set, False  # synthetic draws are i.i.d. already: no shuffling
+
+
+def build_model(args, config: SCALEConfig, device: torch.device):
+    """The seeded model on `device` and its AdamW (weight decay on matrices only)."""
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    random.seed(args.seed)
+    model = SCALEModel(config, backend=args.backend).to(device)
+    model.set_backend(args.backend)
+    if args.attention and args.resume:
+        model.set_attention(args.attention)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    return model, opt
+
+
+def make_autocast(device: torch.device, precision: str):
+    """A context factory: bf16 autocast with --precision bf16, else autocast explicitly off."""
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=device.type, enabled=False)
+    return autocast
+
+
+def format_eval(step: int, result: Dict[str, object]) -> str:
+    accuracies = " ".join(f"{k} {v:.3f}" for k, v in result.items() if k.endswith("_acc"))
+    return (f"step {step}: held-out R@1 {result['R@1']:.3f} R@5 {result['R@5']:.3f} "
+            f"R@10 {result['R@10']:.3f} {accuracies}")
+
+
+class Trainer:
+    """One pretraining run: its state (model, optimizer, step, data position), one training step,
+    the train/eval log records, checkpoints, and the loop that ties them together.
 
     Under torchrun (WORLD_SIZE > 1): --batch-size is the global batch, each rank reads its
     contiguous share of it and the SCALE loss is computed over the global batch
@@ -288,189 +364,184 @@ def pretrain(args) -> Dict[str, object]:
     on the global batch.  Rank 0 logs, evaluates and writes the checkpoint (with every rank's RNG
     state); --resume works the same way on every rank.
     """
-    import torch.distributed as dist
 
-    rank, world = init_distributed(args)
-    lead = rank == 0
-    out_dir = args.out
-    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
-    resume = None
-    if args.resume:
-        if not ckpt_path or not os.path.exists(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path or '(no --out given)'}")
-        resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        config = SCALEConfig.from_dict(resume["config"])
-        for key in ("seed", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "world_seed"):
-            setattr(args, key, resume["args"][key])
-        if args.threads == "auto":
-            args.threads = resume["args"]["threads"]
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world = init_distributed(args)
+        self.lead = self.rank == 0
+        resume = load_resume(args)
+        self.config = config = run_config(args, resume)
         if args.steps is None:
-            args.steps = resume["args"]["steps"]
-    else:
-        config = build_config(args.config, args.set)
-        if args.attention:
-            config.attention = args.attention
-        if args.missing:
-            config.missing = args.missing
+            args.steps = DEFAULT_STEPS
+        args.threads = pick_threads(args.threads)
+        if torch.get_num_threads() != args.threads:
+            torch.set_num_threads(args.threads)
+        self.device = resolve_device(args.device)
+        self.autocast = make_autocast(self.device, args.precision)
 
-    if args.steps is None:
-        args.steps = DEFAULT_STEPS
-    threads = pick_threads(args.threads)
-    args.threads = threads
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    device = resolve_device(args.device)
-    use_bf16 = args.precision == "bf16"
+        self.train_set, val_set, shuffle = training_data(args, config)
+        if self.world > 1 and args.batch_size < self.world:
+            raise SystemExit(f"--batch-size ({args.batch_size}) is the global batch: "
+                             f"it must be >= the number of processes ({self.world})")
+        self.order = DataOrder(len(self.train_set), args.batch_size, args.seed, shuffle, shard=(self.rank, self.world))
 
-    def autocast():
-        if use_bf16:
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return torch.autocast(device_type=device.type, enabled=False)
+        self.model, self.opt = build_model(args, config, self.device)
+        self.step, self.position = 0, 0
+        if resume is not None:
+            self.model.load_state_dict(resume["model"])
+            self.opt.load_state_dict(resume["optimizer"])
+            self.step, self.position = resume["step"], resume["position"]
+            per_rank = resume.get("rng_per_rank")
+            set_rng_state(per_rank[self.rank] if per_rank and len(per_rank) == self.world else resume["rng"])
+        self.train_model = self.model
+        if self.world > 1:
+            import torch.distributed as dist
 
-    # data
-    if args.data:
-        train_set = ManifestDataset(args.data, config)
-        shuffle = True
-        val_set = ManifestDataset(args.val_data, config) if args.val_data else None
-    else:
-        train_set = SyntheticProducts(SYNTHETIC_TRAIN_SIZE, seed=args.seed, world_seed=args.world_seed, config=config)
-        shuffle = False  # i.i.d. draws already
-        val_set = SyntheticProducts(args.eval_size, seed=HELDOUT_SEED, world_seed=args.world_seed, config=config)
-    if world > 1 and args.batch_size < world:
-        raise SystemExit(f"--batch-size ({args.batch_size}) is the global batch: it must be >= the number of processes ({world})")
-    order = DataOrder(len(train_set), args.batch_size, args.seed, shuffle, shard=(rank, world))
+            self.model.loss_fn.process_group = dist.group.WORLD
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
 
-    # model and optimizer
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed % 2**32)
-    random.seed(args.seed)
-    model = SCALEModel(config, backend=args.backend).to(device)
-    model.set_backend(args.backend)
-    if args.attention and resume is not None:
-        model.set_attention(args.attention)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    step, position = 0, 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        step, position = resume["step"], resume["position"]
-        per_rank = resume.get("rng_per_rank")
-        set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else resume["rng"])
-    train_model = model
-    if world > 1:
-        model.loss_fn.process_group = dist.group.WORLD
-        train_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        self.out_dir = args.out
+        self.ckpt_path = os.path.join(args.out, CHECKPOINT) if args.out else None
+        log_path = args.log or (os.path.join(args.out, LOG) if args.out else None)
+        self.log = JsonlLog(log_path if self.lead else None)
+        self.saved_args = {k: v for k, v in vars(args).items() if k != "func"}
+        self.held_out = (HeldOut(val_set, config, args.eval_size, args.seed)
+                         if val_set is not None and self.lead else None)
+        if resume is None:
+            self.log.write({"event": "start", "config": config.to_dict(), "args": self.saved_args,
+                            "torch": torch.__version__, "device": str(self.device)})
+        else:
+            self.log.write({"event": "resume", "step": self.step})
+        self.save_every = args.save_every if args.save_every is not None else args.eval_every
+        self.result: Dict[str, object] = {}
+        self.progress = None
 
-    log_path = args.log or (os.path.join(out_dir, LOG) if out_dir else None)
-    log = JsonlLog(log_path if lead else None)
-    saved_args = {k: v for k, v in vars(args).items() if k != "func"}
+    # ------------------------------------------------------------------ pieces of a step
+    def train_step(self, batch):
+        """Mask, forward, backward and update on one collated batch; returns (model output, loss, tokens)."""
+        args, config = self.args, self.config
+        batch, masks = mask_batch(batch, config, step_generator(args.seed, self.step, self.rank))
+        n_tokens = count_tokens(batch)
+        batch = batch.to(self.device, non_blocking=True)
+        masks = {m: r.to(self.device) for m, r in masks.items()}
+        self.model.loss_fn.harmonize = config.harmonize and self.step >= config.harmonize_warmup_steps
+        lr = lr_at(self.step, args)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            out = self.train_model(batch, masks)
+        loss = out.loss.total
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.opt.step()
+        self.step += 1
+        self.position += args.batch_size  # the global batch
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {self.step}")
+        return out, loss_value, n_tokens
 
-    def save():
-        if not out_dir:
+    def train_record(self, out, loss_value: float, samples: int, tokens: int, seconds: float) -> dict:
+        """The `train` log record of the step just taken (throughput over the last log window)."""
+        rec = {"event": "train", "step": self.step, "loss": loss_value,
+               "contrastive": float(out.loss.contrastive.detach().sum() / out.loss.active.triu(1).sum().clamp(min=1)),
+               "lr": lr_at(self.step - 1, self.args), "samples_per_s": samples / seconds,
+               "tokens_per_s": tokens / seconds, "elapsed_s": time.perf_counter() - self.t_start}
+        for i, m in enumerate(MODALITIES):
+            if MODALITY_TASK[m] in self.config.tasks:
+                rec[MODALITY_TASK[m]] = float(out.loss.masked[i].detach())
+        return rec
+
+    def evaluate(self) -> Dict[str, object]:
+        """Held-out retrieval and masked-task accuracy now: logged, and printed as one line."""
+        self.result = self.held_out.evaluate(self.model, self.device, self.autocast)
+        self.log.write({"event": "eval", "step": self.step, **self.result})
+        if self.progress is not None:
+            self.progress.write(format_eval(self.step, self.result))
+        return self.result
+
+    def save(self) -> None:
+        """Atomic checkpoint of the whole run state (every rank takes part; rank 0 writes)."""
+        if not self.out_dir:
             return
         per_rank = None
-        if world > 1:  # every rank takes part; rank 0 writes
-            per_rank = [None] * world
+        if self.world > 1:
+            import torch.distributed as dist
+
+            per_rank = [None] * self.world
             dist.all_gather_object(per_rank, rng_state())
-            if not lead:
+            if not self.lead:
                 return
-        atomic_write_bytes(os.path.join(out_dir, "config.json"), config.to_json().encode())
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                           "position": position, "rng": rng_state(), "config": config.to_dict(),
-                           "args": saved_args, "version": 1, "world_size": world, "rng_per_rank": per_rank}, ckpt_path)
+        atomic_write_bytes(os.path.join(self.out_dir, "config.json"), self.config.to_json().encode())
+        atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                           "position": self.position, "rng": rng_state(), "config": self.config.to_dict(),
+                           "args": self.saved_args, "version": 1, "world_size": self.world,
+                           "rng_per_rank": per_rank}, self.ckpt_path)
 
-    held_out = HeldOut(val_set, config, args.eval_size, args.seed) if val_set is not None and lead else None
-    if resume is None:
-        log.write({"event": "start", "config": config.to_dict(), "args": saved_args,
-                   "torch": torch.__version__, "device": str(device)})
-    else:
-        log.write({"event": "resume", "step": step})
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> Dict[str, object]:
+        """Train to --steps (or --stop-at), logging, evaluating and checkpointing on schedule."""
+        args = self.args
+        if not args.no_progress and self.lead:
+            from tqdm import tqdm
 
-    save_every = args.save_every if args.save_every is not None else args.eval_every
-    progress = None
-    if not args.no_progress and lead:
-        from tqdm import tqdm
+            self.progress = tqdm(total=args.steps, initial=self.step, desc="pretrain", unit="step",
+                                 dynamic_ncols=True, file=sys.stderr)
+        prefetch = Prefetcher(self.train_set, self.order, self.config, self.position) if self.step < args.steps else None
+        self.t_start = time.perf_counter()
+        window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
+        self.model.train()
+        try:
+            stop = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+            while self.step < stop:
+                out, loss_value, n_tokens = self.train_step(prefetch.next())
+                window_samples += args.batch_size
+                window_tokens += n_tokens
+                if self.step % args.log_every == 0 or self.step == args.steps:
+                    now = time.perf_counter()
+                    rec = self.train_record(out, loss_value, window_samples, window_tokens, max(now - window_t, 1e-9))
+                    self.log.write(rec)
+                    if self.progress is not None:
+                        self.progress.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rec['samples_per_s']:.0f}",
+                                                  tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+                    window_t, window_samples, window_tokens = now, 0, 0
+                if self.progress is not None:
+                    self.progress.update(1)
+                if self.held_out is not None and (self.step == args.steps
+                                                  or (args.eval_every and self.step % args.eval_every == 0)):
+                    self.evaluate()
+                if self.out_dir and (self.step in (args.steps, stop)
+                                     or (self.save_every and self.step % self.save_every == 0)):
+                    self.save()
+        finally:
+            if prefetch is not None:
+                prefetch.close()
+            if self.progress is not None:
+                self.progress.close()
+        return self.finish()
 
-        progress = tqdm(total=args.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, file=sys.stderr)
-    prefetch = Prefetcher(train_set, order, config, position) if step < args.steps else None
-    if args.resume and args.data is None and resume["args"].get("data"):
-        raise SystemExit("--resume: the checkpoint was trained with --data; pass the same --data")
-    t_start = time.perf_counter()
-    window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
-    result: Dict[str, object] = {}
-    model.train()
-    try:
-        stop = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
-        while step < stop:
-            batch = prefetch.next()
-            batch, masks = mask_batch(batch, config, step_generator(args.seed, step, rank))
-            n_tokens = count_tokens(batch)
-            batch = batch.to(device, non_blocking=True)
-            masks = {m: r.to(device) for m, r in masks.items()}
-            model.loss_fn.harmonize = config.harmonize and step >= config.harmonize_warmup_steps
-            lr = lr_at(step, args)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with autocast():
-                out = train_model(batch, masks)
-            loss = out.loss.total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            step += 1
-            position += args.batch_size  # the global batch
-            window_samples += args.batch_size
-            window_tokens += n_tokens
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}")
-            if step % args.log_every == 0 or step == args.steps:
-                now = time.perf_counter()
-                dt = max(now - window_t, 1e-9)
-                rec = {"event": "train", "step": step, "loss": loss_value,
-                       "contrastive": float(out.loss.contrastive.detach().sum() / out.loss.active.triu(1).sum().clamp(min=1)),
-                       "lr": lr, "samples_per_s": window_samples / dt, "tokens_per_s": window_tokens / dt,
-                       "elapsed_s": now - t_start}
-                for i, m in enumerate(MODALITIES):
-                    if MODALITY_TASK[m] in config.tasks:
-                        rec[MODALITY_TASK[m]] = float(out.loss.masked[i].detach())
-                log.write(rec)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{rec['samples_per_s']:.0f}",
-                                         tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
-                window_t, window_samples, window_tokens = now, 0, 0
-            if progress is not None:
-                progress.update(1)
-            evaluate_now = held_out is not None and (step == args.steps or (args.eval_every and step % args.eval_every == 0))
-            if evaluate_now:
-                result = held_out.evaluate(model, device, autocast)
-                log.write({"event": "eval", "step": step, **result})
-                if progress is not None:
-                    progress.write(f"step {step}: held-out R@1 {result['R@1']:.3f} R@5 {result['R@5']:.3f} "
-                                   f"R@10 {result['R@10']:.3f} " + " ".join(
-                                       f"{k} {v:.3f}" for k, v in result.items() if k.endswith("_acc")))
-            if out_dir and (step in (args.steps, stop) or (save_every and step % save_every == 0)):
-                save()
-    finally:
-        if prefetch is not None:
-            prefetch.close()
-        if progress is not None:
-            progress.close()
-    if world > 1:
-        dist.barrier()
-    if not result and held_out is not None and step == args.steps:
-        result = held_out.evaluate(model, device, autocast)
-    summary = {"event": "done", "step": step, "elapsed_s": time.perf_counter() - t_start, "threads": threads}
-    if world > 1:
-        summary["world_size"] = world
-    summary.update({k: v for k, v in result.items() if k != "pairs"})
-    log.write(summary)
-    return {**result, **summary}
+    def finish(self) -> Dict[str, object]:
+        """The `done` log record, merged with the last evaluation (evaluating now if the run ended without one)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if not self.result and self.held_out is not None and self.step == self.args.steps:
+            self.result = self.held_out.evaluate(self.model, self.device, self.autocast)
+        summary = {"event": "done", "step": self.step, "elapsed_s": time.perf_counter() - self.t_start,
+                   "threads": self.args.threads}
+        if self.world > 1:
+            summary["world_size"] = self.world
+        summary.update({k: v for k, v in self.result.items() if k != "pairs"})
+        self.log.write(summary)
+        return {**self.result, **summary}
+
+
+def pretrain(args) -> Dict[str, object]:
+    """Run `scale-fast pretrain` with parsed arguments; returns the final evaluation (see Trainer)."""
+    return Trainer(args).fit()
 
 
 def run_eval(args) -> Dict[str, object]:
