@@ -1,0 +1,160 @@
+"""Training steps over the SCALE model: the exact cached step for batches larger than the model's memory.
+
+`cached_step(model, batch, masks, micro_batch)` is gradient caching (GradCache, Gao et al. 2021)
+through the whole model.  The contrastive batch is the whole `batch`; the model runs `micro_batch`
+samples at a time:
+
+1. every micro-batch runs forward without a graph; what the loss takes from the model is kept:
+   the contrastive embeddings [M, B, D], the JCT's CLS outputs [M, B, J] (the masked tasks'
+   harmonised weights) and each masked task's hidden rows [N, H] -- O(B) numbers, no activations;
+2. the SCALE loss of the full batch runs on those as leaf tensors and its backward leaves the
+   gradient of each of them (and of the loss's own parameters: the heads' decoders, logit_scale);
+3. every micro-batch runs forward again, now with a graph, from the torch RNG state it had in
+   pass 1 (the same dropout masks), and backpropagates the cached gradients of its rows.
+
+The parameter gradients are those of one step on the full batch (whose dropout draws are the
+micro-batches'); the loss is the full batch's, so weights, normalisers and every pair's negatives
+span the full batch.  Peak memory is that of the model on one micro-batch plus O(B) cached rows.
+Cost: one extra forward pass of the model (pass 1).
+
+Under torch.distributed (the model's loss holding a process group) the loss of pass 2 is the
+global batch's, every rank runs its own micro-batches, and `average_gradients` then averages the
+gradients over the ranks in one all-reduce.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import fields, replace
+from typing import Callable, ContextManager, Dict, List, Optional
+
+import torch
+
+from .data.batch import Batch, MaskedRows
+from .model.scale_model import SCALEModel
+from .types import SCALELossOutput
+
+
+def batch_rows(batch: Batch, masks: Dict[str, MaskedRows], start: int, stop: int):
+    """Samples [start, stop) of a batch (views) and the masked rows of those samples (re-based)."""
+    changes = {"present": batch.present[:, start:stop]}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if f.name != "present" and isinstance(v, torch.Tensor):
+            changes[f.name] = v[start:stop]
+    if batch.ids is not None:
+        changes["ids"] = batch.ids[start:stop]
+    part = {}
+    for m, rows in masks.items():
+        keep = ((rows.sample >= start) & (rows.sample < stop)).nonzero().squeeze(1)
+        part[m] = MaskedRows(rows.sample[keep] - start, rows.position[keep], rows.target[keep],
+                             None if rows.classes is None else rows.classes[keep])
+    return replace(batch, **changes), part
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], micro_batch: int, *,
+                autocast: Callable[[], ContextManager] = nullcontext) -> SCALELossOutput:
+    """Forward and backward of one step on `batch`, the model running `micro_batch` samples at a time.
+
+    Accumulates into the parameters' .grad exactly what `model(batch, masks).loss.total.backward()`
+    would (dropout drawn per micro-batch); returns the full batch's SCALELossOutput (detached from
+    the model).  `autocast` is entered around every model and loss call (e.g. bf16 autocast).
+    """
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise ValueError(f"micro_batch must be a positive int, got {micro_batch!r}")
+    B = batch.size
+    device = batch.present.device
+    spans = [(s, min(s + micro_batch, B)) for s in range(0, B, micro_batch)]
+    states = []
+    embeddings: List[torch.Tensor] = []
+    task_embeddings: List[torch.Tensor] = []
+    rows: Dict[str, list] = {m: [] for m in masks}
+
+    # pass 1: what the loss needs, without a graph
+    with torch.no_grad():
+        for start, stop in spans:
+            states.append(_rng_state(device))
+            part, part_masks = batch_rows(batch, masks, start, stop)
+            with autocast():
+                out = model(part, part_masks, compute_loss=False)
+            embeddings.append(out.embeddings)
+            task_embeddings.append(out.task_embeddings)
+            for m, task in out.tasks.items():
+                rows[m].append((task, start))
+    end_state = _rng_state(device)
+
+    # the full batch's loss on leaf copies: their gradients are the cached ones
+    emb = torch.cat(embeddings, dim=1).requires_grad_()
+    cls = torch.cat(task_embeddings, dim=1).requires_grad_()
+    tasks, hidden = {}, {}
+    for m, parts in rows.items():
+        if not parts:
+            continue
+        first = parts[0][0]
+        hidden[m] = torch.cat([t.hidden for t, _ in parts]).requires_grad_()
+        tasks[m] = replace(first, hidden=hidden[m], target=torch.cat([t.target for t, _ in parts]),
+                           sample_index=torch.cat([t.sample_index + s for t, s in parts]))
+    del embeddings, task_embeddings, rows
+    with autocast():
+        loss = model.loss_fn(emb, model.loss_present(batch), tasks=tasks, task_embeddings=cls)
+    loss.total.backward()
+
+    # pass 2: each micro-batch again, with a graph, backpropagating its rows' cached gradients
+    offsets = {m: 0 for m in hidden}
+    for (start, stop), state in zip(spans, states):
+        _set_rng_state(state, device)
+        part, part_masks = batch_rows(batch, masks, start, stop)
+        with autocast():
+            out = model(part, part_masks, compute_loss=False)
+        outputs, grads = [], []
+        for value, leaf in ((out.embeddings, emb), (out.task_embeddings, cls)):
+            if leaf.grad is not None:
+                outputs.append(value)
+                grads.append(leaf.grad[:, start:stop])
+        for m, task in out.tasks.items():
+            n = task.hidden.shape[0]
+            if hidden[m].grad is not None and n:
+                outputs.append(task.hidden)
+                grads.append(hidden[m].grad[offsets[m]:offsets[m] + n])
+            offsets[m] += n
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+    _set_rng_state(end_state, device)
+    return SCALELossOutput(*(t.detach() for t in (loss.total, loss.contrastive, loss.masked)),
+                           loss.scores.detach(), loss.weights.detach(), loss.active)
+
+
+def average_gradients(parameters, group=None) -> None:
+    """Average .grad over the ranks of `group` in one all-reduce (what DDP does once per step).
+
+    A parameter without a gradient on every rank keeps none; one that has a gradient on some
+    rank gets the average with zeros elsewhere.
+    """
+    import torch.distributed as dist
+
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    world = dist.get_world_size(group)
+    ref = params[0]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(ref.dtype)
+                      for p in params]
+                     + [torch.tensor([float(p.grad is not None) for p in params], dtype=ref.dtype, device=ref.device)])
+    dist.all_reduce(flat, group=group)
+    had = flat[-len(params):]
+    offset = 0
+    for p, h in zip(params, had.tolist()):
+        n = p.numel()
+        if h > 0:
+            p.grad = (flat[offset:offset + n] / world).view_as(p).to(p.dtype)
+        offset += n
