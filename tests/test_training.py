@@ -19,12 +19,7 @@ from scale_fast.model import SCALEConfig, SCALEModel
 from scale_fast.training import average_gradients, batch_rows, cached_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(dropout=0.1, **kw):
@@ -58,7 +53,7 @@ def direct(model, batch, masks, seed):
     torch.manual_seed(seed)
     loss = model(batch, masks).loss.total
     loss.backward()
-    return float(loss), grads(model)
+    return float(loss.detach()), grads(model)
 
 
 def graph_reference(model, batch, masks, spans, seed):
@@ -67,6 +62,11 @@ def graph_reference(model, batch, masks, spans, seed):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     outs = [(model(*batch_rows(batch, masks, a, b), compute_loss=False), a) for a, b in spans]
+    return loss_of_parts(model, batch, outs)
+
+
+def loss_of_parts(model, batch, outs):
+    """Backward of the loss of the concatenated micro-batch outputs [(SCALEOutput, first sample)]."""
     tasks = {}
     for m in outs[0][0].tasks:
         parts = [(o.tasks[m], a) for o, a in outs]
@@ -76,7 +76,7 @@ def graph_reference(model, batch, masks, spans, seed):
     loss = model.loss_fn(torch.cat([o.embeddings for o, _ in outs], 1), model.loss_present(batch), tasks=tasks,
                          task_embeddings=torch.cat([o.task_embeddings for o, _ in outs], 1)).total
     loss.backward()
-    return float(loss), grads(model)
+    return float(loss.detach()), grads(model)
 
 
 def cached(model, batch, masks, k, seed):
@@ -153,18 +153,9 @@ def test_cached_step_two_processes(tmp_path):
     for rank, (lo, hi) in enumerate([(0, 5), (5, 9)]):
         torch.manual_seed(100 + rank)
         outs += [(model(*batch_rows(batch, masks, a, min(a + 2, hi)), compute_loss=False), a) for a in range(lo, hi, 2)]
-    tasks = {}
-    for m in outs[0][0].tasks:
-        parts = [(o.tasks[m], a) for o, a in outs]
-        tasks[m] = replace(parts[0][0], hidden=torch.cat([t.hidden for t, _ in parts]),
-                           target=torch.cat([t.target for t, _ in parts]),
-                           sample_index=torch.cat([t.sample_index + a for t, a in parts]))
-    loss = model.loss_fn(torch.cat([o.embeddings for o, _ in outs], 1), model.loss_present(batch), tasks=tasks,
-                         task_embeddings=torch.cat([o.task_embeddings for o, _ in outs], 1)).total
-    loss.backward()
-    want = grads(model)
+    loss, want = loss_of_parts(model, batch, outs)
     for res in got:
-        assert res["loss"] == pytest.approx(float(loss), rel=1e-12)
+        assert res["loss"] == pytest.approx(loss, rel=1e-12)
         assert res["grads"].keys() == want.keys()
         for name in want:
             torch.testing.assert_close(res["grads"][name], want[name], rtol=1e-9, atol=1e-12, msg=name)
