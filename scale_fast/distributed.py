@@ -42,9 +42,9 @@ sums) or O(M) integers (sizes, counts), plus, for an "nce" task, its target feat
 embeddings, present, losses; +1 per batch-mode Gram sum and per "nce" task) and one in backward
 per differentiable one (embeddings, losses, Gram sums, "nce" targets).
 
-The contrastive op runs on the torch backend under a process group whatever ``backend`` says
-(the triton and cpp contrastive ops do not implement ``row_range``); scores and the masked
-tasks keep their backend.  The distributed path is eager-only (not wrapped in custom ops for
+The contrastive op runs on a backend whose record declares its ``row_range`` form (today the
+torch backend; scale_fast/_dispatch.py falls back to it); scores and the masked tasks keep
+their backend.  The distributed path is eager-only (not wrapped in custom ops for
 torch.compile).
 """
 from __future__ import annotations
@@ -171,7 +171,7 @@ def _masked_partial(task: MaskedTask, w_rows, backend, n_global: int, kept_globa
         a = F.normalize(y, dim=-1, eps=1e-12)
         b = gather_rows(F.normalize(task.target.to(acc), dim=-1, eps=1e-12), row_sizes, 0, group)
         w = None if w_rows is None else w_rows.to(acc)
-        return get_op(backend, "info_nce_rows")(a, b, w, float(task.nce_scale), offset) / n_global
+        return get_op(backend, "info_nce_rows", a, b)(a, b, w, float(task.nce_scale), offset) / n_global
     if n == 0:
         return _zero_linked(task, acc)
     if task.kind in ("ce", "kl"):
@@ -248,9 +248,7 @@ def scale_loss_distributed(e, present, scale, tasks: Dict[int, MaskedTask], task
         row_weights = weights if mode == "sample" else weights.expand(B, M, M)
 
     # 4. partial losses of this rank's rows
-    contrastive_op = get_op(backend, "contrastive")
-    if not getattr(contrastive_op, "supports_row_range", False):
-        contrastive_op = get_op("torch", "contrastive")
+    contrastive_op = get_op(backend, "contrastive", e_all, row_range=True)
     pair_part = contrastive_op(e_all, present_all, scale, row_weights, form, (start, start + B)).to(acc)
 
     masked_part = torch.zeros(M, dtype=acc, device=device)

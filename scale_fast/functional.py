@@ -7,21 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as V
-from ._dispatch import get_op, resolve_backend
+from ._compiled_ops import run_op
+from ._dispatch import resolve_backend
 from ._normalize import accumulation_dtype
 from .types import MaskedTask, SCALELossOutput
 
 Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
 DEFAULT_LOGIT_SCALE = 1 / 0.07
-
-
-def run_op(backend: str, name: str, *args):
-    """Run backend op `name`; under torch.compile through its custom op (one graph node)."""
-    if torch.compiler.is_compiling():
-        from . import _compiled_ops
-
-        return getattr(_compiled_ops, name)(*args, backend)
-    return get_op(backend, name)(*args)
 
 
 def _prepare(embeddings, present):
