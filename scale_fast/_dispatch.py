@@ -28,7 +28,10 @@ Backend op contracts (inputs are already validated; backends trust them):
     weight of a row of sample b in pair (i, j) is row_weights[b, i, j].
     form: "ntxent" | "clip".  Returns [M, M] float32 (float64 for float64 z):
     L(i, j) in the upper triangle for active pairs, exactly 0 elsewhere.
-    Differentiable in e, logit_scale and row_weights.
+    Differentiable in e, logit_scale and row_weights.  Backends whose record lists
+    it in ``row_range_ops`` take a sixth argument row_range=(start, stop): e holds
+    the global batch and only the terms of the rows of samples start..stop-1 are
+    summed, over the global normaliser (scale_fast/backends/_allpairs.py).
 
 ``linear_cross_entropy(hidden, weight, target, bias, scale, ignore_index, reduction)``
     hidden: [N, H]; weight: [K, H]; target: [N] int64 (class index or
@@ -42,6 +45,10 @@ Backend op contracts (inputs are already validated; backends trust them):
 ``info_nce(a, b, row_weights, scale) -> loss``
     a, b: [N, F] L2-normalised rows; row_weights: None or [N]; scale: float.
     mean_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_n), 0-dim float32/float64.
+
+``info_nce_rows(a, b, row_weights, scale, offset) -> sum``
+    The row-block form under a process group: a [R, F] this rank's rows, b [N, F]
+    every rank's; sum_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_(offset+n)).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Ops (backend contracts in scale_fast/_dispatch.py): ``contrastive`` (all-pairs N
 CLIP with row weights, logit-scale gradient, absent samples), ``linear_cross_entropy``
 (masked-token linear cross-entropy, class ids or probabilities, row scales, bias),
 ``info_nce`` (the "nce" masked task) and ``scores`` (per-sample Gram in C++, the
-[B, M, M] softmax / harmonisation shared with the torch backend).
+[B, M, M] softmax / harmonisation shared, scale_fast/backends/_scores.py).
 
 ``CAPABILITY.preferred_on == ("cpu",)``: "auto" routes CPU tensors here when the build succeeded.  Set from
 benchmarks/bench_cpp.py (benchmarks/results/cpp_cpu.md, 1 thread, both backends interleaved):
