@@ -1,4 +1,5 @@
-"""The backend ops as torch.library custom ops, so that torch.compile sees each as one node.
+"""Running a backend op: ``run_op`` calls the dispatcher's choice eagerly, and under torch.compile
+the op's torch.library custom op, so that torch.compile sees each as one node.
 
 Under torch.compile the backends' Python loops, host syncs and Triton launches
 would break the graph; wrapped as custom ops with fake (shape-only)
@@ -70,7 +71,7 @@ def _dense_like(x: Tensor) -> Tensor:
 
 def _contrastive_run(backend, form):
     def run(z, present, logit_scale, row_weights):
-        return get_op(backend, "contrastive")(z, present, logit_scale, row_weights, form)
+        return get_op(backend, "contrastive", z)(z, present, logit_scale, row_weights, form)
     return run
 
 
@@ -118,7 +119,7 @@ contrastive.register_autograd(_contrastive_grad, setup_context=_contrastive_setu
 
 def _lce_run(backend, ignore_index, reduction):
     def run(hidden, weight, target, bias, scale):
-        return get_op(backend, "linear_cross_entropy")(hidden, weight, target, bias, scale, ignore_index, reduction)
+        return get_op(backend, "linear_cross_entropy", hidden, weight)(hidden, weight, target, bias, scale, ignore_index, reduction)
     return run
 
 
@@ -177,7 +178,7 @@ linear_cross_entropy.register_autograd(_lce_grad, setup_context=_lce_setup)
 
 def _nce_run(backend, scale):
     def run(a, b, row_weights):
-        return get_op(backend, "info_nce")(a, b, row_weights, scale)
+        return get_op(backend, "info_nce", a, b)(a, b, row_weights, scale)
     return run
 
 
@@ -223,7 +224,7 @@ info_nce.register_autograd(_nce_grad, setup_context=_nce_setup)
 
 def _scores_run(backend, mode):
     def run(z, present):
-        return get_op(backend, "scores")(z, present, mode)
+        return get_op(backend, "scores", z)(z, present, mode)
     return run
 
 
@@ -264,3 +265,15 @@ def _scores_grad(ctx, grad_s, grad_s_prime, grad_active):
 
 
 scores.register_autograd(_scores_grad, setup_context=_scores_setup)
+
+
+_CUSTOM_OPS = {"contrastive": contrastive, "linear_cross_entropy": linear_cross_entropy, "info_nce": info_nce,
+               "scores": scores}
+
+
+def run_op(backend: str, name: str, *args):
+    """Run backend op `name` (a resolved backend, see scale_fast/_dispatch.py); under torch.compile
+    through its custom op (one graph node)."""
+    if torch.compiler.is_compiling():
+        return _CUSTOM_OPS[name](*args, backend)
+    return get_op(backend, name, *args)(*args)

@@ -1,9 +1,15 @@
 """Backend selection: the one place where an op is routed to an implementation.
 
-Every public op in :mod:`scale_fast.functional` validates its inputs, then calls
-``get_op(backend, name)`` and runs what it returns.  A backend is a module that
-exposes some of the functions below under these exact names; an op a backend
-lacks falls back to the torch backend (the fallback is documented per op).
+Every public op in :mod:`scale_fast.functional` validates its inputs, resolves the
+requested backend once (``resolve_backend``: "auto" -> the preferred available backend
+for the device; an explicit name that cannot run there -> ValueError), then calls
+``get_op(backend, name, *args)`` and runs what it returns.  Each backend package
+declares a ``Capability`` record (scale_fast/backends/_capability.py): devices, dtypes,
+ops, row_range ops, largest M, preferred devices, availability.  ``get_op`` reads the
+record and falls back to the torch backend (which implements everything) when the
+chosen backend lacks the op or these inputs' dtype, M or row_range form;
+``explain_backend`` says which backend runs and why, in one line.  No backend
+falls back by itself.
 
 Backend op contracts (inputs are already validated; backends trust them):
 
@@ -22,7 +28,10 @@ Backend op contracts (inputs are already validated; backends trust them):
     weight of a row of sample b in pair (i, j) is row_weights[b, i, j].
     form: "ntxent" | "clip".  Returns [M, M] float32 (float64 for float64 z):
     L(i, j) in the upper triangle for active pairs, exactly 0 elsewhere.
-    Differentiable in e, logit_scale and row_weights.
+    Differentiable in e, logit_scale and row_weights.  Backends whose record lists
+    it in ``row_range_ops`` take a sixth argument row_range=(start, stop): e holds
+    the global batch and only the terms of the rows of samples start..stop-1 are
+    summed, over the global normaliser (scale_fast/backends/_allpairs.py).
 
 ``linear_cross_entropy(hidden, weight, target, bias, scale, ignore_index, reduction)``
     hidden: [N, H]; weight: [K, H]; target: [N] int64 (class index or
@@ -36,55 +45,84 @@ Backend op contracts (inputs are already validated; backends trust them):
 ``info_nce(a, b, row_weights, scale) -> loss``
     a, b: [N, F] L2-normalised rows; row_weights: None or [N]; scale: float.
     mean_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_n), 0-dim float32/float64.
+
+``info_nce_rows(a, b, row_weights, scale, offset) -> sum``
+    The row-block form under a process group: a [R, F] this rank's rows, b [N, F]
+    every rank's; sum_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_(offset+n)).
 """
 from __future__ import annotations
 
 import importlib
 import os
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cpp")
-_MODULES = {
-    "torch": "scale_fast.backends.torch",
-    "triton": "scale_fast.backends.triton.ops",
-    "cpp": "scale_fast.backends.cpp",
-}
-_loaded: dict[str, ModuleType | None] = {}
-_load_errors: dict[str, str] = {}
+from .backends import NAMES
+from .backends._capability import Capability
+
+BACKENDS = ("auto",) + NAMES
+FALLBACK = "torch"  # implements every op on every device and dtype
+_records: Dict[str, Capability] = {}
+_ops: Dict[str, ModuleType] = {}
+# the ops whose first argument is an [M, B, D] embedding tensor (M: the modality count)
+_MODALITY_OPS = ("scores", "contrastive")
 
 
-def _load(name: str) -> ModuleType | None:
-    """Import a backend module once; None (with the reason kept) when unavailable."""
-    if name not in _loaded:
-        try:
-            module = importlib.import_module(_MODULES[name])
-            ok = getattr(module, "is_available", lambda: True)()
-            _loaded[name] = module if ok else None
-            if not ok:
-                _load_errors[name] = getattr(module, "unavailable_reason", lambda: "not available")()
-        except ImportError as exc:  # e.g. triton not installed
-            _loaded[name] = None
-            _load_errors[name] = f"{type(exc).__name__}: {exc}"
-    return _loaded[name]
+def backend_names() -> Tuple[str, ...]:
+    """Every backend the library has, whether or not it can run here: ("torch", "triton", "cpp")."""
+    return NAMES
 
 
-def triton_runs_on(device: torch.device) -> bool:
-    """Triton runs compiled on CUDA tensors, and interpreted on CPU tensors under TRITON_INTERPRET=1."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+def capability(name: str) -> Capability:
+    """The declared record of backend `name` (scale_fast/backends/<name>/__init__.py)."""
+    if name not in _records:
+        _records[name] = importlib.import_module(f"scale_fast.backends.{name}").CAPABILITY
+    return _records[name]
 
 
-def available_backends() -> list[str]:
-    """Names of the backends that import on this machine (their devices aside)."""
-    return [name for name in ("torch", "triton", "cpp") if _load(name) is not None]
+def _reason_unavailable(name: str) -> str:
+    record = capability(name)
+    if record.is_available():
+        return ""
+    return record.unavailable_reason() or "not available"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn "auto" (or SCALE_FAST_BACKEND) into a concrete backend for tensors on `device`."""
+def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str, str]]:
+    """The backends that can run on this machine now.
+
+    with_reasons=False: their names.  with_reasons=True: {name: "" if it can run, else why
+    not} for every backend (e.g. triton without CUDA and without TRITON_INTERPRET=1).
+    Asking builds the cpp extension if it was not tried yet.
+    """
+    reasons = {name: _reason_unavailable(name) for name in NAMES}
+    return reasons if with_reasons else [name for name, why in reasons.items() if not why]
+
+
+def _ops_module(name: str) -> ModuleType:
+    if name not in _ops:
+        _ops[name] = importlib.import_module(capability(name).module)
+    return _ops[name]
+
+
+def _auto(device: torch.device) -> Tuple[str, str]:
+    """(backend, why) for backend="auto" on `device`."""
+    skipped = []
+    for name in NAMES:
+        record = capability(name)
+        if device.type not in record.preferred_on:
+            continue
+        why = _reason_unavailable(name) or record.lacks(record.ops[0], device)
+        if not why:
+            return name, f"backend='auto' prefers {name} on {device.type}"
+        skipped.append(f"{name}: {why}")
+    if skipped:
+        return FALLBACK, f"backend='auto' uses {FALLBACK} on {device.type} ({'; '.join(skipped)})"
+    return FALLBACK, f"backend='auto' uses {FALLBACK} on {device.type} (no backend is preferred there)"
+
+
+def _resolve(backend: str, device: torch.device) -> Tuple[str, str]:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -94,30 +132,71 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 raise ValueError(f"SCALE_FAST_BACKEND must be one of {BACKENDS}, got {env!r}")
             backend = env
     if backend == "auto":
-        if device.type == "cuda" and _load("triton") is not None:
-            return "triton"
-        if device.type == "cpu" and _load("cpp") is not None and getattr(_load("cpp"), "preferred_on_cpu", False):
-            return "cpp"
-        return "torch"
-    if backend != "torch":
-        if _load(backend) is None:
-            raise ValueError(
-                f"backend={backend!r} is not available: {_load_errors.get(backend, 'unknown reason')}"
-            )
-        if backend == "triton" and not triton_runs_on(device):
-            raise ValueError(
-                "backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
-                f"set before triton is imported; got tensors on {device}"
-            )
-        if backend == "cpp" and device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors only; got tensors on {device}")
-    return backend
+        return _auto(device)
+    why = _reason_unavailable(backend)
+    if why:
+        raise ValueError(f"backend={backend!r} is not available: {why}")
+    record = capability(backend)
+    if "*" not in record.devices and device.type not in record.devices:
+        hint = " (triton runs on CPU tensors only with TRITON_INTERPRET=1 set before triton is imported)" \
+            if backend == "triton" else ""
+        raise ValueError(f"backend={backend!r} runs on {'/'.join(record.devices)} tensors only; "
+                         f"got tensors on {device}{hint}")
+    return backend, f"backend={backend!r} requested"
 
 
-def get_op(backend: str, name: str) -> Callable:
-    """The implementation of op `name` in a resolved backend, falling back to torch."""
-    module = _load(backend)
-    fn = getattr(module, name, None) if module is not None else None
-    if fn is None:
-        fn = getattr(_load("torch"), name)
-    return fn
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn "auto" (or SCALE_FAST_BACKEND) into a concrete backend for tensors on `device`.
+
+    An explicit backend that is unavailable, or does not run on `device`, is a ValueError.
+    """
+    return _resolve(backend, device)[0]
+
+
+def _features(name: str, args) -> Tuple[torch.device, Optional[torch.dtype], Optional[int]]:
+    """(device, float dtype, M) of an op's inputs, as the records are declared over them."""
+    tensors = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    dtype = None
+    for d in floats:
+        dtype = d if dtype is None else torch.promote_types(dtype, d)
+    modalities = tensors[0].shape[0] if name in _MODALITY_OPS and tensors else None
+    return tensors[0].device, dtype, modalities
+
+
+def _choose(backend: str, name: str, args, row_range: bool) -> Tuple[str, str]:
+    """(backend that runs op `name` on `args`, why not the resolved `backend`; "" when it does)."""
+    device, dtype, modalities = _features(name, args)
+    lacks = capability(backend).lacks(name, device, dtype, modalities, row_range)
+    return (FALLBACK, lacks) if lacks else (backend, "")
+
+
+def get_op(backend: str, name: str, *args, row_range: bool = False) -> Callable:
+    """The implementation of op `name` for inputs `args` (only their device, dtype and M are read).
+
+    backend is a resolved name; where its record lacks the op or these inputs, the torch
+    backend's op is returned.  row_range=True: the caller passes a row_range argument.
+    """
+    return getattr(_ops_module(_choose(backend, name, args, row_range)[0]), name)
+
+
+def explain_backend(op: str, *inputs, backend: str = "auto", row_range: bool = False) -> str:
+    """One line: which backend runs `op` on these inputs, and why.
+
+    inputs: the op's leading tensor arguments as the backend contract takes them (the [M, B, D]
+    embeddings for "scores" / "contrastive", hidden and weight for "linear_cross_entropy",
+    a and b for "info_nce"); e.g. ``sf.explain_backend("contrastive", torch.randn(3, 8, 4))``.
+    """
+    if not inputs or not isinstance(inputs[0], torch.Tensor):
+        raise TypeError("explain_backend needs the op's input tensors after the op name")
+    device, dtype, modalities = _features(op, inputs)
+    where = f"{op}[{device.type}, {str(dtype).replace('torch.', '')}" + (
+        f", M={modalities}]" if modalities is not None else "]")
+    try:
+        resolved, why = _resolve(backend, device)
+    except ValueError as exc:
+        return f"{where} -> error: {exc}"
+    chosen, lacks = _choose(resolved, op, inputs, row_range)
+    if lacks:
+        return f"{where} -> {chosen}: {why}, but {lacks}, so {chosen} runs it"
+    return f"{where} -> {chosen}: {why}"

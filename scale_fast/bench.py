@@ -174,10 +174,11 @@ def _lowp(device: str) -> torch.dtype:
 def _sf_impls(device: str, build_for_backend: Callable[[str], Callable]) -> List[Impl]:
     import scale_fast as sf
     out = []
-    for be in ("torch", "cpp", "triton"):
+    unavailable = sf.available_backends(with_reasons=True)
+    for be in sf.backend_names():
         name = f"scale_fast {be}"
-        if be not in sf.available_backends():
-            out.append(Impl(name, "scale_fast", skip="backend not available here (sf.available_backends())"))
+        if unavailable[be]:
+            out.append(Impl(name, "scale_fast", skip=f"backend not available here: {unavailable[be]}"))
         elif be == "triton" and not device.startswith("cuda"):
             out.append(Impl(name, "scale_fast", skip="CUDA only (TRITON_INTERPRET emulation is not a measurement)"))
         elif be == "cpp" and device.startswith("cuda"):

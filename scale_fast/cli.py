@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ._dispatch import BACKENDS
 from .data import ManifestDataset, SyntheticProducts, collate, mask_batch
 from .eval import encode_dataset, masked_accuracy, retrieval
 from .model import MODALITIES, SCALEConfig, SCALEModel
@@ -64,7 +65,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="stop after this step (checkpointed), as if interrupted; --resume continues the same run")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (on CUDA)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cpp"), help="scale_fast loss backend")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="scale_fast loss backend")
     p.add_argument("--attention", default=None, choices=("auto", "sdpa", "xformers"))
     p.add_argument("--missing", default=None, choices=("zero", "mask", "drop"), help="absent modalities in the JCT")
     p.add_argument("--threads", default="auto",

@@ -1,5 +1,6 @@
 """scale_loss over a torch.distributed process group: the loss of the global batch, each rank
-computing only its own rows.
+computing only its own rows.  This module holds the collectives and the layout exchange; the
+objective itself (the same code as one process) is scale_fast/_objective.py.
 
 Contract (tested in tests/test_distributed.py):
 
@@ -23,8 +24,8 @@ How (one call, ranks may hold different local batch sizes B_r, and any rank may 
    from the global sums;
 4. each rank sums the contrastive loss terms of *its own rows only* (both halves of NT-Xent that
    belong to its samples, both directions of clip) against every column of the global batch,
-   divided by the global normaliser (the torch backend's contrastive op with ``row_range``);
-   masked tasks sum their local rows divided by the global counts ("nce" gathers its targets);
+   divided by the global normaliser (a contrastive op with ``row_range``); masked tasks sum their
+   local rows divided by the global counts (scale_fast/_tasks.py; "nce" gathers its targets);
 5. the partial [M, M] pair losses and [M] masked losses are summed over ranks by one autograd
    all_reduce (backward: all_reduce of the incoming gradients, i.e. world_size for the total).
 
@@ -42,23 +43,20 @@ sums) or O(M) integers (sizes, counts), plus, for an "nce" task, its target feat
 embeddings, present, losses; +1 per batch-mode Gram sum and per "nce" task) and one in backward
 per differentiable one (embeddings, losses, Gram sums, "nce" targets).
 
-The contrastive op runs on the torch backend under a process group whatever ``backend`` says
-(the triton and cpp contrastive ops do not implement ``row_range``); scores and the masked
-tasks keep their backend.  The distributed path is eager-only (not wrapped in custom ops for
+The contrastive op runs on a backend whose record declares its ``row_range`` form (today the
+torch backend; scale_fast/_dispatch.py falls back to it); scores and the masked tasks keep
+their backend.  The distributed path is eager-only (not wrapped in custom ops for
 torch.compile).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from ._dispatch import get_op
-from ._normalize import accumulation_dtype
-from .backends.torch.scores import harmonize as _harmonize
-from .types import TASK_KINDS, MaskedTask, SCALELossOutput
+from .types import TASK_KINDS, MaskedTask
 
 
 # ---------------------------------------------------------------------------------- collectives
@@ -140,86 +138,35 @@ def _gather_meta(values: List[int], device, group) -> torch.Tensor:
     return torch.stack(parts).cpu()
 
 
-# ---------------------------------------------------------------------------------- the loss
-def _batch_scores(e, present, backend, active, counts, group, run_op):
-    """Global batch-mode (S, S'): local Gram sums all-reduced with gradient."""
-    S_local, _, _ = run_op(backend, "scores", e, present, "batch")
-    pf = present.to(S_local.dtype)
-    gram_sum = all_reduce_sum(S_local * (pf @ pf.T), group)  # S_local is the local mean: back to a sum
-    S = torch.where(active, gram_sum / counts.clamp(min=1), torch.zeros_like(gram_sum))
-    return S, _harmonize(S, active)
+# ---------------------------------------------------------------------------------- the layout
+@dataclass
+class Layout:
+    """What the ranks agree on before the loss: sizes[r] = B_r, this rank's first sample `start`,
+    and per task m the rows of every rank (task_rows[m]) and the global count (task_counts[m])."""
+
+    rank: int
+    sizes: List[int]
+    start: int
+    task_rows: Dict[int, List[int]]
+    task_counts: Dict[int, int]
 
 
-def _zero_linked(task: MaskedTask, dtype) -> torch.Tensor:
-    """0, linked to the task's float tensors (so that a rank without rows still gives them a 0 gradient)."""
-    parts = [t for t in (task.hidden, task.weight, task.bias, task.target) if t is not None and t.is_floating_point()]
-    return sum((t.sum() * 0).to(dtype) for t in parts) if parts else torch.zeros((), dtype=dtype)
-
-
-def _masked_partial(task: MaskedTask, w_rows, backend, n_global: int, kept_global: int, offset: int,
-                    row_sizes: List[int], group, run_op) -> torch.Tensor:
-    """This rank's share of L_M(m): its rows' terms divided by the global counts (docs/contract.md §5)."""
-    from .functional import _predictions
-
-    hidden = task.hidden
-    acc = accumulation_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    if n_global == 0:
-        return _zero_linked(task, acc)
-    if task.kind == "nce":  # every rank joins the gather of the targets, rows or not
-        y = _predictions(task, acc)
-        a = F.normalize(y, dim=-1, eps=1e-12)
-        b = gather_rows(F.normalize(task.target.to(acc), dim=-1, eps=1e-12), row_sizes, 0, group)
-        w = None if w_rows is None else w_rows.to(acc)
-        return get_op(backend, "info_nce_rows")(a, b, w, float(task.nce_scale), offset) / n_global
-    if n == 0:
-        return _zero_linked(task, acc)
-    if task.kind in ("ce", "kl"):
-        target = task.target
-        denom = kept_global if task.kind == "ce" else n_global
-        if task.weight is not None:
-            summed = run_op(backend, "linear_cross_entropy", hidden, task.weight, target, task.bias, w_rows,
-                            task.ignore_index, "sum").to(acc)
-        else:
-            logits = hidden.to(acc) if w_rows is None else hidden.to(acc) * w_rows.to(acc)[:, None]
-            if task.kind == "ce":
-                summed = F.cross_entropy(logits, target, ignore_index=task.ignore_index, reduction="sum")
-            else:
-                summed = F.cross_entropy(logits, target.to(acc), reduction="sum")
-        if task.kind == "kl":
-            q = target.to(acc)
-            summed = summed + torch.special.xlogy(q, q).sum()
-        return summed / max(denom, 1)
-    y = _predictions(task, acc)  # mse
-    if w_rows is not None:
-        y = y * w_rows.to(acc)[:, None]
-    return ((y - task.target.to(acc)) ** 2).sum() / (n_global * task.target.shape[1])
-
-
-def scale_loss_distributed(e, present, scale, tasks: Dict[int, MaskedTask], task_embeddings, mode, form,
-                           harmonize, detach_weights, backend, group) -> SCALELossOutput:
-    """scale_loss of the global batch (inputs already validated rank-locally by scale_loss)."""
-    from .functional import run_op
-
+def exchange_layout(e, tasks: Dict[int, MaskedTask], task_embeddings, counts: Dict[int, int], group) -> Layout:
+    """Step 1: one all_gather of (B_r, M, D, task layout, row counts); the layout must agree across ranks."""
     M, B, D = e.shape
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    device = e.device
-    acc = accumulation_dtype(e.dtype)
-
-    # 1. metadata: sizes, task layout and counts
     meta = [B, M, D, int(task_embeddings is not None)]
     for m in range(M):
         t = tasks.get(m)
         if t is None:
             meta += [-1, 0, 0, 0]
             continue
-        n = t.hidden.shape[0]
-        kept = int((t.target != t.ignore_index).sum()) if t.kind == "ce" else n
         feat = t.target.shape[1] if t.target.dim() == 2 else t.hidden.shape[1]
-        meta += [TASK_KINDS.index(t.kind), n, kept, feat]
-    table = _gather_meta(meta, device, group)
-    layout = torch.cat([table[:, 1:4], table[:, 4:].reshape(world, M, 4)[:, :, 0], table[:, 4:].reshape(world, M, 4)[:, :, 3]], 1)
+        meta += [TASK_KINDS.index(t.kind), t.hidden.shape[0], counts[m], feat]
+    table = _gather_meta(meta, e.device, group)
+    per_task = table[:, 4:].reshape(world, M, 4)
+    layout = torch.cat([table[:, 1:4], per_task[:, :, 0], per_task[:, :, 3]], 1)
     if not bool((layout == layout[0]).all()):
         raise ValueError(
             "under a process group every rank must pass the same M, D, tasks keys and kinds, task feature "
@@ -227,59 +174,5 @@ def scale_loss_distributed(e, present, scale, tasks: Dict[int, MaskedTask], task
             f"got per rank [M, D, has_task_embeddings, kinds..., feature sizes...] = {layout.tolist()}"
         )
     sizes = table[:, 0].tolist()
-    start = sum(sizes[:rank])
-    task_meta = table[:, 4:].reshape(world, M, 4)
-
-    # 2. the global batch
-    e_all = gather_rows(e, sizes, 1, group)
-    present_all = gather_rows(present.to(torch.uint8), sizes, 1, group).bool()
-    pf = present_all.to(acc)
-    counts = pf @ pf.T
-    active = counts >= 1
-
-    # 3. scores
-    if mode == "sample":
-        S, S_prime, _ = run_op(backend, "scores", e, present, "sample")
-    else:
-        S, S_prime = _batch_scores(e, present, backend, active, counts, group, run_op)
-    weights = S_prime.detach() if detach_weights else S_prime
-    row_weights = None
-    if harmonize:
-        row_weights = weights if mode == "sample" else weights.expand(B, M, M)
-
-    # 4. partial losses of this rank's rows
-    contrastive_op = get_op(backend, "contrastive")
-    if not getattr(contrastive_op, "supports_row_range", False):
-        contrastive_op = get_op("torch", "contrastive")
-    pair_part = contrastive_op(e_all, present_all, scale, row_weights, form, (start, start + B)).to(acc)
-
-    masked_part = torch.zeros(M, dtype=acc, device=device)
-    if tasks:
-        task_weights = weights
-        if task_embeddings is not None and harmonize:
-            if mode == "sample":
-                _, tsp, _ = run_op(backend, "scores", task_embeddings, present, "sample")
-            else:
-                _, tsp = _batch_scores(task_embeddings, present, backend, active, counts, group, run_op)
-            task_weights = tsp.detach() if detach_weights else tsp
-        parts = []
-        for m in range(M):
-            if m not in tasks:
-                parts.append(masked_part[m])
-                continue
-            task = tasks[m]
-            w_rows = None
-            if harmonize:
-                diag = task_weights[:, m, m] if mode == "sample" else task_weights[m, m]
-                w_rows = diag[task.sample_index] if mode == "sample" else diag.expand(task.hidden.shape[0])
-            n_per_rank = task_meta[:, m, 1].tolist()
-            parts.append(_masked_partial(task, w_rows, backend, sum(n_per_rank), int(task_meta[:, m, 2].sum()),
-                                         sum(n_per_rank[:rank]), n_per_rank, group, run_op).to(acc))
-        masked_part = torch.stack(parts)
-
-    # 5. sum over ranks (one all_reduce, with gradient)
-    summed = all_reduce_sum(torch.cat([pair_part.reshape(-1), masked_part]), group)
-    pair, masked = summed[: M * M].reshape(M, M), summed[M * M:]
-    n_active = torch.triu(active, diagonal=1).sum()
-    total = pair.sum() / n_active.clamp(min=1).to(pair.dtype) + masked.sum()
-    return SCALELossOutput(total, pair, masked, S, S_prime, active)
+    return Layout(rank, sizes, sum(sizes[:rank]),
+                  {m: per_task[:, m, 1].tolist() for m in tasks}, {m: int(per_task[:, m, 2].sum()) for m in tasks})

@@ -4,24 +4,15 @@ from __future__ import annotations
 from typing import Mapping, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from . import _validate as V
-from ._dispatch import get_op, resolve_backend
-from ._normalize import accumulation_dtype
+from ._compiled_ops import run_op
+from ._dispatch import resolve_backend
+from ._objective import scale_objective
 from .types import MaskedTask, SCALELossOutput
 
 Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
 DEFAULT_LOGIT_SCALE = 1 / 0.07
-
-
-def run_op(backend: str, name: str, *args):
-    """Run backend op `name`; under torch.compile through its custom op (one graph node)."""
-    if torch.compiler.is_compiling():
-        from . import _compiled_ops
-
-        return getattr(_compiled_ops, name)(*args, backend)
-    return get_op(backend, name)(*args)
 
 
 def _prepare(embeddings, present):
@@ -162,43 +153,11 @@ def scale_loss(
     for m, task in tasks.items():
         V.check_task(m, task, M, B, present, mode, needs_index=harmonize and mode == "sample")
     backend = resolve_backend(backend, e.device)
-    if process_group is not None:
-        from .distributed import scale_loss_distributed
-
-        te = None
-        if task_embeddings is not None and harmonize and tasks:
-            te = _check_task_embeddings(task_embeddings, e)
-        return scale_loss_distributed(e, present, scale, tasks, te, mode, form, harmonize, detach_weights,
-                                      backend, process_group)
-    S, S_prime, active = run_op(backend, "scores", e, present, mode)
-    weights = S_prime.detach() if detach_weights else S_prime
-    row_weights = None
-    if harmonize:
-        row_weights = weights if mode == "sample" else weights.expand(B, M, M)
-    pair = run_op(backend, "contrastive", e, present, scale, row_weights, form)
-    n_active = torch.triu(active, diagonal=1).sum()
-    contrastive_term = pair.sum() / n_active.clamp(min=1).to(pair.dtype)
-
-    masked = torch.zeros(M, dtype=pair.dtype, device=e.device)
-    if tasks:
-        task_weights = weights
-        if task_embeddings is not None and harmonize:
-            te = _check_task_embeddings(task_embeddings, e)
-            _, task_S_prime, _ = run_op(backend, "scores", te, present, mode)
-            task_weights = task_S_prime.detach() if detach_weights else task_S_prime
-        losses = []
-        for m in range(M):
-            if m not in tasks:
-                losses.append(masked[m])
-                continue
-            w_rows = None
-            if harmonize:
-                diag = task_weights[:, m, m] if mode == "sample" else task_weights[m, m]
-                w_rows = diag[tasks[m].sample_index] if mode == "sample" else diag.expand(tasks[m].hidden.shape[0])
-            losses.append(masked_task_loss(tasks[m], w_rows, backend).to(pair.dtype))
-        masked = torch.stack(losses)
-    total = contrastive_term + masked.sum()
-    return SCALELossOutput(total, pair, masked, S, S_prime, active)
+    te = None
+    if task_embeddings is not None and harmonize and tasks:
+        te = _check_task_embeddings(task_embeddings, e)
+    return scale_objective(e, present, scale, tasks, te, mode, form, harmonize, detach_weights, backend,
+                           process_group)
 
 
 def _check_task_embeddings(task_embeddings, e: torch.Tensor) -> torch.Tensor:
@@ -207,49 +166,3 @@ def _check_task_embeddings(task_embeddings, e: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"task_embeddings must have shape [M, B, D'] with M, B = {tuple(e.shape[:2])}, got {tuple(te.shape)}")
     V.check_device("task_embeddings", te, e.device)
     return te
-
-
-def masked_task_loss(task: MaskedTask, w_rows: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """L_M of one validated task (docs/contract.md §5); w_rows: [N] per-row weights or None."""
-    hidden = task.hidden
-    acc = accumulation_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    if n == 0:
-        return torch.zeros((), dtype=acc, device=hidden.device)
-    if task.kind in ("ce", "kl"):
-        target = task.target
-        if task.weight is not None:
-            loss = run_op(backend, "linear_cross_entropy", hidden, task.weight, target, task.bias, w_rows,
-                          task.ignore_index, "mean")
-        else:
-            logits = hidden.to(acc) if w_rows is None else hidden.to(acc) * w_rows.to(acc)[:, None]
-            if task.kind == "ce":
-                kept = (target != task.ignore_index).sum()
-                summed = F.cross_entropy(logits, target, ignore_index=task.ignore_index, reduction="sum")
-                loss = summed / kept.clamp(min=1).to(acc)
-            else:
-                loss = F.cross_entropy(logits, target.to(acc), reduction="mean")
-        if task.kind == "kl":  # KL = soft cross-entropy minus the targets' entropy
-            q = target.to(acc)
-            loss = loss + torch.special.xlogy(q, q).sum() / n
-        return loss
-    y = _predictions(task, acc)
-    target = task.target.to(acc)
-    if task.kind == "mse":
-        if w_rows is not None:
-            y = y * w_rows.to(acc)[:, None]
-        return ((y - target) ** 2).sum() / target.numel()
-    # nce: the row weight multiplies the logits, so it is passed to the op
-    # rather than applied to y (which is L2-normalised).
-    a = F.normalize(y, dim=-1, eps=1e-12)
-    b = F.normalize(target, dim=-1, eps=1e-12)
-    return run_op(backend, "info_nce", a, b, None if w_rows is None else w_rows.to(acc), float(task.nce_scale))
-
-
-def _predictions(task: MaskedTask, acc: torch.dtype) -> torch.Tensor:
-    """y = hidden @ weight.T + bias (or hidden itself), in the accumulation dtype."""
-    hidden = task.hidden.to(acc)
-    if task.weight is None:
-        return hidden
-    bias = None if task.bias is None else task.bias.to(acc)
-    return F.linear(hidden, task.weight.to(acc), bias)

@@ -28,16 +28,18 @@ torch.set_num_threads(int(os.environ.get("SCALE_FAST_TEST_THREADS", "1")))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = DEVICE == "cpu"
 
-try:  # the library may be incomplete while the suite is written
-    import scale_fast as _sf
+import scale_fast as _sf  # noqa: E402
+from scale_fast._dispatch import capability  # noqa: E402
 
-    _AVAILABLE = list(_sf.available_backends())
-except Exception:  # pragma: no cover - reported by the tests themselves
-    _AVAILABLE = ["torch"]
 
-# cpp runs on CPU tensors only: it joins the list on CPU-only runs (where every test tensor is on the CPU).
-BACKENDS = (["torch"] + (["triton"] if "triton" in _AVAILABLE else [])
-            + (["cpp"] if "cpp" in _AVAILABLE and DEVICE == "cpu" else []))
+def _runs_here(name: str) -> bool:
+    """Available on this machine and declared for the test tensors' device (cpp: CPU only)."""
+    devices = capability(name).devices
+    return name in _sf.available_backends() and ("*" in devices or torch.device(DEVICE).type in devices)
+
+
+# every backend of the registry that can run the suite's tensors here, in registry order
+BACKENDS = [name for name in _sf.backend_names() if _runs_here(name)]
 
 if DEVICE == "cuda":  # the checked path uses exact float32 dot products
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -11,9 +11,9 @@ Ops (backend contracts in scale_fast/_dispatch.py): ``contrastive`` (all-pairs N
 CLIP with row weights, logit-scale gradient, absent samples), ``linear_cross_entropy``
 (masked-token linear cross-entropy, class ids or probabilities, row scales, bias),
 ``info_nce`` (the "nce" masked task) and ``scores`` (per-sample Gram in C++, the
-[B, M, M] softmax / harmonisation shared with the torch backend).
+[B, M, M] softmax / harmonisation shared, scale_fast/backends/_scores.py).
 
-``preferred_on_cpu``: "auto" routes CPU tensors here when the build succeeded.  Set from
+``CAPABILITY.preferred_on == ("cpu",)``: "auto" routes CPU tensors here when the build succeeded.  Set from
 benchmarks/bench_cpp.py (benchmarks/results/cpp_cpu.md, 1 thread, both backends interleaved):
 backend="cpp" beats backend="torch" on both benchmark ops with less peak memory --
 scale_loss (B=4096, M=5, D=256) 1.37-1.55x, linear_cross_entropy (N=8192, K=21128, H=768)
@@ -21,12 +21,13 @@ scale_loss (B=4096, M=5, D=256) 1.37-1.55x, linear_cross_entropy (N=8192, K=2112
 """
 from __future__ import annotations
 
+import torch
+
+from .._capability import Capability
 from . import _build
 from .contrastive import contrastive, info_nce
 from .linear_ce import linear_cross_entropy
 from .scores import scores
-
-preferred_on_cpu = True
 
 
 def is_available() -> bool:
@@ -43,5 +44,18 @@ def extension():
     return _build.extension()
 
 
-__all__ = ["contrastive", "linear_cross_entropy", "info_nce", "scores", "is_available", "unavailable_reason",
-           "preferred_on_cpu", "extension"]
+# Inputs of every float dtype are accumulated in float32 (float64 in float64) by the kernels.
+CAPABILITY = Capability(
+    name="cpp",
+    module=__name__,
+    devices=("cpu",),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    ops=("scores", "contrastive", "info_nce", "linear_cross_entropy"),
+    preferred_on=("cpu",),
+    is_available=is_available,
+    unavailable_reason=unavailable_reason,
+)
+
+
+__all__ = ["CAPABILITY", "contrastive", "linear_cross_entropy", "info_nce", "scores", "is_available",
+           "unavailable_reason", "extension"]

@@ -3,14 +3,14 @@
 The Gram entries z_i . z_j of every sample are formed in one pass over the raw embeddings
 (rows normalised on the fly, absent rows never read) and recomputed the same way in
 backward: nothing of size [M, B, D] is kept or materialised besides the gradient.  The
-rest works on [B, M, M] (softmax, harmonisation) and is shared with the torch backend.
+rest works on [B, M, M] (softmax, harmonisation: scale_fast/backends/_scores.py).
 """
 from __future__ import annotations
 
 import torch
 
 from ..._normalize import accumulation_dtype
-from ..torch.scores import harmonize
+from .._scores import scores as shared_scores
 from . import _build
 
 
@@ -41,18 +41,11 @@ class _SampleGram(torch.autograd.Function):
         return de.to(e.dtype), None
 
 
+def _gram(e: torch.Tensor, present: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    g = _SampleGram.apply(e, present)
+    return g if per_sample else g.sum(0)
+
+
 def scores(e: torch.Tensor, present: torch.Tensor, mode: str):
     """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in _dispatch.py)."""
-    acc = accumulation_dtype(e.dtype)
-    pf = present.to(acc)
-    counts = pf @ pf.T  # |P_ij|
-    active = counts >= 1
-    gram = _SampleGram.apply(e, present)
-    if mode == "sample":
-        act = present.T[:, :, None] & present.T[:, None, :]
-    else:
-        # absent entries are exactly zero, so the sum over all b is the sum over P_ij
-        gram = gram.sum(0) / counts.clamp(min=1)
-        act = active
-    S = torch.where(act, gram, torch.zeros_like(gram))
-    return S, harmonize(S, act), active
+    return shared_scores(e, present, mode, _gram)

@@ -1,10 +1,23 @@
 """The "torch" backend: plain PyTorch, chunked so that no B x B or N x K matrix is stored.
 
-It runs wherever torch runs and is the reference implementation of the
-backend op contracts in ``scale_fast/_dispatch.py``.
+It runs wherever torch runs, implements every op of the contract in
+``scale_fast/_dispatch.py`` (the last resort of every fallback) and is the only
+backend with the row-block (``row_range``) forms the process-group path uses.
 """
+import torch
+
+from .._capability import Capability
 from .contrastive import contrastive, info_nce, info_nce_rows
 from .linear_ce import linear_cross_entropy
 from .scores import scores
 
-__all__ = ["scores", "contrastive", "info_nce", "info_nce_rows", "linear_cross_entropy"]
+CAPABILITY = Capability(
+    name="torch",
+    module=__name__,
+    devices=("*",),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+    ops=("scores", "contrastive", "info_nce", "info_nce_rows", "linear_cross_entropy"),
+    row_range_ops=("contrastive",),
+)
+
+__all__ = ["CAPABILITY", "scores", "contrastive", "info_nce", "info_nce_rows", "linear_cross_entropy"]

@@ -1,4 +1,7 @@
-"""Chunked contrastive losses (docs/contract.md §4) as custom autograd Functions.
+"""The torch backend's pair kernels for the contrastive losses (docs/contract.md §4).
+
+The all-pairs driver, the pair forms and the info-NCE Functions are shared
+(scale_fast/backends/_allpairs.py); here are the tile loops of one pair.
 
 Logits are formed one [T, T] tile at a time and recomputed in backward, so the
 extra memory is O(n * D + T^2) per pair instead of O(n^2).
@@ -13,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
+from .. import _allpairs
+from .._allpairs import PairKernels, all_pairs, pair_forms
 
 TILE = 1024
 # Largest |logit| range for which exp(x - bound) neither over- nor underflows
@@ -68,13 +72,6 @@ class _RowLSE:
 
 def _tiles(n: int, tile: int):
     return [slice(start, min(start + tile, n)) for start in range(0, n, tile)]
-
-
-def _row_scale(scale: torch.Tensor, weights: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
-    """s * w_r for every row (w = 1 when weights is None)."""
-    if weights is None:
-        return scale.expand(n).to(like.dtype).contiguous()
-    return scale.to(like.dtype) * weights.to(like.dtype)
 
 
 def ntxent_forward(u: torch.Tensor, rs: torch.Tensor):
@@ -240,221 +237,23 @@ def rows_backward(q, k, rs, lse, pos, self_idx, pos_dot, coef):
     return dq, dk, coef * (dot_p / p_sum - pos_dot)
 
 
-def _gather_unit_rows(e, m, rows, acc):
-    """(u, inv, projected): the rows `rows` of modality m, normalised (all are present)."""
-    return normalize_rows(e[m].index_select(0, rows).to(acc))
+KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward, rows_forward, rows_backward)
+FORMS = pair_forms(KERNELS)
 
 
-class AllPairsContrastive(torch.autograd.Function):
-    """Every active pair i < j in one Function, from the raw embeddings e.
-
-    Only e (the caller's tensor, not a copy), the row indices and O(n)
-    per-row statistics are saved; a pair's rows are gathered and normalised
-    again in backward and their gradient is added straight into one de buffer.
-
-    row_range=(start, stop) (the process-group path, see scale_fast/distributed.py):
-    e and present hold the global batch, and only the loss terms of the rows
-    whose sample lies in [start, stop) are summed (against every column),
-    divided by the global normaliser; row_weights is then the local
-    [stop - start, M, M].  Summing the outputs over a partition of [0, B)
-    gives the full loss.
-    """
-
-    @staticmethod
-    def forward(ctx, e, present, scale, row_weights, form, row_range=None):
-        M = e.shape[0]
-        acc = accumulation_dtype(e.dtype)
-        s = scale.detach().to(acc)
-        out = torch.zeros(M, M, dtype=acc, device=e.device)
-        pairs = []
-        for i in range(M):
-            for j in range(i + 1, M):
-                rows = torch.nonzero(present[i] & present[j]).squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                if row_range is not None:
-                    local = torch.nonzero((rows >= row_range[0]) & (rows < row_range[1])).squeeze(1)
-                    if local.numel() == 0:
-                        continue
-                    a, b = _gather_unit_rows(e, i, rows, acc)[0], _gather_unit_rows(e, j, rows, acc)[0]
-                    rs = _pair_row_scale(s, row_weights, rows.index_select(0, local) - row_range[0], i, j, acc)
-                    out[i, j], stats = _local_rows_forward(a, b, rs, local, form)
-                    pairs.append((i, j, rows, (local, stats)))
-                    continue
-                rs = _pair_row_scale(s, row_weights, rows, i, j, acc)
-                a, b = _gather_unit_rows(e, i, rows, acc)[0], _gather_unit_rows(e, j, rows, acc)[0]
-                if form == "ntxent":
-                    out[i, j], lse, pos = ntxent_forward(torch.cat([a, b]), torch.cat([rs, rs]))
-                    stats = (lse, None, pos)
-                else:
-                    out[i, j], lse_r, lse_c, pos = cross_forward(a, b, rs, True)
-                    stats = (lse_r, lse_c, pos)
-                pairs.append((i, j, rows, stats))
-        ctx.save_for_backward(e, scale, row_weights)
-        ctx.pairs, ctx.form, ctx.row_range = pairs, form, row_range
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        e, scale, row_weights = ctx.saved_tensors
-        acc = accumulation_dtype(e.dtype)
-        s = scale.detach().to(acc)
-        de = torch.zeros(e.shape, dtype=acc, device=e.device)
-        n_rows = e.shape[1] if ctx.row_range is None else ctx.row_range[1] - ctx.row_range[0]
-        d_rows = torch.zeros(n_rows, e.shape[0], e.shape[0], dtype=acc, device=e.device)  # d loss / d (s w)
-        for i, j, rows, stats in ctx.pairs:
-            a, inv_a, proj_a = _gather_unit_rows(e, i, rows, acc)
-            b, inv_b, proj_b = _gather_unit_rows(e, j, rows, acc)
-            coef = grad[i, j].to(acc)
-            if ctx.row_range is not None:
-                local, st = stats
-                w_rows = rows.index_select(0, local) - ctx.row_range[0]
-                rs = _pair_row_scale(s, row_weights, w_rows, i, j, acc)
-                da, db, d_rs = _local_rows_backward(a, b, rs, local, ctx.form, st, coef)
-                de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
-                de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
-                d_rows[w_rows, i, j] = d_rs
-                continue
-            lse, lse_c, pos = stats
-            rs = _pair_row_scale(s, row_weights, rows, i, j, acc)
-            if ctx.form == "ntxent":
-                n = rows.numel()
-                du, d_rs = ntxent_backward(torch.cat([a, b]), torch.cat([rs, rs]), lse, pos, coef)
-                da, db, d_rs = du[:n], du[n:], d_rs[:n] + d_rs[n:]
-            else:
-                da, db, d_rs = cross_backward(a, b, rs, lse, lse_c, pos, coef)
-            de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
-            de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
-            d_rows[rows, i, j] = d_rs
-        dweights = dscale = None
-        if ctx.needs_input_grad[3]:
-            dweights = (d_rows * s).to(row_weights.dtype)
-        if ctx.needs_input_grad[2]:
-            w = 1.0 if row_weights is None else row_weights.to(acc)
-            dscale = (d_rows * w).sum().to(scale.dtype)
-        return de.to(e.dtype), None, dscale, dweights, None, None
-
-
-def _local_row_queries(n: int, local: torch.Tensor, form: str):
-    """The (query rows, positive columns, excluded columns) of one direction set, per form.
-
-    NT-Xent: rows `local` and `local + n` of u = [a; b] against all 2n rows of u.
-    clip: direction i->j queries a[local] against b, j->i queries b[local] against a;
-    positives on the diagonal, nothing excluded.
-    """
-    if form == "ntxent":
-        q_idx = torch.cat([local, local + n])
-        return q_idx, torch.cat([local + n, local]), q_idx
-    return local, local, None
-
-
-def _local_rows_forward(a, b, rs, local, form):
-    """This rank's share of pair (i, j)'s loss (global normaliser) and the stats backward needs."""
-    n = a.shape[0]
-    q_idx, pos, self_idx = _local_row_queries(n, local, form)
-    if form == "ntxent":
-        u = torch.cat([a, b])
-        total, lse, pos_dot = rows_forward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), pos, self_idx)
-        return total / (2 * n), (lse, pos_dot)
-    s1, lse1, pd1 = rows_forward(a.index_select(0, local), b, rs, pos)
-    s2, lse2, pd2 = rows_forward(b.index_select(0, local), a, rs, pos)
-    return 0.5 * (s1 + s2) / n, (lse1, pd1, lse2, pd2)
-
-
-def _local_rows_backward(a, b, rs, local, form, stats, coef):
-    """(da, db, d_rs) of coef * _local_rows_forward's loss; d_rs per local row."""
-    n = a.shape[0]
-    q_idx, pos, self_idx = _local_row_queries(n, local, form)
-    if form == "ntxent":
-        lse, pos_dot = stats
-        u = torch.cat([a, b])
-        dq, du, d_rs = rows_backward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), lse, pos, self_idx,
-                                     pos_dot, coef / (2 * n))
-        du.index_add_(0, q_idx, dq)
-        L = local.numel()
-        return du[:n], du[n:], d_rs[:L] + d_rs[L:]
-    lse1, pd1, lse2, pd2 = stats
-    c = coef / (2 * n)
-    dq1, db, d_rs1 = rows_backward(a.index_select(0, local), b, rs, lse1, pos, None, pd1, c)
-    dq2, da, d_rs2 = rows_backward(b.index_select(0, local), a, rs, lse2, pos, None, pd2, c)
-    da.index_add_(0, local, dq1)
-    db.index_add_(0, local, dq2)
-    return da, db, d_rs1 + d_rs2
-
-
-def _pair_row_scale(s, row_weights, rows, i, j, acc):
-    """s * w_b for the rows of pair (i, j) (w = 1 without weights)."""
-    if row_weights is None:
-        return s.expand(rows.numel()).contiguous()
-    return s * row_weights[:, i, j].index_select(0, rows).to(acc)
-
-
-class _InfoNCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, weights, scale: float):
-        acc = accumulation_dtype(a.dtype)
-        a32, b32 = a.to(acc), b.to(acc)
-        rs = torch.full((a.shape[0],), scale, dtype=acc, device=a.device)
-        if weights is not None:
-            rs = rs * weights.to(acc)
-        loss, lse, _, pos = cross_forward(a32, b32, rs, False)
-        ctx.save_for_backward(a32, b32, rs, lse, pos)
-        ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype, None if weights is None else weights.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b, rs, lse, pos = ctx.saved_tensors
-        da, db, d_rs = cross_backward(a, b, rs, lse, None, pos, grad.to(a.dtype))
-        dweights = None if ctx.dtypes[2] is None else (d_rs * ctx.scale).to(ctx.dtypes[2])
-        return da.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), dweights, None
-
-
-def contrastive(z, present, logit_scale, row_weights, form, row_range=None):
+def contrastive(e, present, logit_scale, row_weights, form, row_range=None):
     """[M, M] pair losses of every active pair i < j (backend contract in _dispatch.py).
 
-    row_range=(start, stop): only the rows of samples start..stop-1 (see AllPairsContrastive).
+    row_range=(start, stop): only the rows of samples start..stop-1 (see scale_fast/backends/_allpairs.py).
     """
-    return AllPairsContrastive.apply(z, present, logit_scale, row_weights, form,
-                                     None if row_range is None else (int(row_range[0]), int(row_range[1])))
-
-
-contrastive.supports_row_range = True  # scale_fast.distributed uses row_range (other backends: no)
-
-
-class _InfoNCERows(torch.autograd.Function):
-    """Sum over this rank's rows of the "nce" task's terms, against every rank's targets."""
-
-    @staticmethod
-    def forward(ctx, a, b, weights, scale: float, offset: int):
-        acc = accumulation_dtype(a.dtype)
-        a32, b32 = a.to(acc), b.to(acc)
-        rs = torch.full((a.shape[0],), scale, dtype=acc, device=a.device)
-        if weights is not None:
-            rs = rs * weights.to(acc)
-        pos = torch.arange(offset, offset + a.shape[0], device=a.device)
-        total, lse, pos_dot = rows_forward(a32, b32, rs, pos)
-        ctx.save_for_backward(a32, b32, rs, lse, pos_dot, pos)
-        ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype, None if weights is None else weights.dtype)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b, rs, lse, pos_dot, pos = ctx.saved_tensors
-        da, db, d_rs = rows_backward(a, b, rs, lse, pos, None, pos_dot, grad.to(a.dtype))
-        dweights = None if ctx.dtypes[2] is None else (d_rs * ctx.scale).to(ctx.dtypes[2])
-        return da.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), dweights, None, None
-
-
-def info_nce_rows(a, b, row_weights, scale, offset):
-    """sum_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_(offset+n)) over the rows a [R, F] against b [N, F].
-
-    The row-block form of info_nce under a process group: a holds this rank's
-    rows, b every rank's (gathered), and a_n's positive is b[offset + n].
-    """
-    return _InfoNCERows.apply(a, b, row_weights, float(scale), int(offset))
+    return all_pairs(FORMS, e, present, logit_scale, row_weights, form, row_range)
 
 
 def info_nce(a, b, row_weights, scale):
     """One-direction InfoNCE of rows a against rows b (the "nce" masked task)."""
-    return _InfoNCE.apply(a, b, row_weights, float(scale))
+    return _allpairs.info_nce(KERNELS, a, b, row_weights, scale)
+
+
+def info_nce_rows(a, b, row_weights, scale, offset):
+    """The row-block form of info_nce under a process group (see scale_fast/backends/_allpairs.py)."""
+    return _allpairs.info_nce_rows(KERNELS, a, b, row_weights, scale, offset)

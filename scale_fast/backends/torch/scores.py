@@ -2,14 +2,15 @@
 
 The Gram entries z_i . z_j are formed by a Function that normalises a chunk of
 samples at a time and recomputes it in backward, so no normalised [M, B, D]
-copy is kept; the rest works on [B, M, M] and is left to autograd.
+copy is kept; the rest (scale_fast/backends/_scores.py) works on [B, M, M] and is
+left to autograd.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
+from .._scores import scores as shared_scores
 
 SAMPLES_PER_CHUNK = 4096
 
@@ -60,33 +61,6 @@ class _Gram(torch.autograd.Function):
         return de, None, None
 
 
-def masked_softmax(scores: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """Row softmax over the active entries; inactive entries get weight 0, empty rows are all 0."""
-    masked = scores.masked_fill(~active, float("-inf"))
-    row_max = masked.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    expd = torch.exp(scores - row_max) * active
-    denom = expd.sum(dim=-1, keepdim=True)
-    return expd / torch.where(denom > 0, denom, torch.ones_like(denom))
-
-
-def harmonize(scores: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-    """S' = rownorm(S * softmax(S)) with the softmax restricted to active entries."""
-    return F.normalize(scores * masked_softmax(scores, active), dim=-1, eps=1e-12)
-
-
 def scores(e: torch.Tensor, present: torch.Tensor, mode: str):
     """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in _dispatch.py)."""
-    acc = accumulation_dtype(e.dtype)
-    pf = present.to(acc)
-    counts = pf @ pf.T  # |P_ij|
-    active = counts >= 1
-    if mode == "sample":
-        gram = _Gram.apply(e, present, True)
-        act = present.T[:, :, None] & present.T[:, None, :]
-    else:
-        # absent rows are exactly zero, so the sum over all b is the sum over P_ij
-        gram = _Gram.apply(e, present, False) / counts.clamp(min=1)
-        act = active
-    S = torch.where(act, gram, torch.zeros_like(gram))
-    return S, harmonize(S, act), active
+    return shared_scores(e, present, mode, _Gram.apply)

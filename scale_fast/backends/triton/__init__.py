@@ -1,9 +1,58 @@
-"""Triton kernels (installed as ``scale_fast.backends.triton``): the "triton" backend.
+"""Triton kernels: the "triton" backend.
 
 Each op lives in its own module with its kernels and its autograd.Function;
 ``scale_fast.backends.triton.ops`` exposes them under the names of the backend contract
-in ``scale_fast/_dispatch.py``.  Importing needs triton; the kernels run on CUDA
-tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was
-imported (how the test suite runs them without a GPU).
+in ``scale_fast/_dispatch.py``.  This package declares the backend without importing
+triton (the dispatcher imports ``ops`` once triton imports).  The kernels run on CUDA
+tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported
+(how the test suite runs them without a GPU).
 """
-import triton  # noqa: F401  (ImportError here marks the backend unavailable)
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .._capability import Capability
+
+# The fused scores kernel holds a sample's padded [M, M] block in registers (scores.py).
+MAX_MODALITIES = 16
+
+_import_error: list = []
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available() -> bool:
+    """True when triton imports and there is a device for it (CUDA, or the interpreter on CPU)."""
+    if not _import_error:
+        try:
+            importlib.import_module("triton")
+            _import_error.append("")
+        except ImportError as exc:
+            _import_error.append(f"triton does not import ({type(exc).__name__}: {exc})")
+    return not unavailable_reason()
+
+
+def unavailable_reason() -> str:
+    if _import_error and _import_error[0]:
+        return _import_error[0]
+    if not torch.cuda.is_available() and not _interpreted():
+        return "no CUDA device (set TRITON_INTERPRET=1 before importing to interpret the kernels on CPU)"
+    return ""
+
+
+CAPABILITY = Capability(
+    name="triton",
+    module="scale_fast.backends.triton.ops",
+    devices=("cuda", "cpu") if _interpreted() else ("cuda",),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    ops=("scores", "contrastive", "info_nce", "linear_cross_entropy"),
+    max_modalities={"scores": MAX_MODALITIES},
+    preferred_on=("cuda",),
+    is_available=is_available,
+    unavailable_reason=unavailable_reason,
+)

@@ -46,8 +46,8 @@ Design (all pairs i < j of one call run in the same launches; nothing B x B is s
 Precision: bf16/fp16 inputs use tensor cores with fp32 accumulation.  float32 inputs
 use exact fp32 dot products (``input_precision="ieee"``) unless TF32 is enabled by the
 environment variable ``SCALE_FAST_TF32=1`` (read at import) or by setting the module
-attribute ``scale_fast.backends.triton.contrastive.ALLOW_TF32 = True``.  float64 inputs run a
-plain torch implementation (materializes a pair's [2n, 2n] logits; a testing path).
+attribute ``scale_fast.backends.triton.contrastive.ALLOW_TF32 = True``.  float64 inputs have no
+kernels: the dispatcher runs the torch backend for them (the backend's record, ``__init__``).
 """
 from __future__ import annotations
 
@@ -475,8 +475,6 @@ def contrastive(z, present, logit_scale, row_weights, form):
         raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
     M, B, D = z.shape
     scale = _as_scale(logit_scale, z)
-    if z.dtype == torch.float64:
-        return _contrastive_torch(z, present, scale, row_weights, form)
     out = torch.zeros((M, M), device=z.device, dtype=torch.float32)
     if M < 2:
         return out
@@ -497,14 +495,6 @@ def info_nce(a, b, row_weights, scale):
     """mean_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_n), one direction (the "nce" task)."""
     N, F = a.shape
     s = _as_scale(scale, a)
-    if a.dtype == torch.float64 or b.dtype == torch.float64:
-        a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        logits = s.to(torch.float64) * (a64 @ b64.t())
-        if row_weights is not None:
-            logits = logits * row_weights.to(torch.float64)[:, None]
-        if N == 0:
-            return logits.sum() * 0.0
-        return (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
     if N == 0:
         return (a.sum() + b.sum()).to(torch.float32) * 0.0
     dtype = torch.promote_types(a.dtype, b.dtype)
@@ -515,46 +505,3 @@ def info_nce(a, b, row_weights, scale):
     w = None if row_weights is None else row_weights.reshape(1, N).to(torch.float32).contiguous()
     loss = _PairLossFn.apply(z, w, s, present.view(torch.uint8), pi32, pj32, valid, False, 1)
     return loss[0]
-
-
-# ----------------------------------------------------------------------------------
-# float64 path (plain torch, exact; materializes one pair's logits at a time)
-# ----------------------------------------------------------------------------------
-def _contrastive_torch(z, present, scale, row_weights, form):
-    M, B, D = z.shape
-    out = torch.zeros((M, M), device=z.device, dtype=z.dtype)
-    s = scale.to(z.dtype)
-    losses, idx_i, idx_j = [], [], []
-    for i in range(M):
-        for j in range(i + 1, M):
-            v = present[i] & present[j]
-            idx = v.nonzero().flatten()
-            n = idx.numel()
-            if n == 0:
-                continue
-            zi = torch.where(present[i, :, None], z[i], torch.zeros_like(z[i]))[idx]
-            zj = torch.where(present[j, :, None], z[j], torch.zeros_like(z[j]))[idx]
-            wv = row_weights[idx, i, j].to(z.dtype) if row_weights is not None else torch.ones(n, dtype=z.dtype, device=z.device)
-            if form == "ntxent":
-                u = torch.cat([zi, zj], 0)
-                ww = torch.cat([wv, wv], 0)
-                lg = s * ww[:, None] * (u @ u.t())
-                eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-                lg_m = lg.masked_fill(eye, float("-inf"))
-                r = torch.arange(2 * n, device=z.device)
-                pos = lg[r, (r + n) % (2 * n)]
-                L = (torch.logsumexp(lg_m, 1) - pos).mean()
-            else:
-                g = zi @ zj.t()
-                lij = s * wv[:, None] * g
-                lji = s * wv[:, None] * g.t()
-                L = 0.5 * ((torch.logsumexp(lij, 1) - lij.diagonal()).mean()
-                           + (torch.logsumexp(lji, 1) - lji.diagonal()).mean())
-            losses.append(L)
-            idx_i.append(i)
-            idx_j.append(j)
-    if losses:
-        ii = torch.tensor(idx_i, device=z.device)
-        jj = torch.tensor(idx_j, device=z.device)
-        out = out.index_put((ii, jj), torch.stack(losses))
-    return out

@@ -60,7 +60,7 @@ Numerics and options
   TF32 in the chunked backward's cuBLAS calls) by default.  Set the
   environment variable ``SCALE_FAST_TF32=1`` (read at every call) to use TF32
   tensor cores instead (about 10 significant bits per product).
-* float64 inputs fall back to the chunked torch implementation.
+* float64 inputs have no kernels: the dispatcher runs the torch backend for them.
 * All index arithmetic that can exceed 2^31 (row * H, vocab * H, row * K) is
   int64.  Any N, H, K work (masks); "mean" over zero non-ignored rows is 0.
 * No host synchronisation: the non-ignored row count is a device tensor, and
@@ -643,14 +643,9 @@ def _addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return acc.add_(torch.mm(a, b).float())
 
 
-def _torch_fallback(*args):
-    from scale_fast._dispatch import get_op
-
-    return get_op("torch", "linear_cross_entropy")(*args)
-
-
 def linear_cross_entropy(hidden, weight, target, bias=None, scale=None, ignore_index=-100, reduction="mean"):
-    """Backend contract in ``scale_fast/_dispatch.py`` (fused Triton kernels, float64 -> torch)."""
+    """Backend contract in ``scale_fast/_dispatch.py`` (fused Triton kernels; float64 is routed to the
+    torch backend by the dispatcher, as the backend's record declares)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     N = hidden.shape[0]
@@ -659,8 +654,6 @@ def linear_cross_entropy(hidden, weight, target, bias=None, scale=None, ignore_i
     elif scale is not None and scale.dim() == 0:
         scale = scale.expand(N)
     dt = torch.promote_types(hidden.dtype, weight.dtype)
-    if dt == torch.float64 or not (dt.is_floating_point and dt.itemsize <= 4):
-        return _torch_fallback(hidden, weight, target, bias, scale, ignore_index, reduction)
     out_dtype = torch.float32
     if N == 0 or weight.shape[0] == 0:
         zero = (hidden.sum() * 0.0 + weight.sum() * 0.0).to(out_dtype)

@@ -14,7 +14,8 @@
   z_i[b] . z_j[b] (absent rows are 0, so only b in P_ij count); the [M, M]
   mean, softmax, R and normalization are plain torch on [M, M].  Its backward
   reuses the sample backward kernel with one shared [M, M] dG (batch stride 0).
-* float64 inputs (and M > 16) use a plain torch implementation.
+* float64 inputs and M > 16 have no kernels here: the backend's record (``__init__``) says so and
+  the dispatcher runs the torch backend for them.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._scores import harmonize
+
 _EPS = 1e-12
-_MAX_M = 16
 _ELEMS = 4096  # BLOCK_B * MP * MP * BLOCK_D per step
 _BLOCK_D = 16
 
@@ -237,43 +239,10 @@ class _BatchGramFn(torch.autograd.Function):
         return dz, None
 
 
-def _harmonize_torch(S: torch.Tensor, act: torch.Tensor):
-    neg = torch.finfo(S.dtype).min
-    logits = torch.where(act, S, torch.full_like(S, neg))
-    A = torch.softmax(logits, dim=-1)
-    A = torch.where(act, A, torch.zeros_like(A))
-    R = S * A
-    nrm = torch.linalg.vector_norm(R, dim=-1, keepdim=True)
-    return R / nrm.clamp_min(_EPS)
-
-
-def _scores_torch(z, present, mode):
-    M, B, D = z.shape
-    present = present.to(torch.bool)
-    act_b = present[:, None, :] & present[None, :, :]  # [M, M, B]
-    active = act_b.any(-1)
-    zm = torch.where(present[..., None], z, torch.zeros_like(z))
-    odt = torch.float64 if z.dtype == torch.float64 else torch.float32
-    zm = zm.to(odt)
-    if mode == "sample":
-        G = torch.einsum("ibd,jbd->bij", zm, zm)
-        act = act_b.permute(2, 0, 1)
-        S = torch.where(act, G, torch.zeros_like(G))
-    else:
-        Ssum = torch.einsum("ibd,jbd->ij", zm, zm)
-        cnt = act_b.sum(-1).to(odt)
-        act = active
-        S = torch.where(act, Ssum / cnt.clamp_min(1), torch.zeros_like(Ssum))
-    return S, _harmonize_torch(S, act), active
-
-
 def scores(z, present, mode="sample"):
     """(S, S_prime, active) of docs/contract.md §3 for z [M, B, D] (L2-normalised, absent rows 0)."""
     if mode not in ("sample", "batch"):
         raise ValueError(f"mode must be 'sample' or 'batch', got {mode!r}")
-    M, B, D = z.shape
-    if z.dtype == torch.float64 or M > _MAX_M:
-        return _scores_torch(z, present, mode)
     present = present.to(torch.bool)
     active = (present[:, None, :] & present[None, :, :]).any(-1)
     z, present_u8 = _prep(z, present)
@@ -283,4 +252,4 @@ def scores(z, present, mode="sample"):
     Ssum = _BatchGramFn.apply(z, present_u8)
     cnt = (present[:, None, :] & present[None, :, :]).sum(-1).to(torch.float32)
     S = torch.where(active, Ssum / cnt.clamp_min(1), torch.zeros_like(Ssum))
-    return S, _harmonize_torch(S, active), active
+    return S, harmonize(S, active), active

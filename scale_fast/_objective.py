@@ -1,0 +1,96 @@
+"""The SCALE objective (docs/contract.md §6) on validated inputs, for one process or a process group.
+
+One process is the world-size-1 case of the process-group path (scale_fast/distributed.py),
+written out where that is simpler: no gathers, the contrastive op over all rows, the masked
+tasks divided by their local counts and no final sum over ranks.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from . import distributed as D
+from ._compiled_ops import run_op
+from ._dispatch import get_op
+from ._normalize import accumulation_dtype
+from ._tasks import TaskRanks, count, local_counts, row_weights, task_loss
+from .backends._scores import harmonize as harmonize_scores
+from .types import MaskedTask, SCALELossOutput
+
+
+def _batch_scores(e, present, backend, active, counts, group):
+    """Global batch-mode (S, S'): local Gram sums all-reduced with gradient."""
+    S_local, _, _ = run_op(backend, "scores", e, present, "batch")
+    pf = present.to(S_local.dtype)
+    gram_sum = D.all_reduce_sum(S_local * (pf @ pf.T), group)  # S_local is the local mean: back to a sum
+    S = torch.where(active, gram_sum / counts.clamp(min=1), torch.zeros_like(gram_sum))
+    return S, harmonize_scores(S, active)
+
+
+def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor, tasks: Dict[int, MaskedTask],
+                    task_embeddings: Optional[torch.Tensor], mode: str, form: str, harmonize: bool,
+                    detach_weights: bool, backend: str, group=None) -> SCALELossOutput:
+    """scale_loss of this process's batch (group None) or of the group's global batch (see scale_fast/distributed.py)."""
+    M, B, _ = e.shape
+    acc = accumulation_dtype(e.dtype)
+    layout = None
+    if group is None:
+        e_all, present_all = e, present
+    else:  # 1. sizes and task layout; 2. the global batch
+        layout = D.exchange_layout(e, tasks, task_embeddings, local_counts(tasks), group)
+        e_all = D.gather_rows(e, layout.sizes, 1, group)
+        present_all = D.gather_rows(present.to(torch.uint8), layout.sizes, 1, group).bool()
+
+    # 3. scores (sample mode: the local samples' own; batch mode: from the global Gram sums)
+    def scores(x):
+        if mode == "batch" and group is not None:
+            return _batch_scores(x, present, backend, active, counts, group)
+        S, S_prime, _ = run_op(backend, "scores", x, present, mode)
+        return S, S_prime
+
+    pf = present_all.to(acc)
+    counts = pf @ pf.T  # |P_ij| of the (global) batch
+    active = counts >= 1
+    S, S_prime = scores(e)
+    weights = S_prime.detach() if detach_weights else S_prime
+    pair_weights = None
+    if harmonize:
+        pair_weights = weights if mode == "sample" else weights.expand(B, M, M)
+
+    # 4. the contrastive losses (under a group: the terms of this rank's rows, against every column)
+    if group is None:
+        pair = run_op(backend, "contrastive", e, present, scale, pair_weights, form)
+    else:
+        rows = (layout.start, layout.start + B)
+        pair = get_op(backend, "contrastive", e_all, row_range=True)(e_all, present_all, scale, pair_weights, form,
+                                                                      rows).to(acc)
+
+    masked = torch.zeros(M, dtype=pair.dtype, device=e.device)
+    if tasks:
+        task_weights = weights
+        if task_embeddings is not None and harmonize:
+            _, task_S_prime = scores(task_embeddings)
+            task_weights = task_S_prime.detach() if detach_weights else task_S_prime
+        losses = []
+        for m in range(M):
+            if m not in tasks:
+                losses.append(masked[m])
+                continue
+            task = tasks[m]
+            w_rows = row_weights(task_weights, m, task, mode) if harmonize else None
+            if group is None:
+                loss = task_loss(task, w_rows, backend, count(task))
+            else:
+                sizes = layout.task_rows[m]
+                ranks = TaskRanks(lambda x, sizes=sizes: D.gather_rows(x, sizes, 0, group), sum(sizes[:layout.rank]))
+                loss = task_loss(task, w_rows, backend, layout.task_counts[m], ranks)
+            losses.append(loss.to(pair.dtype))
+        masked = torch.stack(losses)
+
+    if group is not None:  # 5. sum the ranks' shares (one all_reduce, with gradient)
+        summed = D.all_reduce_sum(torch.cat([pair.reshape(-1), masked]), group)
+        pair, masked = summed[: M * M].reshape(M, M), summed[M * M:]
+    n_active = torch.triu(active, diagonal=1).sum()
+    total = pair.sum() / n_active.clamp(min=1).to(pair.dtype) + masked.sum()
+    return SCALELossOutput(total, pair, masked, S, S_prime, active)

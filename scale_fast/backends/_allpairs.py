@@ -1,0 +1,296 @@
+"""The all-pairs contrastive driver (docs/contract.md §4) and the info-NCE op, shared by the backends.
+
+Three layers, so that a backend writes only tile loops and a new loss form only its math:
+
+* pair kernels (``PairKernels``): a backend's loops over the tiles of one pair's logits
+  (torch: scale_fast/backends/torch/contrastive.py; cpp: the compiled ones);
+* pair forms (``NTXent``, ``Clip``): how one pair's loss is built from the kernels, for all
+  its rows (``forward``/``backward``) and for a block of its rows against every column
+  (``rows_forward``/``rows_backward``, the row_range form; needs the row-block kernels);
+* the driver (``all_pairs``): every active pair i < j in one autograd Function.  It saves
+  only the raw embeddings e, the row indices and each form's O(n) statistics; a pair's
+  rows are gathered and normalised again in backward and their gradient added straight
+  into one de buffer.
+
+A new form is a class with the methods of ``PairForm`` (``rows_*`` only for row_range),
+added to the backend's ``forms`` mapping; the driver needs no change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Protocol, Tuple
+
+import torch
+
+from .._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
+
+
+@dataclass(frozen=True)
+class PairKernels:
+    """A backend's tile loops over one pair (rows already gathered and normalised, accumulation dtype).
+
+    ntxent_forward(u, rs) -> (loss, lse, pos); ntxent_backward(u, rs, lse, pos, coef) -> (du, d_rs):
+        NT-Xent of u = [a; b] (positives r <-> r + n, self excluded), rs = s * w per row of u.
+    cross_forward(a, b, rs, both) -> (loss, lse_rows, lse_cols or None, pos);
+    cross_backward(a, b, rs, lse_rows, lse_cols, pos, coef) -> (da, db, d_rs):
+        InfoNCE of a against b (positives on the diagonal), both directions when ``both``.
+    rows_forward(q, k, rs, pos, self_idx) -> (sum, lse, pos_dot);
+    rows_backward(q, k, rs, lse, pos, self_idx, pos_dot, coef) -> (dq, dk, d_rs):
+        the row-block form: sum over query rows q of LSE over every key row k minus the
+        positive k[pos]; self_idx (or None) a column to exclude per row.  Optional.
+    coef: a 0-dim tensor, the gradient of the returned loss.
+    """
+
+    ntxent_forward: Callable
+    ntxent_backward: Callable
+    cross_forward: Callable
+    cross_backward: Callable
+    rows_forward: Optional[Callable] = None
+    rows_backward: Optional[Callable] = None
+
+
+class PairForm(Protocol):
+    """One pair's loss from its unit rows a, b [n, D] and row scales rs [n] (= s * w_b)."""
+
+    def forward(self, a, b, rs) -> Tuple[torch.Tensor, object]: ...
+
+    def backward(self, a, b, rs, stats, coef) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    # row_range: only the loss terms of rows `local` (indices into a, b), against every column,
+    # divided by the pair's full normaliser; rs holds the scales of those rows only.
+    def rows_forward(self, a, b, rs, local) -> Tuple[torch.Tensor, object]: ...
+
+    def rows_backward(self, a, b, rs, local, stats, coef) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class NTXent:
+    """NT-Xent of one pair: the 2n rows [a; b], each row's positive its partner, self excluded."""
+
+    def __init__(self, kernels: PairKernels):
+        self.k = kernels
+
+    def forward(self, a, b, rs):
+        loss, lse, pos = self.k.ntxent_forward(torch.cat([a, b]), torch.cat([rs, rs]))
+        return loss, (lse, pos)
+
+    def backward(self, a, b, rs, stats, coef):
+        n = a.shape[0]
+        du, d_rs = self.k.ntxent_backward(torch.cat([a, b]), torch.cat([rs, rs]), *stats, coef)
+        return du[:n], du[n:], d_rs[:n] + d_rs[n:]
+
+    @staticmethod
+    def _queries(n, local):
+        """(query rows of u = [a; b], their positive columns, their own columns to exclude)."""
+        q_idx = torch.cat([local, local + n])
+        return q_idx, torch.cat([local + n, local]), q_idx
+
+    def rows_forward(self, a, b, rs, local):
+        n = a.shape[0]
+        q_idx, pos, self_idx = self._queries(n, local)
+        u = torch.cat([a, b])
+        total, lse, pos_dot = self.k.rows_forward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), pos, self_idx)
+        return total / (2 * n), (lse, pos_dot)
+
+    def rows_backward(self, a, b, rs, local, stats, coef):
+        n = a.shape[0]
+        q_idx, pos, self_idx = self._queries(n, local)
+        lse, pos_dot = stats
+        u = torch.cat([a, b])
+        dq, du, d_rs = self.k.rows_backward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), lse, pos, self_idx,
+                                            pos_dot, coef / (2 * n))
+        du.index_add_(0, q_idx, dq)
+        L = local.numel()
+        return du[:n], du[n:], d_rs[:L] + d_rs[L:]
+
+
+class Clip:
+    """CLIP's symmetric InfoNCE of one pair: a -> b and b -> a, positives on the diagonal."""
+
+    def __init__(self, kernels: PairKernels):
+        self.k = kernels
+
+    def forward(self, a, b, rs):
+        loss, lse_r, lse_c, pos = self.k.cross_forward(a, b, rs, True)
+        return loss, (lse_r, lse_c, pos)
+
+    def backward(self, a, b, rs, stats, coef):
+        return self.k.cross_backward(a, b, rs, *stats, coef)
+
+    def rows_forward(self, a, b, rs, local):
+        n = a.shape[0]
+        s1, lse1, pd1 = self.k.rows_forward(a.index_select(0, local), b, rs, local, None)
+        s2, lse2, pd2 = self.k.rows_forward(b.index_select(0, local), a, rs, local, None)
+        return 0.5 * (s1 + s2) / n, (lse1, pd1, lse2, pd2)
+
+    def rows_backward(self, a, b, rs, local, stats, coef):
+        n = a.shape[0]
+        lse1, pd1, lse2, pd2 = stats
+        c = coef / (2 * n)
+        dq1, db, d_rs1 = self.k.rows_backward(a.index_select(0, local), b, rs, lse1, local, None, pd1, c)
+        dq2, da, d_rs2 = self.k.rows_backward(b.index_select(0, local), a, rs, lse2, local, None, pd2, c)
+        da.index_add_(0, local, dq1)
+        db.index_add_(0, local, dq2)
+        return da, db, d_rs1 + d_rs2
+
+
+def pair_forms(kernels: PairKernels) -> Mapping[str, PairForm]:
+    """The forms every backend with these kernels offers, by the name users pass (form=...)."""
+    return {"ntxent": NTXent(kernels), "clip": Clip(kernels)}
+
+
+def gather_unit_rows(e, m, rows, acc):
+    """(u, inv, projected): the rows `rows` of modality m, normalised (all are present); u is contiguous."""
+    return normalize_rows(e[m].index_select(0, rows).to(acc))
+
+
+def pair_row_scale(s, row_weights, rows, i, j, acc):
+    """s * w_b for the rows `rows` of pair (i, j) (w = 1 without weights); contiguous."""
+    if row_weights is None:
+        return s.expand(rows.numel()).contiguous()
+    return s * row_weights[:, i, j].index_select(0, rows).to(acc)
+
+
+class _AllPairs(torch.autograd.Function):
+    """Every active pair i < j of e [M, B, D] in one Function (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, pair: PairForm, e, present, scale, row_weights, row_range):
+        M = e.shape[0]
+        acc = accumulation_dtype(e.dtype)
+        s = scale.detach().to(acc)
+        out = torch.zeros(M, M, dtype=acc, device=e.device)
+        pairs = []
+        for i in range(M):
+            for j in range(i + 1, M):
+                rows = torch.nonzero(present[i] & present[j]).squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                local = None
+                if row_range is not None:
+                    local = torch.nonzero((rows >= row_range[0]) & (rows < row_range[1])).squeeze(1)
+                    if local.numel() == 0:
+                        continue
+                a, b = gather_unit_rows(e, i, rows, acc)[0], gather_unit_rows(e, j, rows, acc)[0]
+                if local is None:
+                    out[i, j], stats = pair.forward(a, b, pair_row_scale(s, row_weights, rows, i, j, acc))
+                else:
+                    rs = pair_row_scale(s, row_weights, rows.index_select(0, local) - row_range[0], i, j, acc)
+                    out[i, j], stats = pair.rows_forward(a, b, rs, local)
+                pairs.append((i, j, rows, local, stats))
+        ctx.save_for_backward(e, scale, row_weights)
+        ctx.pair, ctx.pairs, ctx.row_range = pair, pairs, row_range
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        e, scale, row_weights = ctx.saved_tensors
+        pair, row_range = ctx.pair, ctx.row_range
+        acc = accumulation_dtype(e.dtype)
+        s = scale.detach().to(acc)
+        de = torch.zeros(e.shape, dtype=acc, device=e.device)
+        n_rows = e.shape[1] if row_range is None else row_range[1] - row_range[0]
+        d_rows = torch.zeros(n_rows, e.shape[0], e.shape[0], dtype=acc, device=e.device)  # d loss / d (s w)
+        grad = grad.to(acc)
+        used = grad.ne(0).tolist()
+        for i, j, rows, local, stats in ctx.pairs:
+            if not used[i][j]:  # this pair's loss is not used: its gradient is exactly 0
+                continue
+            a, inv_a, proj_a = gather_unit_rows(e, i, rows, acc)
+            b, inv_b, proj_b = gather_unit_rows(e, j, rows, acc)
+            if local is None:
+                w_rows = rows
+                rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
+                da, db, d_rs = pair.backward(a, b, rs, stats, grad[i, j])
+            else:
+                w_rows = rows.index_select(0, local) - row_range[0]
+                rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
+                da, db, d_rs = pair.rows_backward(a, b, rs, local, stats, grad[i, j])
+            de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
+            de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
+            d_rows[w_rows, i, j] = d_rs
+        dweights = dscale = None
+        if ctx.needs_input_grad[4]:
+            dweights = (d_rows * s).to(row_weights.dtype)
+        if ctx.needs_input_grad[3]:
+            w = 1.0 if row_weights is None else row_weights.to(acc)
+            dscale = (d_rows * w).sum().to(scale.dtype)
+        return None, de.to(e.dtype), None, dscale, dweights, None
+
+
+def all_pairs(forms: Mapping[str, PairForm], e, present, logit_scale, row_weights, form, row_range=None):
+    """[M, M] pair losses of every active pair i < j (backend contract in scale_fast/_dispatch.py).
+
+    forms: the backend's pair forms by name.  row_range=(start, stop) (the process-group path,
+    scale_fast/distributed.py): e and present hold the global batch, only the loss terms of the
+    rows whose sample lies in [start, stop) are summed (against every column), divided by the
+    global normaliser, and row_weights is the local [stop - start, M, M]; summing the outputs
+    over a partition of [0, B) gives the full loss.
+    """
+    if row_range is not None:
+        row_range = (int(row_range[0]), int(row_range[1]))
+    return _AllPairs.apply(forms[form], e, present, logit_scale, row_weights, row_range)
+
+
+def _scaled_rows(a, weights, scale: float):
+    acc = accumulation_dtype(a.dtype)
+    rs = torch.full((a.shape[0],), scale, dtype=acc, device=a.device)
+    return rs if weights is None else (rs * weights.to(acc)).contiguous()
+
+
+class _InfoNCE(torch.autograd.Function):
+    """mean_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_n) over the cross kernels, one direction."""
+
+    @staticmethod
+    def forward(ctx, kernels: PairKernels, a, b, weights, scale: float):
+        acc = accumulation_dtype(a.dtype)
+        a32, b32 = a.to(acc).contiguous(), b.to(acc).contiguous()
+        rs = _scaled_rows(a, weights, scale)
+        loss, lse, _, pos = kernels.cross_forward(a32, b32, rs, False)
+        ctx.save_for_backward(a32, b32, rs, lse, pos)
+        ctx.kernels, ctx.scale = kernels, scale
+        ctx.dtypes = (a.dtype, b.dtype, None if weights is None else weights.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, rs, lse, pos = ctx.saved_tensors
+        da, db, d_rs = ctx.kernels.cross_backward(a, b, rs, lse, None, pos, grad.to(a.dtype))
+        dweights = None if ctx.dtypes[2] is None else (d_rs * ctx.scale).to(ctx.dtypes[2])
+        return None, da.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), dweights, None
+
+
+class _InfoNCERows(torch.autograd.Function):
+    """Sum over this rank's rows of the info-NCE terms, against every rank's targets."""
+
+    @staticmethod
+    def forward(ctx, kernels: PairKernels, a, b, weights, scale: float, offset: int):
+        acc = accumulation_dtype(a.dtype)
+        a32, b32 = a.to(acc).contiguous(), b.to(acc).contiguous()
+        rs = _scaled_rows(a, weights, scale)
+        pos = torch.arange(offset, offset + a.shape[0], device=a.device)
+        total, lse, pos_dot = kernels.rows_forward(a32, b32, rs, pos, None)
+        ctx.save_for_backward(a32, b32, rs, lse, pos_dot, pos)
+        ctx.kernels, ctx.scale = kernels, scale
+        ctx.dtypes = (a.dtype, b.dtype, None if weights is None else weights.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, rs, lse, pos_dot, pos = ctx.saved_tensors
+        da, db, d_rs = ctx.kernels.rows_backward(a, b, rs, lse, pos, None, pos_dot, grad.to(a.dtype))
+        dweights = None if ctx.dtypes[2] is None else (d_rs * ctx.scale).to(ctx.dtypes[2])
+        return None, da.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), dweights, None, None
+
+
+def info_nce(kernels: PairKernels, a, b, row_weights, scale):
+    """One-direction InfoNCE of rows a against rows b (the "nce" masked task, docs/contract.md §5)."""
+    return _InfoNCE.apply(kernels, a, b, row_weights, float(scale))
+
+
+def info_nce_rows(kernels: PairKernels, a, b, row_weights, scale, offset):
+    """sum_n (LSE_k s w_n a_n . b_k - s w_n a_n . b_(offset+n)) over the rows a [R, F] against b [N, F].
+
+    The row-block form of info_nce under a process group: a holds this rank's rows, b every
+    rank's (gathered), and a_n's positive is b[offset + n].
+    """
+    return _InfoNCERows.apply(kernels, a, b, row_weights, float(scale), int(offset))

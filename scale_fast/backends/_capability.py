@@ -1,0 +1,66 @@
+"""What a backend declares about itself: the record ``scale_fast._dispatch`` chooses from.
+
+Each backend package (``scale_fast/backends/<name>/__init__.py``) declares one ``Capability``
+named ``CAPABILITY``.  Declaring it imports nothing heavy (no triton, no compiler): the
+dispatcher reads every record to answer ``available_backends()`` and ``explain_backend()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Tuple
+
+import torch
+
+
+def _always() -> bool:
+    return True
+
+
+def _no_reason() -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class Capability:
+    """A backend's declared reach.
+
+    name: the backend name users pass (backend="...").
+    module: the module holding the ops under the contract names of scale_fast/_dispatch.py
+        (imported only once the backend is available).
+    devices: device types its kernels run on ("cpu", "cuda"; "*": any).
+    dtypes: floating input dtypes it has kernels for (others go to the torch backend).
+    ops: the contract ops it implements (others go to the torch backend).
+    row_range_ops: ops that accept ``row_range`` (this rank's rows against every column,
+        the process-group path of scale_fast/distributed.py).
+    max_modalities: {op: largest M it handles} (larger M goes to the torch backend).
+    preferred_on: device types where backend="auto" picks it (the first preferred available
+        backend in registry order wins; torch is the last resort everywhere).
+    is_available / unavailable_reason: whether it can run on this machine now, and why not.
+    """
+
+    name: str
+    module: str
+    devices: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
+    ops: Tuple[str, ...]
+    row_range_ops: Tuple[str, ...] = ()
+    max_modalities: Mapping[str, int] = field(default_factory=dict)
+    preferred_on: Tuple[str, ...] = ()
+    is_available: Callable[[], bool] = _always
+    unavailable_reason: Callable[[], str] = _no_reason
+
+    def lacks(self, op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+              modalities: Optional[int] = None, row_range: bool = False) -> str:
+        """Why this backend cannot run `op` on these inputs ("" when it can); availability aside."""
+        if op not in self.ops:
+            return f"{self.name} has no {op} op"
+        if "*" not in self.devices and device.type not in self.devices:
+            return f"{self.name} runs on {'/'.join(self.devices)} tensors, not {device.type}"
+        if dtype is not None and dtype not in self.dtypes:
+            return f"{self.name} has no {str(dtype).replace('torch.', '')} kernels"
+        limit = self.max_modalities.get(op)
+        if modalities is not None and limit is not None and modalities > limit:
+            return f"{self.name} {op} handles M <= {limit}, got M={modalities}"
+        if row_range and op not in self.row_range_ops:
+            return f"{self.name} {op} has no row_range (local rows x global columns) form"
+        return ""
