@@ -1,10 +1,16 @@
-"""`scale-fast bench`: the command's code path at tiny sizes writes the table, the CSV and the plots."""
+"""The benchmark system (scale_fast/bench/) at tiny sizes: `scale-fast bench` writes the table, the
+CSV and the plots; a disagreeing implementation is not timed; the scripts of benchmarks/ run."""
 import csv
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from scale_fast import bench, cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_command_writes_table_csv_and_plots(tmp_path, capsys):
@@ -14,13 +20,14 @@ def test_bench_command_writes_table_csv_and_plots(tmp_path, capsys):
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "## contrastive_clip_m2" in stdout and "## linear_ce" in stdout
-    assert "| B | impl | time ms | peak MiB |" in stdout
+    assert "| B | impl | time ms | CPU ms | × base | peak MiB |" in stdout
     # a peer that is not installed is listed with the reason, not hidden
     if importlib.util.find_spec("open_clip") is None:
         assert "OpenCLIP ClipLoss: skipped: not installed" in stdout
     assert "Liger fused_linear_cross_entropy: skipped" in stdout
     md = (out / "bench.md").read_text()
     assert "machine:" in md and "versions:" in md and "command: `scale-fast bench --quick" in md
+    assert "torch 1 thread," in md and "load average" in md
     with open(out / "bench.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["op"] for r in rows} == {"contrastive_clip_m2", "linear_ce"}
@@ -28,6 +35,8 @@ def test_bench_command_writes_table_csv_and_plots(tmp_path, capsys):
     assert {r["impl"] for r in ok} >= {"scale_fast torch", "naive torch"}
     for r in ok:   # checked against the float64 reference before timing
         assert float(r["time ms"]) > 0 and float(r["loss rel err"]) < 1e-4 and float(r["grad rel err"]) < 1e-3
+    naive = [r for r in ok if r["kind"] == "naive"]
+    assert naive and all(float(r["x base"]) == 1.0 for r in naive)
     assert all(r["info_torch"] and r["info_date_utc"] for r in rows)
     if importlib.util.find_spec("matplotlib") is not None:
         for op in ("contrastive_clip_m2", "linear_ce"):
@@ -44,9 +53,59 @@ def test_bench_rejects_unknown_op():
 
 
 def test_bench_mismatch_is_not_timed():
-    ops = bench.all_ops()
-    op = ops["contrastive_ntxent_m2"]
-    wrong = bench.Impl("wrong", "peer", lambda inp: (lambda: 2.0 * inp["emb"].sum()))
-    op.impls = lambda device: [wrong]
+    op = bench.all_ops()["contrastive_ntxent_m2"]
+    op.impls = lambda device: [bench.Impl("wrong", "peer", lambda inp: (lambda: 2.0 * inp["emb"].sum()))]
     (rec,) = bench.run_op(op, "cpu", "quick", [16], reps=1, warmup=0, log=lambda s: None)
     assert rec["status"] == "MISMATCH" and "time ms" not in rec
+
+
+def test_fresh_process_peak_measures_one_call():
+    op = bench.all_ops()["linear_ce"]
+    rows = bench.run_op(op, "cpu", "quick", [64], reps=1, warmup=0, impl_filter={"naive"}, fresh_peak=True,
+                        timed=False, log=lambda s: None)
+    (row,) = [r for r in rows if r["status"] == "ok"]
+    # one call holds at least the [N, K] float32 logits; the fresh process sees them too
+    assert row["peak MiB"] >= 64 * 4096 * 4 / 2 ** 20 and row["peak RSS MiB"] >= 64 * 4096 * 4 / 2 ** 20
+    assert "time ms" not in row
+
+
+def test_plot_keeps_identical_series_and_zero(tmp_path):
+    """Two identical series get different markers; a measured 0 MiB is drawn at 0, not at a floor."""
+    pytest.importorskip("matplotlib")
+    from scale_fast.bench import report
+
+    op = bench.all_ops()["linear_ce"]
+    recs = [{"op": "linear_ce", "x": x, "impl": name, "kind": kind, "status": "ok", "time ms": 1.0 + x,
+             "peak MiB": 0.0 if name == "b" else 2.0} for x in (1, 2) for name, kind in (("a", "naive"), ("b", "peer"),
+                                                                                          ("c", "peer"))]
+    recs += [dict(r, impl="c2") for r in recs if r["impl"] == "c"]
+    info = {"cpu_cores": 2, "torch_threads": 1, "torch": "x"}
+    import matplotlib.pyplot as plt
+
+    saved = {}
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, path, *a, **k):
+        saved["fig"] = fig
+        return real_savefig(fig, path, *a, **k)
+    plt.Figure.savefig = capture
+    try:
+        assert report.plot(op, recs, tmp_path / "p.png", info)
+    finally:
+        plt.Figure.savefig = real_savefig
+    time_ax, mem_ax = saved["fig"].axes
+    lines = mem_ax.get_lines()
+    assert len({ln.get_marker() for ln in lines}) == len(lines) == 4
+    b = next(ln for ln in lines if ln.get_label() == "b")
+    assert list(b.get_ydata()) == [0.0, 0.0] and mem_ax.get_ylim()[0] == 0
+    assert "1 thread," in saved["fig"]._suptitle.get_text()
+
+
+def test_script_runs(tmp_path):
+    """A thin script of benchmarks/ over the package (the others share its _script.py)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_linear_ce.py"), "--dry-run", "--threads",
+                           "1", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "linear_ce_cpu_dryrun.md").read_text()
+    assert "| ok |" in md and "command: `python benchmarks/bench_linear_ce.py --dry-run" in md
+    assert (tmp_path / "linear_ce_cpu_dryrun.csv").exists()

@@ -102,7 +102,7 @@ def test_build_settings():
     assert "-fopenmp" in s["extra_cflags"]
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
         assert "scale_fast" in str(s["build_directory"])
-    assert _build.source_path().is_file()
+    assert all(p.is_file() for p in _build.source_paths())
 
 
 @needs_cpp
@@ -136,16 +136,19 @@ def test_contrastive_dtypes(form, dtype):
         assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-@needs_cpp
-@pytest.mark.parametrize("nthreads", [1, 2])
-@pytest.mark.parametrize("form", ["ntxent", "clip"])
-def test_contrastive_many_tiles(monkeypatch, threads, form, nthreads):
-    """Tiny tiles: ragged last tiles, diagonal and off-diagonal tiles, thread-local accumulation."""
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def tiny_tiles(request, monkeypatch, threads):
+    """16-row tiles (many ragged tiles from small inputs), on 1 and on 2 intra-op threads."""
     import importlib
 
-    mod = importlib.import_module("scale_fast.backends.cpp.contrastive")
-    monkeypatch.setattr(mod, "TILE", 16)
-    threads(nthreads)
+    monkeypatch.setattr(importlib.import_module("scale_fast.backends.cpp.contrastive"), "TILE", 16)
+    threads(request.param)
+
+
+@needs_cpp
+@pytest.mark.parametrize("form", ["ntxent", "clip"])
+def test_contrastive_many_tiles(tiny_tiles, form):
+    """Tiny tiles: ragged last tiles, diagonal and off-diagonal tiles, thread-local accumulation."""
     for k, (B, pattern, wkind) in enumerate([(17, "random", "BMM"), (50, "mixed", "MM"), (101, "all", None)]):
         _contrastive_case(1200 + k, M=3, B=B, D=33, pattern=pattern, form=form, wkind=wkind, scale_kind="tensor")
         _contrastive_case(1210 + k, M=3, B=B, D=9, pattern=pattern, form=form, wkind=wkind, scale_kind="tensor",
@@ -153,18 +156,12 @@ def test_contrastive_many_tiles(monkeypatch, threads, form, nthreads):
 
 
 @needs_cpp
-@pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("form", ["ntxent", "clip"])
-def test_contrastive_online_max_path(monkeypatch, threads, form, nthreads):
+def test_contrastive_online_max_path(tiny_tiles, form):
     """|s w| large: the online max replaces the fixed shift (float32 at 2 max|s w| > 60), over many tiles."""
-    import importlib
-
     from conftest import assert_grad_close, assert_value_close, case_rng, make_embeddings, make_present, ref_leaf
     from reference import ref_pair_losses
 
-    mod = importlib.import_module("scale_fast.backends.cpp.contrastive")
-    monkeypatch.setattr(mod, "TILE", 16)
-    threads(nthreads)
     for seed, (B, s_val) in enumerate([(45, 100.0), (70, 40.0), (33, 31.0)]):
         gen = torch_gen(1300 + seed)
         present = make_present(case_rng("cpp-online", seed), 3, B, "random")

@@ -7,18 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster when other jobs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 from scale_fast.data import DataFormatError, ManifestDataset, SyntheticProducts, collate, mask_batch
 from scale_fast.data.manifest import write_manifest
 from scale_fast.model import MODALITIES, SCALEConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CFG = SCALEConfig.tiny()
 

@@ -4,19 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster when other jobs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 from scale_fast.data import SyntheticProducts, collate, mask_batch
 from scale_fast.eval import masked_accuracy, retrieval
 from scale_fast.model import MODALITIES, JointCoTransformer, SCALEConfig, SCALEModel, TransformerStack
 from scale_fast.model.transformer import resolve_attention, xformers_available
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(**kw) -> SCALEConfig:

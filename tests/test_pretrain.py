@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and far faster when other jobs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 from scale_fast.cli import main
 from scale_fast.data import DataFormatError, SyntheticProducts
 from scale_fast.data.manifest import write_manifest
 from scale_fast.model import SCALEConfig, SCALEModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = ["--set", "hidden_size=32", "--set", "jct_hidden_size=32", "--set", "embed_dim=16"]
 

@@ -68,6 +68,16 @@ def make_task(rng, gen, kind, m, present, slow, *, need_index, N=None, dtype=tor
     return t
 
 
+def fixed_case(rng, seed, M, B, pattern, D, kinds, *, N, need_index=True, dtype=torch.float32, present_only=False,
+               slow=True):
+    """present [M, B], embeddings and one task per kind on modalities 0, 1, ... with N rows each."""
+    present = make_present(rng, M, B, pattern)
+    gen = torch_gen(seed)
+    e = make_embeddings(gen, present, D, dtype=dtype)
+    specs = {m: make_task(rng, gen, kind, m, present, slow, need_index=need_index, N=N, dtype=dtype)
+             for m, kind in enumerate(kinds) if not present_only or present[m].any()}
+    return present, e, specs
+
 def build_tasks(specs):
     """(lib tasks, ref tasks, [(name, lib leaf, ref leaf)])."""
     lib, ref, leaves = {}, {}, []
@@ -244,12 +254,8 @@ def test_detach_weights_cuts_the_weight_path(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_harmonize_off(backend, mode):
     """harmonize=False: plain unweighted losses; sample_index not needed in sample mode."""
-    rng = case_rng("harm", backend, mode)
-    present = make_present(rng, 3, 11, "mixed")
-    gen = torch_gen(33)
-    e = make_embeddings(gen, present, 7)
-    specs = {m: make_task(rng, gen, kind, m, present, True, need_index=False, N=4)
-             for m, kind in zip(range(3), ("ce", "nce", "kl"))}
+    present, e, specs = fixed_case(case_rng("harm", backend, mode), 33, 3, 11, "mixed", 7, ("ce", "nce", "kl"), N=4,
+                                   need_index=False)
     for t in specs.values():
         t["sample_index"] = None
     run_and_compare(backend, present, e, task_specs=specs, mode=mode, harmonize=False, form="clip")
@@ -302,24 +308,16 @@ def test_list_of_tensors_embeddings(backend):
 
 
 def test_bfloat16_inputs():
-    rng = case_rng("bf16")
-    present = make_present(rng, 4, 48, "random")
-    gen = torch_gen(37)
-    e = make_embeddings(gen, present, 33, dtype=torch.bfloat16)
-    specs = {m: make_task(rng, gen, kind, m, present, False, need_index=True, N=20, dtype=torch.bfloat16)
-             for m, kind in zip(range(4), KINDS[:4]) if present[m].any()}
+    present, e, specs = fixed_case(case_rng("bf16"), 37, 4, 48, "random", 33, KINDS[:4], N=20, dtype=torch.bfloat16,
+                                   present_only=True, slow=False)
     out, _, _ = run_and_compare("torch", present, e, task_specs=specs, mode="sample", scale_kind="tensor",
                                 rtol=LOW_RTOL, atol=LOW_RTOL, grtol=LOW_RTOL)
     assert out.total.dtype == torch.float32
 
 
 def test_float64_inputs():
-    rng = case_rng("f64")
-    present = make_present(rng, 3, 17, "mixed")
-    gen = torch_gen(38)
-    e = make_embeddings(gen, present, 9, dtype=torch.float64)
-    specs = {m: make_task(rng, gen, kind, m, present, False, need_index=True, N=6, dtype=torch.float64)
-             for m, kind in zip(range(3), ("ce", "kl", "nce")) if present[m].any()}
+    present, e, specs = fixed_case(case_rng("f64"), 38, 3, 17, "mixed", 9, ("ce", "kl", "nce"), N=6,
+                                   dtype=torch.float64, present_only=True, slow=False)
     out, _, _ = run_and_compare("torch", present, e, task_specs=specs, mode="batch", scale_kind="tensor",
                                 rtol=1e-9, atol=1e-10, grtol=1e-8)
     assert out.total.dtype == torch.float64
@@ -402,12 +400,8 @@ def test_noncontiguous_inputs(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_inputs_backends(backend, dtype):
-    rng = case_rng("half-scale", backend, str(dtype))
-    present = make_present(rng, 3, 10, "random")
-    gen = torch_gen(42)
-    e = make_embeddings(gen, present, 16, dtype=dtype)
-    specs = {m: make_task(rng, gen, kind, m, present, True, need_index=True, N=5, dtype=dtype)
-             for m, kind in zip(range(3), ("ce", "mse", "nce")) if present[m].any()}
+    present, e, specs = fixed_case(case_rng("half-scale", backend, str(dtype)), 42, 3, 10, "random", 16,
+                                   ("ce", "mse", "nce"), N=5, dtype=dtype, present_only=True)
     out, _, _ = run_and_compare(backend, present, e, task_specs=specs, mode="sample", scale_kind="float",
                                 rtol=LOW_RTOL, atol=LOW_RTOL, grtol=LOW_RTOL)
     assert out.total.dtype == torch.float32
@@ -417,11 +411,7 @@ def test_half_precision_inputs_backends(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tasks_without_rows(backend, mode):
     """A task with N = 0 rows (every kind) contributes exactly 0 and backward still runs."""
-    rng = case_rng("empty", backend, mode)
-    present = make_present(rng, 4, 8, "all")
-    gen = torch_gen(43)
-    e = make_embeddings(gen, present, 7)
-    specs = {m: make_task(rng, gen, kind, m, present, True, need_index=True, N=0)
-             for m, kind in zip(range(4), ("ce", "kl", "mse", "nce"))}
+    present, e, specs = fixed_case(case_rng("empty", backend, mode), 43, 4, 8, "all", 7, ("ce", "kl", "mse", "nce"),
+                                   N=0)
     out, _, _ = run_and_compare(backend, present, e, task_specs=specs, mode=mode, scale_kind="tensor")
     assert (out.masked.detach().cpu() == 0).all()

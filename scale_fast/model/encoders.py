@@ -25,26 +25,46 @@ def _init_embedding(e: nn.Embedding) -> nn.Embedding:
     return e
 
 
-class TokenEncoder(nn.Module):
-    def __init__(self, vocab_size: int, dim: int, length: int, depth: int, heads: int, *, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0, attention: str = "auto", num_types: int = 1, pad_token_id: int = 0,
-                 cls_mode: str = "learned"):
-        super().__init__()
-        self.cls_mode = cls_mode
-        self.token = _init_embedding(nn.Embedding(vocab_size, dim, padding_idx=pad_token_id))
-        self.position = _init_embedding(nn.Embedding(length, dim))
-        self.types = _init_embedding(nn.Embedding(num_types, dim)) if num_types > 1 else None
+class _Encoder(nn.Module):
+    """What every encoder shares: the CLS vector, LayerNorm, dropout and the stack after the
+    modality's own input layers (built first, so parameters are created in the same order)."""
+
+    def _build_stack(self, dim: int, length: int, depth: int, heads: int, mlp_ratio: float, dropout: float,
+                     attention: str, cls_mode: str):
         self.cls = nn.Parameter(torch.randn(dim) * 0.02)
+        self.cls_mode = cls_mode
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.stack = TransformerStack(dim, depth, heads, mlp_ratio, dropout, attention)
         self.length = length
 
+    def _check_length(self, L: int, what: str):
+        if L + 1 > self.length:
+            raise ValueError(f"{L} {what} exceed the encoder's length {self.length} (CLS included)")
+
+    def _encode(self, x: torch.Tensor, cls: torch.Tensor, valid: torch.Tensor, drop: bool):
+        """[CLS] + x with positions, normed, through the stack: ([B, 1 + L, H], keep [B, 1 + L])."""
+        B, L = valid.shape
+        x = torch.cat([cls[:, None], x], dim=1)
+        x = self.drop(self.norm(x + self.position.weight[: L + 1]))
+        keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=valid.device), valid], dim=1)
+        return self.stack(x, keep, drop=drop), keep
+
+
+class TokenEncoder(_Encoder):
+    def __init__(self, vocab_size: int, dim: int, length: int, depth: int, heads: int, *, mlp_ratio: float = 4.0,
+                 dropout: float = 0.0, attention: str = "auto", num_types: int = 1, pad_token_id: int = 0,
+                 cls_mode: str = "learned"):
+        super().__init__()
+        self.token = _init_embedding(nn.Embedding(vocab_size, dim, padding_idx=pad_token_id))
+        self.position = _init_embedding(nn.Embedding(length, dim))
+        self.types = _init_embedding(nn.Embedding(num_types, dim)) if num_types > 1 else None
+        self._build_stack(dim, length, depth, heads, mlp_ratio, dropout, attention, cls_mode)
+
     def forward(self, ids: torch.Tensor, valid: torch.Tensor, types: torch.Tensor | None = None,
                 drop: bool = False):
         B, L = ids.shape
-        if L + 1 > self.length:
-            raise ValueError(f"{L} tokens exceed the encoder's length {self.length} (CLS included)")
+        self._check_length(L, "tokens")
         x = self.token(ids)
         if self.types is not None and types is not None:
             x = x + self.types(types)
@@ -52,31 +72,22 @@ class TokenEncoder(nn.Module):
         if self.cls_mode == "mean":
             w = valid.to(x.dtype)[..., None]
             cls = cls + (x * w).sum(1) / w.sum(1).clamp(min=1)
-        x = torch.cat([cls[:, None], x], dim=1)
-        x = self.drop(self.norm(x + self.position.weight[: L + 1]))
-        keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=ids.device), valid], dim=1)
-        return self.stack(x, keep, drop=drop), keep
+        return self._encode(x, cls, valid, drop)
 
 
-class FeatureEncoder(nn.Module):
+class FeatureEncoder(_Encoder):
     def __init__(self, feature_dim: int, dim: int, length: int, depth: int, heads: int, *, box_dim: int = 0,
                  mlp_ratio: float = 4.0, dropout: float = 0.0, attention: str = "auto", cls_mode: str = "mean"):
         super().__init__()
         self.proj = nn.Linear(feature_dim, dim)
         self.box = nn.Linear(box_dim, dim) if box_dim else None
         self.position = _init_embedding(nn.Embedding(length, dim))
-        self.cls = nn.Parameter(torch.randn(dim) * 0.02)
-        self.cls_mode = cls_mode
-        self.norm = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
-        self.stack = TransformerStack(dim, depth, heads, mlp_ratio, dropout, attention)
-        self.length = length
+        self._build_stack(dim, length, depth, heads, mlp_ratio, dropout, attention, cls_mode)
 
     def forward(self, feats: torch.Tensor, valid: torch.Tensor, boxes: torch.Tensor | None = None,
                 drop: bool = False):
         B, L, F = feats.shape
-        if L + 1 > self.length:
-            raise ValueError(f"{L} rows exceed the encoder's length {self.length} (CLS included)")
+        self._check_length(L, "rows")
         H = self.proj.out_features
         if drop:  # project only the real rows
             flat = valid.reshape(-1).nonzero().squeeze(1)
@@ -94,7 +105,4 @@ class FeatureEncoder(nn.Module):
             cls = self.proj(mean) + self.cls.to(x.dtype)
         else:
             cls = self.cls.to(x.dtype).expand(B, -1)
-        x = torch.cat([cls[:, None], x], dim=1)
-        x = self.drop(self.norm(x + self.position.weight[: L + 1]))
-        keep = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=feats.device), valid], dim=1)
-        return self.stack(x, keep, drop=drop), keep
+        return self._encode(x, cls, valid, drop)

@@ -1,4 +1,4 @@
-"""The "cpp" backend: compiled CPU kernels (csrc/scale_fast_cpu.cpp) for the fused ops.
+"""The "cpp" backend: compiled CPU kernels (csrc/*.cpp) for the fused ops.
 
 Importing this module compiles nothing; ``is_available()`` (called by the dispatcher the
 first time backend "cpp" -- or "auto" on CPU, or ``sf.available_backends()`` -- is asked

@@ -1,4 +1,4 @@
-"""JIT build of the compiled CPU kernels (csrc/scale_fast_cpu.cpp).
+"""JIT build of the compiled CPU kernels (csrc/*.cpp).
 
 The extension is built with ``torch.utils.cpp_extension.load`` (ninja + pybind11) the first
 time it is needed -- never at ``import scale_fast`` -- and cached on disk:
@@ -30,16 +30,16 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_SOURCE_NAME = "scale_fast_cpu.cpp"
+_SOURCE_NAMES = ("contrastive.cpp", "linear_ce.cpp", "scores.cpp", "bindings.cpp")  # + csrc/common.h
 _STALE_LOCK_S = 900  # a build lock older than this was left by a killed build: remove it
 log = logging.getLogger("scale_fast.backends.cpp")
 _lock = threading.RLock()
 _state: dict = {"tried": False, "ext": None, "reason": None, "warned": False}
 
 
-def source_path() -> Path:
-    """csrc/scale_fast_cpu.cpp, shipped inside this package (also in a wheel)."""
-    return Path(__file__).resolve().parent / "csrc" / _SOURCE_NAME
+def source_paths() -> list[Path]:
+    """The translation units in csrc/, shipped inside this package (also in a wheel)."""
+    return [Path(__file__).resolve().parent / "csrc" / name for name in _SOURCE_NAMES]
 
 
 def _truthy(name: str) -> bool:
@@ -85,9 +85,10 @@ def _compile() -> ModuleType:
     """Build (or load the cached build of) the extension; raises on any failure."""
     from torch.utils import cpp_extension
 
-    src = source_path()
-    if not src.is_file():
-        raise RuntimeError(f"C++ source {src} not found (the package was installed without its csrc/ data)")
+    srcs = source_paths()
+    for src in srcs:
+        if not src.is_file():
+            raise RuntimeError(f"C++ source {src} not found (the package was installed without its csrc/ data)")
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH")
@@ -106,7 +107,7 @@ def _compile() -> ModuleType:
         build_dir = str(build_dir)
     log.info("scale_fast: building (or loading the cached build of) the C++ extension %s (first build: ~1 min)",
              settings["name"])
-    return cpp_extension.load(sources=[str(src)], build_directory=build_dir, verbose=_truthy("SCALE_FAST_CPP_VERBOSE"),
+    return cpp_extension.load(sources=[str(s) for s in srcs], build_directory=build_dir, verbose=_truthy("SCALE_FAST_CPP_VERBOSE"),
                               **settings)
 
 

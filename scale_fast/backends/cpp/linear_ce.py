@@ -1,6 +1,6 @@
 """Fused linear cross-entropy on the compiled kernels (backend contract in _dispatch.py).
 
-The C++ sweep (csrc/scale_fast_cpu.cpp, lce_sweep) walks the rows in blocks: one GEMM
+The C++ sweep (csrc/linear_ce.cpp, lce_sweep) walks the rows in blocks: one GEMM
 forms a block of [rows, K] logits, ONE fused pass per row adds the bias, finds the max,
 sums the exponentials, picks the target and overwrites the row with d loss / d logits
 (plus the scale, soft-target and bias gradients), then two GEMMs give d hidden (written in

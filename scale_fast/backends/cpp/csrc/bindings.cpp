@@ -1,0 +1,65 @@
+// scale_fast compiled CPU kernels (backend="cpp"), JIT-built by scale_fast/backends/cpp/_build.py
+// through torch.utils.cpp_extension.load (ninja + pybind11) from the files of this folder:
+//   common.h         shared helpers (BLAS tile GEMM, AVX2 exp, thread slots, checks)
+//   contrastive.cpp  NT-Xent and cross-modal InfoNCE tiles
+//   linear_ce.cpp    the fused linear cross-entropy sweep
+//   scores.cpp       per-sample Gram matrices
+//   bindings.cpp     this module
+//
+// Contracts (all tensors contiguous, in the accumulation dtype T unless said otherwise):
+//   ntxent_forward(u[2n,D], rs[2n], tile)               -> lse[2n]
+//   ntxent_backward(u, rs, lse, coef, tile)             -> (du[2n,D], dot_p[2n], p_sum[2n])
+//   cross_forward(a[n,D], b[n,D], rs[n], both, tile)    -> (lse_rows[n], lse_cols[n] or None)
+//   cross_backward(a, b, rs, lse_r, lse_c?, coef, tile) -> (da, db, dot_p[dirs,n], p_sum[dirs,n])
+//   lce_sweep(...)                                       -> see linear_ce.cpp
+//   sample_gram_forward(e[M,B,D], present[M,B])          -> (G[B,M,M], inv[M,B])
+//   sample_gram_backward(e, present, inv, grad[B,M,M])   -> de[M,B,D]
+// where rs[r] = logit_scale * w_r, lse are log-sum-exp of the rows' logits (self excluded
+// for NT-Xent), dot_p[r] = sum_c P[r,c] G[r,c] and p_sum[r] = sum_c P[r,c] (P = softmax of
+// row r, G the Gram matrix), so that d loss / d rs can be formed as in the torch backend.
+#include <torch/csrc/utils/pybind.h>
+
+#include "common.h"
+
+namespace sf {
+namespace {
+
+void set_direct_blas(bool on) { g_use_blas = on; }
+
+bool direct_blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+bool has_avx2() {
+#ifdef SF_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace sf
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace sf;
+  m.doc() = "scale_fast compiled CPU kernels (fused contrastive and linear cross-entropy)";
+  m.def("ntxent_forward", &ntxent_forward, "NT-Xent row log-sum-exp (self excluded)", pybind11::arg("u"),
+        pybind11::arg("rs"), pybind11::arg("tile"));
+  m.def("ntxent_backward", &ntxent_backward, "NT-Xent gradient of the LSE terms: (du, dot_p, p_sum)",
+        pybind11::arg("u"), pybind11::arg("rs"), pybind11::arg("lse"), pybind11::arg("coef"), pybind11::arg("tile"));
+  m.def("cross_forward", &cross_forward, "cross-modal InfoNCE log-sum-exp (rows, and columns when both)",
+        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("rs"), pybind11::arg("both"), pybind11::arg("tile"));
+  m.def("cross_backward", &cross_backward, "cross-modal InfoNCE gradient of the LSE terms: (da, db, dot_p, p_sum)",
+        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("rs"), pybind11::arg("lse_r"), pybind11::arg("lse_c"),
+        pybind11::arg("coef"), pybind11::arg("tile"));
+  m.def("lce_sweep", &lce_sweep, "fused linear cross-entropy sweep (losses, lse and gradients)",
+        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("scale"),
+        pybind11::arg("target"), pybind11::arg("ignore_index"), pybind11::arg("lse_saved"), pybind11::arg("coef"),
+        pybind11::arg("needs"), pybind11::arg("block_rows"));
+  m.def("sample_gram_forward", &sample_gram_forward, "per-sample Gram of normalised rows: (G [B,M,M], inv [M,B])",
+        pybind11::arg("e"), pybind11::arg("present"));
+  m.def("sample_gram_backward", &sample_gram_backward, "d e of sum(grad * G)", pybind11::arg("e"),
+        pybind11::arg("present"), pybind11::arg("inv"), pybind11::arg("grad"));
+  m.def("has_avx2", &has_avx2, "whether the build uses the AVX2+FMA kernels");
+  m.def("set_direct_blas", &set_direct_blas, "call the BLAS sgemm_/dgemm_ directly (True) or at::mm (False)");
+  m.def("direct_blas_available", &direct_blas_available, "whether torch exports sgemm_/dgemm_");
+}

@@ -1,0 +1,135 @@
+"""Naive, materialized PyTorch baselines of the benchmarked ops (docs/contract.md §3-§5).
+
+What a user would write: every pair's whole logits matrix built, the diagonal masked,
+``F.cross_entropy`` applied; S' in plain torch (gradients flow through it).  They compute in
+the dtype of their inputs (cross-entropy of low-precision logits in float32, as the peers
+do) and are deliberately memory-hungry.  ``contrastive_chunked`` computes the same loss with
+bounded memory (row chunks recomputed in backward through checkpointing): the reference
+where the materialized one does not fit; it is never timed.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOGIT_SCALE = 1 / 0.07
+_FILL = -1.0e4   # finite "minus infinity" of the masked softmax (|S| <= 1)
+
+
+def _ce(logits, target, reduction="mean"):
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return F.cross_entropy(logits, target, reduction=reduction)
+
+
+def normalize(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """z = e / max(||e||, 1e-12) for present rows, exactly 0 for absent rows."""
+    z = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.where(present[..., None], z, torch.zeros_like(z))
+
+
+def scores_sample(z: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Per-sample S' [B, M, M] (mode="sample")."""
+    zb = z.transpose(0, 1)
+    S = zb @ zb.transpose(1, 2)
+    pb = present.transpose(0, 1)
+    act = pb[:, :, None] & pb[:, None, :]
+    S = torch.where(act, S, torch.zeros_like(S))
+    A = torch.softmax(torch.where(act, S, torch.full_like(S, _FILL)), dim=-1)
+    R = S * torch.where(act, A, torch.zeros_like(A))
+    return R / R.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def pair_sizes(present: torch.Tensor) -> list:
+    """n of every pair i < j (samples holding both modalities)."""
+    p = present.cpu()
+    return [int((p[i] & p[j]).sum()) for i, j in itertools.combinations(range(p.shape[0]), 2)]
+
+
+def _mean(losses, e):
+    """Mean over the active pairs (0, connected to e, when there is none)."""
+    return sum(losses) / len(losses) if losses else (e * 0.0).sum()
+
+
+def _pairs(z, present, weights):
+    """(z_i[V], z_j[V], w [n] or None) of every active pair."""
+    for i, j in itertools.combinations(range(z.shape[0]), 2):
+        V = torch.nonzero(present[i] & present[j]).flatten()
+        if V.numel():
+            yield z[i, V], z[j, V], None if weights is None else weights[V, i, j]
+
+
+def contrastive(e, present, *, form: str, weights=None, logit_scale=LOGIT_SCALE):
+    """Mean over active pairs of the pair losses, every pair's logits materialized."""
+    losses = []
+    for a, b, w in _pairs(normalize(e, present), present, weights):
+        n = a.shape[0]
+        if form == "ntxent":
+            u = torch.cat([a, b])
+            scale = logit_scale if w is None else logit_scale * torch.cat([w, w])[:, None]
+            logits = ((u @ u.t()) * scale).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=u.device),
+                                                       float("-inf"))
+            r = torch.arange(2 * n, device=u.device)
+            loss = _ce(logits, (r + n) % (2 * n))
+        else:
+            scale = logit_scale if w is None else logit_scale * w[:, None]
+            t = torch.arange(n, device=a.device)
+            loss = 0.5 * (_ce((a @ b.t()) * scale, t) + _ce((b @ a.t()) * scale, t))
+        losses.append(loss)
+    return _mean(losses, e)
+
+
+def _ntxent_rows(u, wr, r0: int, n: int, logit_scale: float, chunk):
+    r = torch.arange(r0, r0 + chunk.shape[0], device=u.device)
+    logits = (chunk @ u.t()) * (logit_scale * wr[r])[:, None]
+    logits[torch.arange(r.numel(), device=u.device), r] = float("-inf")
+    return _ce(logits, (r + n) % (2 * n), "sum")
+
+
+def _clip_rows(b, w, r0: int, logit_scale: float, chunk):
+    r = torch.arange(r0, r0 + chunk.shape[0], device=b.device)
+    return _ce((chunk @ b.t()) * (logit_scale * w[r])[:, None], r, "sum")
+
+
+def contrastive_chunked(e, present, *, form: str, harmonize: bool, logit_scale=LOGIT_SCALE, chunk_rows=2048):
+    """contrastive(e, present, form, weights=S' or None) in row chunks: memory O(chunk x 2n)."""
+    z = normalize(e, present)
+    weights = scores_sample(z, present) if harmonize else None
+    losses = []
+    for a, b, w in _pairs(z, present, weights):
+        n = a.shape[0]
+        w = torch.ones(n, dtype=z.dtype, device=z.device) if w is None else w
+        if form == "ntxent":
+            u, wr = torch.cat([a, b]), torch.cat([w, w])
+            loss = sum(checkpoint(_ntxent_rows, u, wr, r0, n, logit_scale, u[r0:r0 + chunk_rows],
+                                  use_reentrant=False) for r0 in range(0, 2 * n, chunk_rows)) / (2 * n)
+        else:
+            loss = 0.5 * sum(checkpoint(_clip_rows, y, w, r0, logit_scale, x[r0:r0 + chunk_rows], use_reentrant=False)
+                             for x, y in ((a, b), (b, a)) for r0 in range(0, n, chunk_rows)) / n
+        losses.append(loss)
+    return _mean(losses, e)
+
+
+def contrastive_bytes(present: torch.Tensor, elem_bytes: int, form: str) -> int:
+    """Rough peak extra memory of the naive fwd+bwd: per pair the graph keeps about 2.25
+    (ntxent) or 4 (clip: two matrices) logits-sized buffers; backward needs ~3 more
+    transiently for the largest pair."""
+    sq = [(2 * n) ** 2 if form == "ntxent" else n * n for n in pair_sizes(present)]
+    kept = 2.25 if form == "ntxent" else 4.0
+    return int(elem_bytes * (kept * sum(sq) + 3.0 * max(sq))) if sq else 0
+
+
+def linear_ce(hidden, weight, target, row_scale=None):
+    """F.linear + F.cross_entropy: the whole [N, K] logits materialized."""
+    logits = F.linear(hidden, weight)
+    if row_scale is not None:
+        logits = logits * row_scale[:, None]
+    return _ce(logits, target)
+
+
+def linear_ce_bytes(N: int, K: int, elem_bytes: int) -> int:
+    """logits + log-softmax output + logits grad (+ the float32 copies for low precision)."""
+    return (3 + (2 if elem_bytes < 4 else 0)) * N * K * elem_bytes
