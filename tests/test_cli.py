@@ -23,14 +23,6 @@ QUICK = ["--batch-size", "8", "--eval-size", "16", "--eval-every", "0", "--log-e
          "--no-progress", "--threads", "1", "--backend", "torch", *SMALL]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cli(*argv, debug=False) -> subprocess.CompletedProcess:
     """`scale-fast ARGV` in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -139,25 +131,28 @@ def train_losses(out: Path):
     return [(r["step"], r["loss"]) for r in map(json.loads, open(out / "log.jsonl")) if r["event"] == "train"]
 
 
-def test_sigint_checkpoints_and_resume_reaches_the_same_loss(tmp_path, capsys):
-    steps = ["--steps", "30"]
-    run = tmp_path / "interrupted"
+def signal_mid_run(run: Path, steps: int, signum: int):
+    """Start `scale-fast pretrain` on `run`, send `signum` once its first step is logged; (status, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "scale_fast.cli", "pretrain", *steps, *QUICK, "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "scale_fast.cli", "pretrain", "--steps", str(steps), *QUICK,
+                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run / "log.jsonl").exists() and train_losses(run):
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not (
+                (run / "log.jsonl").exists() and train_losses(run)):
             time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)  # mid-run: after the first logged step, long before step 30
-        out, err = proc.communicate(timeout=240)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
+    return proc.returncode, err
+
+
+def test_sigint_checkpoints_and_resume_reaches_the_same_loss(tmp_path):
+    run, full = tmp_path / "interrupted", tmp_path / "full"
+    status, err = signal_mid_run(run, 30, signal.SIGINT)  # long before step 30
+    assert status == 130 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert f"scale-fast pretrain --out {run} --resume" in last, err
     stopped = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
@@ -165,31 +160,17 @@ def test_sigint_checkpoints_and_resume_reaches_the_same_loss(tmp_path, capsys):
     assert train_losses(run)[-1][0] == stopped
 
     assert main(["pretrain", "--out", str(run), "--resume", *QUICK]) == 0
-    full = tmp_path / "full"
-    assert main(["pretrain", *steps, *QUICK, "--out", str(full)]) == 0
+    assert main(["pretrain", "--steps", "30", *QUICK, "--out", str(full)]) == 0
     assert train_losses(run) == train_losses(full)  # every step's loss, bit for bit, the last one included
     torch.testing.assert_close(torch.load(run / "checkpoint.pt", weights_only=False)["model"],
                                torch.load(full / "checkpoint.pt", weights_only=False)["model"], rtol=0, atol=0)
 
 
 def test_sigterm_exits_143_with_a_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "scale_fast.cli", "pretrain", "--steps", "400", *QUICK,
-                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None and not (
-                (run / "log.jsonl").exists() and train_losses(run)):
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err
+    status, err = signal_mid_run(tmp_path / "run", 400, signal.SIGTERM)
+    assert status == 143, err
     assert "SIGTERM: stopped after step" in err and "--resume" in err
-    assert (run / "checkpoint.pt").is_file()
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
 def test_second_signal_aborts_at_once(capsys):
