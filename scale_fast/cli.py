@@ -847,7 +847,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"scale-fast: aborted ({e or 'SIGINT'})", file=sys.stderr)
+        print(f"scale-fast: aborted ({str(e) or 'SIGINT'})", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - not the user's mistake: one line, the traceback on request
         if debug:

@@ -236,7 +236,7 @@ def test_interrupted_build_leaves_no_orphan_compiler(tmp_path, monkeypatch):
         raise Interrupted
 
     def send_when_compiling():
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGUSR1)  # stands for Ctrl-C in the training process
@@ -255,6 +255,45 @@ def test_interrupted_build_leaves_no_orphan_compiler(tmp_path, monkeypatch):
     while _alive(compiler) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(compiler), "the compiler outlived the interrupted build"
+
+
+LOAD_BUILD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("sf_build", sys.argv[1])
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)  # _build imports torch only inside its functions: these processes start fast
+"""
+CHILD_OF_A_DYING_PARENT = LOAD_BUILD + """
+import subprocess, time
+build.run_as_child()  # what the real build child does first
+compiler = subprocess.Popen(["sleep", "60"])
+open(sys.argv[2], "w").write(str(compiler.pid))
+time.sleep(60)
+"""
+DYING_PARENT = LOAD_BUILD + """
+build._builder_command = lambda: [sys.executable, "-c", sys.argv[3], sys.argv[1], sys.argv[2]]
+build._build_in_child({})
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG (Linux)")
+def test_killed_parent_leaves_no_orphan_compiler(tmp_path):
+    """SIGKILL (or a closed terminal) gives the parent no chance to clean up: the child ends its group."""
+    import time
+
+    pid_file = tmp_path / "compiler.pid"
+    parent = subprocess.Popen([sys.executable, "-c", DYING_PARENT, _build.__file__, str(pid_file),
+                               CHILD_OF_A_DYING_PARENT])
+    deadline = time.monotonic() + 300
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    parent.kill()
+    parent.wait()
+    compiler = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(compiler) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(compiler), "the compiler outlived its killed parent"
 
 
 def _alive(pid: int) -> bool:
