@@ -153,6 +153,7 @@ def test_stale_lock_of_a_killed_build_is_taken_over(tmp_path):
 @pytest.mark.skipif(_build.fcntl is None, reason="flock (POSIX)")
 def test_lock_waits_for_a_live_owner_and_names_it(tmp_path):
     import threading
+    import time
 
     first, second = _build.BuildLock(tmp_path), _build.BuildLock(tmp_path)
     first.acquire()
@@ -165,11 +166,14 @@ def test_lock_waits_for_a_live_owner_and_names_it(tmp_path):
     thread = threading.Thread(target=take)
     thread.start()
     try:
-        assert not done.wait(0.3)  # blocked while the owner lives
-        assert waited == [os.getpid()]
+        deadline = time.monotonic() + 300
+        while not waited and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waited == [os.getpid()]  # it says whose build it waits for
+        assert not done.wait(0.3)  # and stays blocked while the owner lives
     finally:
         first.release()
-        thread.join(10)
+        thread.join(300)
     assert done.is_set()
     second.release()
 
