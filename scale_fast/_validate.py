@@ -6,16 +6,18 @@ range or option) whose message starts with the argument's name.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import os
+from typing import Optional, Sequence, Tuple
 
 import torch
-
-from .types import TASK_KINDS, MaskedTask
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("sample", "batch")
 FORMS = ("ntxent", "clip")
 REDUCTIONS = ("mean", "sum", "none")
+TASK_KINDS = ("ce", "kl", "mse", "nce")
+DEFAULT_MODALITIES = ("text", "image", "table", "video", "audio")  # SCALE's five, in the model's order
+SKIP_FINITE_ENV = "SCALE_FAST_SKIP_FINITE_CHECK"
 
 
 def values_checked() -> bool:
@@ -41,9 +43,9 @@ def check_tensor(name: str, value, *, ndim: int | None = None, floating: bool | 
     return value
 
 
-def check_device(name: str, value: torch.Tensor, device: torch.device) -> None:
+def check_device(name: str, value: torch.Tensor, device: torch.device, reference: str = "embeddings") -> None:
     if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but embeddings are on {device}")
+        raise ValueError(f"{name} is on {value.device} but {reference} are on {device}")
 
 
 def as_embeddings(embeddings, name: str = "embeddings") -> torch.Tensor:
@@ -74,10 +76,45 @@ def as_present(present, M: int, B: int, device: torch.device) -> torch.Tensor:
     check_tensor("present", present, ndim=2)
     if present.dtype != torch.bool:
         raise TypeError(f"present must be a bool tensor, got {present.dtype}")
+    if tuple(present.shape) == (B, M) != (M, B):
+        raise ValueError(f"embeddings must be [M, B, D] (modalities first), got shape {(M, B)} + [D] while present "
+                         f"is [M, B] = {(B, M)}: the embeddings look like [B, M, D]; pass embeddings.transpose(0, 1)")
     if tuple(present.shape) != (M, B):
         raise ValueError(f"present must have shape [M, B] = {(M, B)}, got {tuple(present.shape)}")
     check_device("present", present, device)
     return present
+
+
+def modality_names(modalities, M: int) -> Optional[Tuple[str, ...]]:
+    """The names of the M modalities: `modalities` checked, or SCALE's five when M == 5 (else None)."""
+    if modalities is None:
+        return DEFAULT_MODALITIES if M == len(DEFAULT_MODALITIES) else None
+    if isinstance(modalities, str) or not all(isinstance(n, str) for n in modalities):
+        raise TypeError(f"modalities must be a sequence of names (str), got {modalities!r}")
+    names = tuple(modalities)
+    if len(names) != M or len(set(names)) != M:
+        raise ValueError(f"modalities must be M={M} distinct names (one per row of embeddings), got {names}")
+    return names
+
+
+def modality_label(m: int, names: Optional[Sequence[str]]) -> str:
+    return f"modality {m} ({names[m]!r})" if names else f"modality {m}"
+
+
+def check_finite_rows(e: torch.Tensor, present: torch.Tensor, names: Optional[Sequence[str]] = None,
+                      name: str = "embeddings") -> None:
+    """A present row holding NaN or inf is an error: one reduction over e, one host read.
+
+    Skipped while torch.compile traces, and when SCALE_FAST_SKIP_FINITE_CHECK=1 (for speed).
+    """
+    if not values_checked() or os.environ.get(SKIP_FINITE_ENV, "") not in ("", "0"):
+        return
+    bad = torch.isfinite(e).all(dim=-1).logical_not_().logical_and_(present).flatten()
+    first = int(torch.where(bad.any(), bad.to(torch.uint8).argmax(), -1))
+    if first >= 0:
+        m, b = divmod(first, e.shape[1])
+        raise ValueError(f"{name}[{m}, {b}] ({modality_label(m, names)}, sample {b}) is present but not finite: "
+                         f"mark it absent in present or fix the input ({SKIP_FINITE_ENV}=1 skips this check)")
 
 
 def as_logit_scale(logit_scale, device: torch.device, name: str = "logit_scale") -> torch.Tensor:
@@ -137,48 +174,88 @@ def check_class_targets(name: str, target: torch.Tensor, n: int, k: int, ignore_
         )
 
 
-def check_linear_head(prefix: str, hidden, weight, bias, device) -> int:
+def check_linear_head(prefix: str, hidden, weight, bias, device, reference: str = "embeddings") -> int:
     """Validate hidden [N, H], weight [K, H], bias [K]; returns K (H when weight is None)."""
     check_tensor(f"{prefix}hidden", hidden, ndim=2, floating=True)
-    check_device(f"{prefix}hidden", hidden, device)
+    check_device(f"{prefix}hidden", hidden, device, reference)
     if weight is None:
         if bias is not None:
             raise ValueError(f"{prefix}bias needs {prefix}weight (predictions are hidden itself without a head)")
         return hidden.shape[1]
     check_tensor(f"{prefix}weight", weight, ndim=2, floating=True)
-    check_device(f"{prefix}weight", weight, device)
+    check_device(f"{prefix}weight", weight, device, reference)
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(
             f"{prefix}weight must have shape [K, H] with H = {hidden.shape[1]} (from hidden), got {tuple(weight.shape)}"
         )
     if bias is not None:
         check_tensor(f"{prefix}bias", bias, ndim=1, floating=True)
-        check_device(f"{prefix}bias", bias, device)
+        check_device(f"{prefix}bias", bias, device, reference)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{prefix}bias must have shape [K] = ({weight.shape[0]},), got {tuple(bias.shape)}")
     return weight.shape[0]
 
 
-def check_task(m: int, task, M: int, B: int, present: torch.Tensor, mode: str, needs_index: bool) -> None:
-    """docs/contract.md §5's checks for the task of modality m; names the task in every message."""
-    name = f"tasks[{m}]"
-    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < M:
-        raise ValueError(f"tasks keys must be modality indices in [0, M={M}), got {m!r}")
-    if not isinstance(task, MaskedTask):
-        raise TypeError(f"{name} must be a scale_fast.MaskedTask, got {type(task).__name__}")
-    check_choice(f"{name}.kind", task.kind, TASK_KINDS)
-    device = present.device
-    k = check_linear_head(f"{name}.", task.hidden, task.weight, task.bias, device)
+def task_index(key, M: int, names: Optional[Sequence[str]]) -> int:
+    """A tasks key: a modality index in [0, M) or one of the modality names."""
+    if isinstance(key, str):
+        if names is None:
+            raise ValueError(f"tasks key {key!r} is a modality name, but the M={M} modalities have no names: "
+                             f"pass modalities=[...] (one name per row of embeddings) or use indices")
+        if key not in names:
+            raise ValueError(f"tasks key {key!r} is not one of the modalities {tuple(names)}")
+        return list(names).index(key)
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < M:
+        raise ValueError(f"tasks keys must be modality indices in [0, M={M}) or modality names, got {key!r}")
+    return key
+
+
+def check_task_fields(prefix: str, task, device: Optional[torch.device] = None) -> None:
+    """The structure of a masked task (kind, dtypes, shapes, devices), without reading values.
+
+    Run when a MaskedTask is made (prefix "MaskedTask.", devices against hidden's) and again when
+    a loss uses it (prefix "tasks[m].", devices against the embeddings').
+    """
+    check_choice(f"{prefix}kind", task.kind, TASK_KINDS)
+    check_tensor(f"{prefix}hidden", task.hidden, ndim=2, floating=True)
+    reference = "embeddings"
+    if device is None:
+        device, reference = task.hidden.device, f"{prefix}hidden"
+    k = check_linear_head(prefix, task.hidden, task.weight, task.bias, device, reference)
     n = task.hidden.shape[0]
-    target = check_tensor(f"{name}.target", task.target)
-    check_device(f"{name}.target", target, device)
+    target = check_tensor(f"{prefix}target", task.target)
+    check_device(f"{prefix}target", target, device, reference)
     if task.kind == "ce":
-        check_tensor(f"{name}.target", target, floating=False)
-        check_class_targets(f"{name}.target", target, n, k, task.ignore_index)
+        check_tensor(f"{prefix}target", target, floating=False)
+        if tuple(target.shape) != (n,):
+            raise ValueError(f"{prefix}target must have shape [N] = ({n},), got {tuple(target.shape)}")
     else:
-        check_tensor(f"{name}.target", target, ndim=2, floating=True)
+        check_tensor(f"{prefix}target", target, ndim=2, floating=True)
         if tuple(target.shape) != (n, k):
-            raise ValueError(f"{name}.target must have shape [N, K] = {(n, k)}, got {tuple(target.shape)}")
+            raise ValueError(f"{prefix}target must have shape [N, K] = {(n, k)}, got {tuple(target.shape)}")
+    if task.sample_index is not None:
+        check_tensor(f"{prefix}sample_index", task.sample_index, ndim=1, floating=False)
+        check_device(f"{prefix}sample_index", task.sample_index, device, reference)
+        if task.sample_index.shape[0] != n:
+            raise ValueError(f"{prefix}sample_index must have one entry per row ({n}), got {task.sample_index.shape[0]}")
+    if isinstance(task.ignore_index, bool) or not isinstance(task.ignore_index, int):
+        raise TypeError(f"{prefix}ignore_index must be an int, got {type(task.ignore_index).__name__}")
+    if isinstance(task.nce_scale, bool) or not isinstance(task.nce_scale, (int, float, torch.Tensor)):
+        raise TypeError(f"{prefix}nce_scale must be a float or a 0-dim float tensor, got {type(task.nce_scale).__name__}")
+
+
+def check_task(m: int, task, M: int, B: int, present: torch.Tensor, mode: str, needs_index: bool) -> None:
+    """docs/contract.md §5's checks for the task of modality m (an index); names the task in every message."""
+    name = f"tasks[{m}]"
+    task_index(m, M, None)
+    if not hasattr(task, "hidden") or not hasattr(task, "kind"):
+        raise TypeError(f"{name} must be a scale_fast.MaskedTask, got {type(task).__name__}")
+    device = present.device
+    check_task_fields(f"{name}.", task, device)
+    n = task.hidden.shape[0]
+    if task.kind == "ce":
+        k = task.hidden.shape[1] if task.weight is None else task.weight.shape[0]
+        check_class_targets(f"{name}.target", task.target, n, k, task.ignore_index)
     if task.kind == "nce":
         as_logit_scale(task.nce_scale, device, name=f"{name}.nce_scale")
     if task.sample_index is None:

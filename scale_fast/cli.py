@@ -5,10 +5,16 @@
     scale-fast pretrain --out runs/a --resume # continue runs/a exactly where it stopped
     scale-fast pretrain --data DIR --config base --device cuda --precision bf16
     scale-fast eval runs/a                    # held-out retrieval of a checkpoint
+    scale-fast build-ext                      # compile the C++ CPU kernels now (e.g. in an image)
 
 Training is deterministic: the data order, the masking (a generator seeded per step),
 the model and optimizer states and the RNG states (torch, numpy, python) are all in
 the checkpoint, so --resume gives the same losses step for step as an uninterrupted run.
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes the checkpoint and says how to
+resume (exit status 130 / 143); a second one aborts at once.
+
+A mistake in the command line or in a file it names is one line on stderr naming the flag or
+file, exit status 2; --debug (or SCALE_FAST_DEBUG=1) shows tracebacks instead.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import math
 import os
 import queue
 import random
+import shlex
+import signal
 import sys
 import threading
 import time
@@ -26,8 +34,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ._dispatch import BACKENDS
-from .data import ManifestDataset, SyntheticProducts, collate, mask_batch
+from . import __version__
+from ._dispatch import BACKENDS, resolve_backend
+from .data import DataFormatError, ManifestDataset, SyntheticProducts, collate, mask_batch
 from .eval import encode_dataset, masked_accuracy, retrieval
 from .model import MODALITIES, SCALEConfig, SCALEModel
 from .model.scale_model import MODALITY_TASK, atomic_torch_save, atomic_write_bytes
@@ -37,6 +46,110 @@ SYNTHETIC_TRAIN_SIZE = 10_000_000
 CHECKPOINT = "checkpoint.pt"
 DEFAULT_STEPS = 300
 LOG = "log.jsonl"
+DEBUG_ENV = "SCALE_FAST_DEBUG"
+
+
+class UsageError(Exception):
+    """A mistake in the command line or in a file it names: one line on stderr, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as UsageError (one line, no usage block)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ----------------------------------------------------------------------------------- argument types
+def int_at_least(low: int):
+    """An argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse says "invalid int value" for non-numbers
+    return parse
+
+
+def float_at_least(low: float, strict: bool = False):
+    """An argparse type: a finite float >= low (> low when strict)."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+def threads_arg(text: str):
+    """--threads: 'auto' or an int >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of threads >= 1 or 'auto', got {text!r}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """--device: 'auto' or a torch device that exists on this machine."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine "
+                                             f"(torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def check_folder_target(flag: str, path: str, folder: bool) -> None:
+    """A path the run will write: a folder (folder=True) or a file; it, or its first existing parent, must fit."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if folder and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: exists and is not a folder")
+        if not folder and os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: is a folder, not a file")
+        if not os.access(path if folder else os.path.dirname(path), os.W_OK):
+            raise UsageError(f"{flag} {path}: not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {path}: cannot create it, {parent} is not writable")
+
+
+def check_exists(flag: str, path: Optional[str]) -> None:
+    if path is not None and not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file or folder")
+
+
+def check_pretrain_paths(args) -> None:
+    """The files and folders named on the command line, before any work."""
+    if args.out is not None:
+        check_folder_target("--out", args.out, folder=True)
+    if args.log is not None:
+        check_folder_target("--log", args.log, folder=False)
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out (the folder of the run to continue)")
+    if args.config not in ("tiny", "base"):
+        check_exists("--config", args.config)
+    check_exists("--data", args.data)
+    check_exists("--val-data", args.val_data)
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -48,29 +161,29 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", default=None, help="held-out manifest for evaluation (default with --data: none; synthetic: 1,000 new products of the world)")
     p.add_argument("--world-seed", type=int, default=0, help="the synthetic world")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and masking")
-    p.add_argument("--steps", type=int, default=None, help="total steps (default 300; with --resume: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps, then cosine decay to 10%%")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps (0: only at the end)")
-    p.add_argument("--eval-size", type=int, default=1000, help="held-out products for retrieval")
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: --eval-every; needs --out)")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="total steps (default 300; with --resume: the checkpoint's)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
+    p.add_argument("--lr", type=float_at_least(0.0, strict=True), default=2e-3)
+    p.add_argument("--weight-decay", type=float_at_least(0.0), default=0.01)
+    p.add_argument("--warmup", type=int_at_least(0), default=20, help="linear warmup steps, then cosine decay to 10%%")
+    p.add_argument("--grad-clip", type=float_at_least(0.0), default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--eval-every", type=int_at_least(0), default=100, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--eval-size", type=int_at_least(1), default=1000, help="held-out products for retrieval")
+    p.add_argument("--save-every", type=int_at_least(0), default=None, help="checkpoint every N steps (default: --eval-every; needs --out)")
+    p.add_argument("--log-every", type=int_at_least(1), default=10)
     p.add_argument("--out", default=None, help="folder for checkpoint.pt, config.json and log.jsonl")
     p.add_argument("--log", default=None, help="JSONL log file (default: OUT/log.jsonl when --out is given)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--stop-at", type=int, default=None,
+    p.add_argument("--stop-at", type=int_at_least(1), default=None,
                    help="stop after this step (checkpointed), as if interrupted; --resume continues the same run")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast (on CUDA)")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="scale_fast loss backend")
     p.add_argument("--attention", default=None, choices=("auto", "sdpa", "xformers"))
     p.add_argument("--missing", default=None, choices=("zero", "mask", "drop"), help="absent modalities in the JCT")
-    p.add_argument("--threads", default="auto",
+    p.add_argument("--threads", type=threads_arg, default="auto",
                    help="torch CPU threads: a number, or 'auto' (the cores that the current load average leaves free, at least 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (evaluation lines are still printed)")
 
 
 def build_config(spec: str, overrides: List[str]) -> SCALEConfig:
@@ -79,28 +192,34 @@ def build_config(spec: str, overrides: List[str]) -> SCALEConfig:
     elif spec == "base":
         cfg = SCALEConfig()
     else:
-        with open(spec) as f:
-            cfg = SCALEConfig.from_dict(json.load(f))
+        try:
+            with open(spec) as f:
+                cfg = SCALEConfig.from_dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise UsageError(f"--config {spec}: {e}") from None
     fields = cfg.to_dict()
     changes = {}
     for item in overrides:
         if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         if key not in fields:
-            raise SystemExit(f"--set: SCALEConfig has no field {key!r}")
+            raise UsageError(f"--set: SCALEConfig has no field {key!r}")
         try:
             changes[key] = json.loads(value)
         except json.JSONDecodeError:
             changes[key] = value
         if isinstance(fields[key], float) and isinstance(changes[key], int):
             changes[key] = float(changes[key])
-    return SCALEConfig.from_dict({**fields, **changes})
+    try:
+        return SCALEConfig.from_dict({**fields, **changes})
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--set: {e}") from None
 
 
 def pick_threads(spec) -> int:
     if spec != "auto":
-        return max(1, int(spec))
+        return int(spec)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
@@ -287,12 +406,15 @@ def load_resume(args) -> Optional[dict]:
     """--resume: the checkpoint of OUT, its training arguments copied onto args; else None."""
     if not args.resume:
         return None
-    ckpt_path = os.path.join(args.out, CHECKPOINT) if args.out else None
-    if not ckpt_path or not os.path.exists(ckpt_path):
-        raise SystemExit(f"--resume: no checkpoint at {ckpt_path or '(no --out given)'}")
-    resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt_path = os.path.join(args.out, CHECKPOINT)
+    if not os.path.exists(ckpt_path):
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
+    try:
+        resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise UsageError(f"--resume: cannot read {ckpt_path}: {type(e).__name__}: {e}".splitlines()[0]) from None
     if args.data is None and resume["args"].get("data"):
-        raise SystemExit("--resume: the checkpoint was trained with --data; pass the same --data")
+        raise UsageError(f"--resume: the checkpoint was trained with --data {resume['args']['data']}; pass the same --data")
     for key in RESUMED_ARGS:
         setattr(args, key, resume["args"][key])
     if args.threads == "auto":
@@ -355,6 +477,41 @@ def format_eval(step: int, result: Dict[str, object]) -> str:
             f"R@10 {result['R@10']:.3f} {accuracies}")
 
 
+class Aborted(KeyboardInterrupt):
+    """A second stop signal: training ends at once, without a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT/SIGTERM while training: the first is noted (the loop finishes its step, checkpoints
+    and stops), a second raises Aborted at once.  Installed only from the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise Aborted(signum)
+        self.signum = signum
+        print(f"\nscale-fast: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+
 class Trainer:
     """One pretraining run: its state (model, optimizer, step, data position), one training step,
     the train/eval log records, checkpoints, and the loop that ties them together.
@@ -378,11 +535,15 @@ class Trainer:
         if torch.get_num_threads() != args.threads:
             torch.set_num_threads(args.threads)
         self.device = resolve_device(args.device)
+        try:  # before any work, and before the progress bar: this may compile the C++ kernels (one line on stderr)
+            resolve_backend(args.backend, self.device)
+        except ValueError as e:
+            raise UsageError(f"--backend {args.backend}: {e}") from None
         self.autocast = make_autocast(self.device, args.precision)
 
         self.train_set, val_set, shuffle = training_data(args, config)
         if self.world > 1 and args.batch_size < self.world:
-            raise SystemExit(f"--batch-size ({args.batch_size}) is the global batch: "
+            raise UsageError(f"--batch-size ({args.batch_size}) is the global batch: "
                              f"it must be >= the number of processes ({self.world})")
         self.order = DataOrder(len(self.train_set), args.batch_size, args.seed, shuffle, shard=(self.rank, self.world))
 
@@ -416,6 +577,7 @@ class Trainer:
         self.save_every = args.save_every if args.save_every is not None else args.eval_every
         self.result: Dict[str, object] = {}
         self.progress = None
+        self.signals = StopSignals()
 
     # ------------------------------------------------------------------ pieces of a step
     def train_step(self, batch):
@@ -461,6 +623,8 @@ class Trainer:
         self.log.write({"event": "eval", "step": self.step, **self.result})
         if self.progress is not None:
             self.progress.write(format_eval(self.step, self.result))
+        else:
+            print(format_eval(self.step, self.result), flush=True)
         return self.result
 
     def save(self) -> None:
@@ -482,8 +646,22 @@ class Trainer:
                            "rng_per_rank": per_rank}, self.ckpt_path)
 
     # ------------------------------------------------------------------ the loop
+    def stop_requested(self) -> bool:
+        """A stop signal arrived (on any rank: under torchrun every rank stops after the same step)."""
+        signum = self.signals.signum or 0
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag)
+        if signum and self.signals.signum is None:
+            self.signals.signum = signum
+        return bool(signum)
+
     def fit(self) -> Dict[str, object]:
-        """Train to --steps (or --stop-at), logging, evaluating and checkpointing on schedule."""
+        """Train to --steps (or --stop-at), logging, evaluating and checkpointing on schedule;
+        a stop signal ends the run after the current step, checkpointed."""
         args = self.args
         if not args.no_progress and self.lead:
             from tqdm import tqdm
@@ -494,6 +672,7 @@ class Trainer:
         self.t_start = time.perf_counter()
         window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
         self.model.train()
+        self.signals.install()
         try:
             stop = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
             while self.step < stop:
@@ -510,6 +689,9 @@ class Trainer:
                     window_t, window_samples, window_tokens = now, 0, 0
                 if self.progress is not None:
                     self.progress.update(1)
+                if self.stop_requested():
+                    self.save()
+                    break
                 if self.held_out is not None and (self.step == args.steps
                                                   or (args.eval_every and self.step % args.eval_every == 0)):
                     self.evaluate()
@@ -517,11 +699,33 @@ class Trainer:
                                      or (self.save_every and self.step % self.save_every == 0)):
                     self.save()
         finally:
+            self.signals.restore()
             if prefetch is not None:
                 prefetch.close()
             if self.progress is not None:
                 self.progress.close()
+        if self.signals.signum is not None:
+            return self.interrupted()
         return self.finish()
+
+    def interrupted(self) -> Dict[str, object]:
+        """The `interrupted` log record; says on stderr how to resume."""
+        name = signal.Signals(self.signals.signum).name
+        record = {"event": "interrupted", "step": self.step, "signal": name,
+                  "elapsed_s": time.perf_counter() - self.t_start}
+        self.log.write(record)
+        if self.lead:
+            if self.out_dir:
+                again = ["scale-fast", "pretrain", "--out", self.out_dir, "--resume"]
+                for flag, value in (("--data", self.args.data), ("--val-data", self.args.val_data)):
+                    if value:
+                        again += [flag, value]
+                print(f"scale-fast: {name}: stopped after step {self.step}/{self.args.steps}, checkpoint "
+                      f"{self.ckpt_path}; resume with: {' '.join(map(shlex.quote, again))}", file=sys.stderr, flush=True)
+            else:
+                print(f"scale-fast: {name}: stopped after step {self.step}/{self.args.steps}; nothing saved "
+                      "(no --out: give one to make a run resumable)", file=sys.stderr, flush=True)
+        return {**record, "exit_status": 128 + self.signals.signum}
 
     def finish(self) -> Dict[str, object]:
         """The `done` log record, merged with the last evaluation (evaluating now if the run ended without one)."""
@@ -546,7 +750,17 @@ def pretrain(args) -> Dict[str, object]:
 
 
 def run_eval(args) -> Dict[str, object]:
-    model = SCALEModel.from_checkpoint(args.checkpoint)
+    folder = args.checkpoint
+    if os.path.isfile(folder) and os.path.basename(folder) in (CHECKPOINT, "model.pt"):
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"eval {args.checkpoint}: no such folder (give the --out folder of scale-fast pretrain)")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise UsageError(f"eval {folder}: no config.json in it (not a folder written by scale-fast pretrain --out)")
+    if not any(os.path.exists(os.path.join(folder, f)) for f in ("model.pt", CHECKPOINT)):
+        raise UsageError(f"eval {folder}: no {CHECKPOINT} or model.pt in it")
+    check_exists("--data", args.data)
+    model = SCALEModel.from_checkpoint(folder)
     config = model.config
     device = resolve_device(args.device)
     model.to(device)
@@ -558,24 +772,44 @@ def run_eval(args) -> Dict[str, object]:
     return held_out.evaluate(model, device, lambda: torch.autocast(device_type=device.type, enabled=False))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="scale-fast", description="SCALE multi-modal contrastive pretraining")
+def build_ext(args) -> int:
+    """`scale-fast build-ext`: compile the C++ CPU kernels now; prints the library's path."""
+    from .backends.cpp.__main__ import main as build_main
+
+    return build_main(["--build"])
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="scale-fast", description="SCALE multi-modal contrastive pretraining")
+    parser.add_argument("--version", action="version", version=f"scale-fast {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain a SCALE model (default: the tiny model on the synthetic world)")
+    debug = Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
+    p = sub.add_parser("pretrain", parents=[debug], help="pretrain a SCALE model (default: the tiny model on the synthetic world)")
     _add_pretrain_args(p)
-    e = sub.add_parser("eval", help="held-out retrieval and masked-task accuracy of a checkpoint folder")
-    e.add_argument("checkpoint")
+    e = sub.add_parser("eval", parents=[debug], help="held-out retrieval and masked-task accuracy of a checkpoint folder")
+    e.add_argument("checkpoint", help="a folder written by scale-fast pretrain --out")
     e.add_argument("--data", default=None, help="a manifest (default: the synthetic held-out products)")
     e.add_argument("--world-seed", type=int, default=0)
-    e.add_argument("--eval-size", type=int, default=1000)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--eval-size", type=int_at_least(1), default=1000)
+    e.add_argument("--device", type=device_arg, default="cpu")
+    sub.add_parser("build-ext", parents=[debug],
+                   help="compile the C++ CPU kernels (backend='cpp') now, e.g. when building a container image")
     from .bench import add_arguments as _bench_arguments  # `scale-fast bench`: scale_fast/bench.py
     _bench_arguments(sub.add_parser("bench", help="time and memory of the ops against naive PyTorch and installed peers"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_command(args, argv: List[str]) -> int:
     if args.command == "bench":
         from .bench import main as bench_main
-        return bench_main(list(sys.argv[1:] if argv is None else argv)[1:])
-    if args.command == "pretrain":
+        return bench_main(argv[1:])
+    if args.command == "build-ext":
+        return build_ext(args)
+    if args.command == "eval":
+        result = run_eval(args)
+    else:
+        check_pretrain_paths(args)
         result = pretrain(args)
         import torch.distributed as dist
 
@@ -583,14 +817,45 @@ def main(argv: Optional[List[str]] = None) -> int:
             quiet = dist.get_rank() != 0
             dist.destroy_process_group()
             if quiet:
-                return 0
-    else:
-        result = run_eval(args)
+                return result.get("exit_status", 0)
+        if "exit_status" in result:
+            return result["exit_status"]
     pairs = result.pop("pairs", None)
     print(json.dumps(result, indent=None))
     if pairs and args.command == "eval":
         print(json.dumps(pairs))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The `scale-fast` command; returns the exit status (2: a usage error, 130/143: stopped by a signal)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        args = make_parser().parse_args(argv)
+        return run_command(args, argv)
+    except (UsageError, DataFormatError) as e:
+        if debug:
+            raise
+        print(f"scale-fast: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # the loss diverged
+        if debug:
+            raise
+        print(f"scale-fast: error: {e} (try a lower --lr)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        if debug:
+            raise
+        print(f"scale-fast: aborted ({str(e) or 'SIGINT'})", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+    except Exception as e:  # noqa: BLE001 - not the user's mistake: one line, the traceback on request
+        if debug:
+            raise
+        text = str(e).strip().splitlines()
+        print(f"scale-fast: internal error: {type(e).__name__}: {text[0] if text else ''} "
+              f"(rerun with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,10 +15,12 @@ Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
 DEFAULT_LOGIT_SCALE = 1 / 0.07
 
 
-def _prepare(embeddings, present):
+def _prepare(embeddings, present, names=None):
     e = V.as_embeddings(embeddings)
     M, B, _ = e.shape
-    return e, V.as_present(present, M, B, e.device)
+    present = V.as_present(present, M, B, e.device)
+    V.check_finite_rows(e, present, names)
+    return e, present
 
 
 def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None = None, *, mode: str = "sample"):
@@ -120,8 +122,9 @@ def scale_loss(
     present: torch.Tensor | None = None,
     *,
     logit_scale: float | torch.Tensor = DEFAULT_LOGIT_SCALE,
-    tasks: Mapping[int, MaskedTask] | None = None,
+    tasks: Mapping[int | str, MaskedTask] | None = None,
     task_embeddings: Embeddings | None = None,
+    modalities: Sequence[str] | None = None,
     mode: str = "sample",
     form: str = "ntxent",
     harmonize: bool = True,
@@ -132,9 +135,13 @@ def scale_loss(
     """The SCALE objective (docs/contract.md §6): harmonized contrastive pairs plus masked tasks.
 
     embeddings: [M, B, D] (or M tensors [B, D]) modality CLS embeddings;
-    present: [M, B] bool; tasks: {modality index: MaskedTask};
+    present: [M, B] bool; tasks: {modality index or name: MaskedTask};
     task_embeddings: [M, B, D'] CLS vectors whose S' weights the masked tasks
-    (default: embeddings).  Returns SCALELossOutput.
+    (default: embeddings); modalities: the names of the M modalities, as in
+    SCALELoss (default: SCALE's text, image, table, video, audio when M == 5).
+    A present row of embeddings that is not finite is a ValueError naming the
+    modality and sample (SCALE_FAST_SKIP_FINITE_CHECK=1 skips that check).
+    Returns SCALELossOutput.
 
     process_group: a torch.distributed process group (e.g. torch.distributed.group.WORLD)
     to compute the loss of the global batch, every rank passing its local batch (see
@@ -144,12 +151,12 @@ def scale_loss(
     """
     V.check_choice("mode", mode, V.MODES)
     V.check_choice("form", form, V.FORMS)
-    e, present = _prepare(embeddings, present)
+    e = V.as_embeddings(embeddings)
     M, B, _ = e.shape
+    names = V.modality_names(modalities, M)
+    e, present = _prepare(e, present, names)
     scale = V.as_logit_scale(logit_scale, e.device)
-    tasks = dict(tasks or {})
-    if not isinstance(tasks, dict):
-        raise TypeError("tasks must be a mapping {modality index: MaskedTask}")
+    tasks = _task_table(tasks, M, names)
     for m, task in tasks.items():
         V.check_task(m, task, M, B, present, mode, needs_index=harmonize and mode == "sample")
     backend = resolve_backend(backend, e.device)
@@ -158,6 +165,21 @@ def scale_loss(
         te = _check_task_embeddings(task_embeddings, e)
     return scale_objective(e, present, scale, tasks, te, mode, form, harmonize, detach_weights, backend,
                            process_group)
+
+
+def _task_table(tasks, M: int, names) -> dict:
+    """{modality index: task} from a mapping keyed by modality indices and/or names."""
+    if tasks is None:
+        return {}
+    if not isinstance(tasks, Mapping):
+        raise TypeError(f"tasks must be a mapping {{modality index or name: MaskedTask}}, got {type(tasks).__name__}")
+    table = {}
+    for key, task in tasks.items():
+        m = V.task_index(key, M, names)
+        if m in table:
+            raise ValueError(f"tasks has two entries for {V.modality_label(m, names)}")
+        table[m] = task
+    return table
 
 
 def _check_task_embeddings(task_embeddings, e: torch.Tensor) -> torch.Tensor:

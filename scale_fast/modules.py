@@ -11,7 +11,7 @@ from . import _validate as V
 from .functional import DEFAULT_LOGIT_SCALE, Embeddings, scale_loss
 from .types import MaskedTask, SCALELossOutput
 
-DEFAULT_MODALITIES = ("text", "image", "table", "video", "audio")
+DEFAULT_MODALITIES = V.DEFAULT_MODALITIES
 
 
 class SCALELoss(nn.Module):
@@ -69,13 +69,6 @@ class SCALELoss(nn.Module):
             return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
         return self.fixed_logit_scale
 
-    def _task_index(self, key: Union[int, str]) -> int:
-        if isinstance(key, str):
-            if key not in self.modalities:
-                raise ValueError(f"tasks key {key!r} is not one of the modalities {self.modalities}")
-            return self.modalities.index(key)
-        return key
-
     def forward(
         self,
         embeddings: Embeddings,
@@ -87,9 +80,8 @@ class SCALELoss(nn.Module):
         if e.shape[0] != len(self.modalities):
             raise ValueError(f"embeddings hold {e.shape[0]} modalities but the loss has {len(self.modalities)}: {self.modalities}")
         scale = self.logit_scale().to(e.device)
-        indexed = {self._task_index(k): t for k, t in (tasks or {}).items()}
         return scale_loss(
-            e, present, logit_scale=scale, tasks=indexed, task_embeddings=task_embeddings,
+            e, present, logit_scale=scale, tasks=tasks, task_embeddings=task_embeddings, modalities=self.modalities,
             mode=self.mode, form=self.form, harmonize=self.harmonize,
             detach_weights=self.detach_weights, backend=self.backend, process_group=self.process_group,
         )

@@ -6,7 +6,9 @@ from typing import Optional
 
 import torch
 
-TASK_KINDS = ("ce", "kl", "mse", "nce")
+from ._validate import TASK_KINDS, check_task_fields
+
+__all__ = ["TASK_KINDS", "MaskedTask", "SCALELossOutput"]
 
 
 @dataclass
@@ -23,6 +25,9 @@ class MaskedTask:
     sample_index: [N] int64, the batch sample of each row; needed in sample mode
         (harmonized weights are per sample).
     nce_scale: the multiplier of the "nce" cosines.
+
+    Kinds, dtypes, shapes and devices are checked when the task is made (TypeError /
+    ValueError naming the field); values (class ids, sample indices) when a loss uses it.
     """
 
     kind: str
@@ -33,6 +38,9 @@ class MaskedTask:
     sample_index: Optional[torch.Tensor] = None
     ignore_index: int = -100
     nce_scale: float = 1 / 0.07
+
+    def __post_init__(self):
+        check_task_fields("MaskedTask.", self)
 
 
 @dataclass

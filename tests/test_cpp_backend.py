@@ -100,9 +100,226 @@ def test_build_settings():
     s = _build.build_settings()
     assert s["name"].startswith("scale_fast_cpu_")
     assert "-fopenmp" in s["extra_cflags"]
+    assert s["build_directory"].name == s["name"]
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
         assert "scale_fast" in str(s["build_directory"])
-    assert all(p.is_file() for p in _build.source_paths())
+    assert _build.source_paths() and all(p.is_file() and p.suffix == ".cpp" for p in _build.source_paths())
+
+
+def test_cache_key_hashes_every_source_and_the_flags(tmp_path, monkeypatch):
+    """Two checkouts (or versions) with different sources or flags never share a build directory."""
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "a.cpp").write_text("int a;")
+    (csrc / "common.h").write_text("#pragma once")
+    monkeypatch.setattr(_build, "csrc_dir", lambda: csrc)
+    key = _build.cache_key(["-O3"])
+    assert key == _build.cache_key(["-O3"]) and len(key) == 12
+    assert _build.cache_key(["-O2"]) != key
+    (csrc / "common.h").write_text("#pragma once\n")  # a header counts too
+    assert _build.cache_key(["-O3"]) != key
+    key = _build.cache_key(["-O3"])
+    (csrc / "b.cpp").write_text("int b;")  # a new file counts
+    assert _build.cache_key(["-O3"]) != key
+    assert _build.source_paths() == [csrc / "a.cpp", csrc / "b.cpp"]
+
+
+OWNER_THEN_KILLED = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()}\\n".encode())
+os.kill(os.getpid(), signal.SIGKILL)  # a build killed while holding the lock
+"""
+
+
+@pytest.mark.skipif(_build.fcntl is None, reason="flock (POSIX)")
+def test_stale_lock_of_a_killed_build_is_taken_over(tmp_path):
+    lock = _build.BuildLock(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", OWNER_THEN_KILLED, str(lock.path)], timeout=60)
+    assert dead.returncode == -9
+    (tmp_path / "lock").touch()  # torch's own lock file, also left behind
+    assert lock.owner() not in (None, os.getpid())  # the killed process's PID is on record
+    waited = []
+    lock.acquire(on_wait=waited.append)  # at once: the kernel dropped the dead owner's flock
+    try:
+        assert waited == [] and lock.owner() == os.getpid()
+    finally:
+        lock.release()
+
+
+@pytest.mark.skipif(_build.fcntl is None, reason="flock (POSIX)")
+def test_lock_waits_for_a_live_owner_and_names_it(tmp_path):
+    import threading
+    import time
+
+    first, second = _build.BuildLock(tmp_path), _build.BuildLock(tmp_path)
+    first.acquire()
+    waited, done = [], threading.Event()
+
+    def take():
+        second.acquire(on_wait=waited.append)
+        done.set()
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not waited and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert waited == [os.getpid()]  # it says whose build it waits for
+        assert not done.wait(0.3)  # and stays blocked while the owner lives
+    finally:
+        first.release()
+        thread.join(300)
+    assert done.is_set()
+    second.release()
+
+
+def test_torch_lock_is_removed_under_ours(tmp_path, monkeypatch):
+    """torch waits forever on <dir>/lock when a build was killed; under our lock that file is stale."""
+    from torch.utils import cpp_extension
+
+    build_dir = tmp_path / "scale_fast_cpu_x_0123456789ab"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()
+    seen = {}
+
+    def fake_load(**kw):
+        seen["torch_lock"] = (build_dir / "lock").exists()
+        seen["owner"] = _build.BuildLock(build_dir).owner()
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    settings = {"name": build_dir.name, "extra_cflags": [], "extra_ldflags": [], "build_directory": build_dir}
+    assert _build._load(settings) == "module"
+    assert seen == {"torch_lock": False, "owner": os.getpid()}
+
+
+def test_first_build_says_so_in_one_line_and_builds_in_a_child(tmp_path, monkeypatch, capsys):
+    settings = {"name": "scale_fast_cpu_x_0123456789ab", "extra_cflags": [], "extra_ldflags": [],
+                "build_directory": tmp_path / "scale_fast_cpu_x_0123456789ab"}
+    calls = []
+    monkeypatch.setattr(_build, "_check_tools", lambda: None)
+    monkeypatch.setattr(_build, "build_settings", lambda: settings)
+    monkeypatch.setattr(_build, "_build_in_child", lambda s: calls.append("child"))
+    monkeypatch.setattr(_build, "_load", lambda s: calls.append("load") or "module")
+    assert _build._compile() == "module" and calls == ["child", "load"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "compiling the C++ CPU kernels" in err[0] and "minute" in err[0], err
+    settings["build_directory"].mkdir()
+    _build.library_path(settings).touch()  # built: loaded without a word
+    calls.clear()
+    assert _build._compile() == "module" and calls == ["load"]
+    assert capsys.readouterr().err == ""
+
+
+FAKE_BUILDER = """
+import subprocess, sys, time
+compiler = subprocess.Popen(["sleep", "60"])  # stands for ninja's compiler, in the builder's group
+open(sys.argv[1], "w").write(str(compiler.pid))
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups (POSIX)")
+def test_interrupted_build_leaves_no_orphan_compiler(tmp_path, monkeypatch):
+    import signal
+    import threading
+    import time
+
+    pid_file = tmp_path / "compiler.pid"
+    monkeypatch.setattr(_build, "_builder_command", lambda: [sys.executable, "-c", FAKE_BUILDER, str(pid_file)])
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    def send_when_compiling():
+        deadline = time.monotonic() + 300
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGUSR1)  # stands for Ctrl-C in the training process
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    sender = threading.Thread(target=send_when_compiling)
+    sender.start()
+    try:
+        with pytest.raises(Interrupted):
+            _build._build_in_child({})
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, previous)
+    compiler = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(compiler) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(compiler), "the compiler outlived the interrupted build"
+
+
+LOAD_BUILD = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("sf_build", sys.argv[1])
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)  # _build imports torch only inside its functions: these processes start fast
+"""
+CHILD_OF_A_DYING_PARENT = LOAD_BUILD + """
+import subprocess, time
+build.run_as_child()  # what the real build child does first
+compiler = subprocess.Popen(["sleep", "60"])
+open(sys.argv[2], "w").write(str(compiler.pid))
+time.sleep(60)
+"""
+DYING_PARENT = LOAD_BUILD + """
+build._builder_command = lambda: [sys.executable, "-c", sys.argv[3], sys.argv[1], sys.argv[2]]
+build._build_in_child({})
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG (Linux)")
+def test_killed_parent_leaves_no_orphan_compiler(tmp_path):
+    """SIGKILL (or a closed terminal) gives the parent no chance to clean up: the child ends its group."""
+    import time
+
+    pid_file = tmp_path / "compiler.pid"
+    parent = subprocess.Popen([sys.executable, "-c", DYING_PARENT, _build.__file__, str(pid_file),
+                               CHILD_OF_A_DYING_PARENT])
+    deadline = time.monotonic() + 300
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    parent.kill()
+    parent.wait()
+    compiler = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(compiler) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(compiler), "the compiler outlived its killed parent"
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+@needs_cpp
+def test_prebuild_command_prints_the_library():
+    out = subprocess.run([sys.executable, "-m", "scale_fast.cli", "build-ext"], capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert path.is_file() and path.name.startswith("scale_fast_cpu_") and path.parent.name == path.stem
 
 
 @needs_cpp

@@ -180,9 +180,9 @@ def test_task_sample_index_wrong_length(backend):
 
 
 def test_task_hidden_weight_mismatch(backend):
-    task = sf.MaskedTask("ce", torch.randn(3, 6, device=DEVICE), torch.tensor([0, 1, 2], device=DEVICE),
-                         weight=torch.randn(7, 5, device=DEVICE), sample_index=torch.tensor([0, 1, 2], device=DEVICE))
-    with pytest.raises(ERR, match="hidden|weight"):
+    with pytest.raises(ERR, match="hidden|weight"):  # at construction (MaskedTask checks its shapes)
+        task = sf.MaskedTask("ce", torch.randn(3, 6, device=DEVICE), torch.tensor([0, 1, 2], device=DEVICE),
+                             weight=torch.randn(7, 5, device=DEVICE), sample_index=torch.tensor([0, 1, 2], device=DEVICE))
         sf.scale_loss(_emb(), tasks={0: task}, backend=backend)
 
 
@@ -198,9 +198,9 @@ def test_task_bias_wrong_shape(backend):
 
 @pytest.mark.parametrize("kind", ["mse", "nce", "kl"])
 def test_task_feature_target_wrong_shape(backend, kind):
-    task = sf.MaskedTask(kind, torch.randn(3, 6, device=DEVICE), torch.randn(3, 5, device=DEVICE),
-                         sample_index=torch.tensor([0, 1, 2], device=DEVICE))
-    with pytest.raises(ERR, match="target"):
+    with pytest.raises(ERR, match="target"):  # at construction (MaskedTask checks its shapes)
+        task = sf.MaskedTask(kind, torch.randn(3, 6, device=DEVICE), torch.randn(3, 5, device=DEVICE),
+                             sample_index=torch.tensor([0, 1, 2], device=DEVICE))
         sf.scale_loss(_emb(), tasks={0: task}, backend=backend)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -48,13 +49,15 @@ def test_resume_is_exact(tmp_path, capsys):
                                torch.load(part / "checkpoint.pt", weights_only=False)["model"], rtol=0, atol=0)
 
 
-def test_short_training_loss_falls_and_outputs(tmp_path):
+def test_short_training_loss_falls_and_outputs(tmp_path, capsys):
     out = run(tmp_path, "fall", "--eval-every", "12", steps=24, batch=12)
     losses = [r["loss"] for r in events(out, "train")]
     assert len(losses) == 24
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     ev = events(out, "eval")
     assert [r["step"] for r in ev] == [12, 24]
+    printed = [line for line in capsys.readouterr().out.splitlines() if "held-out R@1" in line]
+    assert [line.split(":")[0] for line in printed] == ["step 12", "step 24"]  # printed without the progress bar
     for key in ("R@1", "R@5", "R@10", "mlm_acc", "mem_acc", "mrp_acc", "pairs"):
         assert key in ev[-1]
     train = events(out, "train")[-1]
@@ -64,7 +67,7 @@ def test_short_training_loss_falls_and_outputs(tmp_path):
     assert model.config.hidden_size == 32
 
 
-def test_pretrain_on_manifest_data(tmp_path):
+def test_pretrain_on_manifest_data(tmp_path, capsys):
     cfg = SCALEConfig.tiny()
     data = SyntheticProducts(30, seed=3, config=cfg)
     write_manifest((data[i] for i in range(30)), str(tmp_path / "data"))
@@ -72,5 +75,10 @@ def test_pretrain_on_manifest_data(tmp_path):
     assert len(events(out, "train")) == 3 and events(out, "eval")
     with open(tmp_path / "data" / "manifest.jsonl", "a") as f:
         f.write('{"text": [1, 2], "video": {"features": "video_features.npy", "offset": 0}}\n')
+    argv = ["pretrain", "--steps", "1", "--batch-size", "8", "--no-progress", "--threads", "1", "--out",
+            str(tmp_path / "bad"), "--data", str(tmp_path / "data"), *SMALL]
+    assert main(argv) == 2  # a user's file: one line naming it, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r"manifest.jsonl, line 31, field 'video.count'", err[0]), err
     with pytest.raises(DataFormatError, match=r"line 31, field 'video.count'"):
-        run(tmp_path, "bad", "--data", str(tmp_path / "data"), steps=1)
+        main(argv + ["--debug"])

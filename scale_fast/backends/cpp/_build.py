@@ -1,16 +1,30 @@
 """JIT build of the compiled CPU kernels (csrc/*.cpp).
 
 The extension is built with ``torch.utils.cpp_extension.load`` (ninja + pybind11) the first
-time it is needed -- never at ``import scale_fast`` -- and cached on disk:
+time it is needed -- never at ``import scale_fast`` -- into a cache directory named after
+everything the library depends on, so two checkouts or two versions never rebuild each
+other's library:
 
-- ``$TORCH_EXTENSIONS_DIR/<name>`` when TORCH_EXTENSIONS_DIR is set (torch's own variable),
-- else ``$XDG_CACHE_HOME/scale_fast/torch_extensions/<python>-<torch>/<name>``
-  (``~/.cache/...`` by default).
+    <cache>/scale_fast_cpu_<avx2|generic>_<key>/
+    <cache> = $TORCH_EXTENSIONS_DIR (torch's own variable), else
+              $XDG_CACHE_HOME/scale_fast/torch_extensions (~/.cache/... by default)
+    <key>   = a hash of every file under csrc/, the compiler and its flags, Python and torch
 
-A later process only loads the cached library (ninja sees nothing to do: well under a
-second).  Anything that goes wrong (no compiler, no ninja, a compile error, a source tree
-without csrc/) makes the backend unavailable: ONE RuntimeWarning says why, the reason is
-kept for ``unavailable_reason()``, and "auto" keeps using the torch backend.
+A first build (no library in that directory yet) says so in one line on stderr, then runs the
+compiler in a child process (``python -m scale_fast.backends.cpp --build``) in its own process
+group: if this process is interrupted the group is killed, compiler included, and if this
+process dies the child kills its group itself.  Later processes load the cached library
+(ninja sees nothing to do: well under a second).  ``scale-fast build-ext`` builds ahead of
+time (e.g. in a container image).
+
+Builders of one directory take turns on ``owner.lock``: an flock that the kernel releases when
+its owner dies, holding the owner's PID (a waiting process says once whose build it waits
+for).  Under that lock torch's own lock file, which a killed build leaves behind and torch
+would wait on forever, is removed.
+
+Anything that goes wrong (no compiler, no ninja, a compile error, a source tree without
+csrc/) makes the backend unavailable: ONE RuntimeWarning says why, the reason is kept for
+``unavailable_reason()``, and "auto" keeps using the torch backend.
 
 Environment:
 - ``SCALE_FAST_DISABLE_CPP=1``: never build (the backend reports itself unavailable, no warning);
@@ -19,27 +33,37 @@ Environment:
 """
 from __future__ import annotations
 
-import logging
+import hashlib
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Callable, List, Optional
 
-_SOURCE_NAMES = ("contrastive.cpp", "linear_ce.cpp", "scores.cpp", "bindings.cpp")  # + csrc/common.h
-_STALE_LOCK_S = 900  # a build lock older than this was left by a killed build: remove it
-log = logging.getLogger("scale_fast.backends.cpp")
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: torch's own lock only
+    fcntl = None
+
+FIRST_BUILD_TIME = "about a minute on 2 cores"  # measured: 47 s on a shared 2-core EPYC
 _lock = threading.RLock()
 _state: dict = {"tried": False, "ext": None, "reason": None, "warned": False}
 
 
-def source_paths() -> list[Path]:
-    """The translation units in csrc/, shipped inside this package (also in a wheel)."""
-    return [Path(__file__).resolve().parent / "csrc" / name for name in _SOURCE_NAMES]
+def csrc_dir() -> Path:
+    """csrc/, shipped inside this package (also in a wheel)."""
+    return Path(__file__).resolve().parent / "csrc"
+
+
+def source_paths() -> List[Path]:
+    """The translation units: every csrc/*.cpp."""
+    return sorted(csrc_dir().glob("*.cpp"))
 
 
 def _truthy(name: str) -> bool:
@@ -64,55 +88,207 @@ def _use_simd() -> bool:
     return cap in ("AVX2", "AVX512")
 
 
-def build_settings() -> dict:
-    """Name, flags and build directory of the extension on this machine."""
+def _cache_root() -> Path:
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scale_fast" / "torch_extensions"
+
+
+def cache_key(flags: List[str]) -> str:
+    """12 hex digits of a hash of every file under csrc/ (path and bytes), the compiler, flags, Python and torch."""
     import torch
 
+    h = hashlib.sha256()
+    root = csrc_dir()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update("\0".join([os.environ.get("CXX", "c++"), *flags, sys.version, torch.__version__]).encode())
+    return h.hexdigest()[:12]
+
+
+def build_settings() -> dict:
+    """Name, flags and build directory of the extension on this machine."""
     simd = _use_simd()
-    name = "scale_fast_cpu_" + ("avx2" if simd else "generic")
-    cflags = ["-O3", "-DNDEBUG", "-fopenmp"]
-    cflags += ["-mavx2", "-mfma"] if simd else ["-DSF_NO_SIMD"]
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        build_dir = None  # torch's default: $TORCH_EXTENSIONS_DIR/<py, cuda tag>/<name>
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}"
-        build_dir = cache / "scale_fast" / "torch_extensions" / tag / name
-    return {"name": name, "extra_cflags": cflags, "extra_ldflags": ["-fopenmp"], "build_directory": build_dir}
+    cflags = ["-O3", "-DNDEBUG", "-fopenmp"] + (["-mavx2", "-mfma"] if simd else ["-DSF_NO_SIMD"])
+    ldflags = ["-fopenmp"]
+    name = f"scale_fast_cpu_{'avx2' if simd else 'generic'}_{cache_key(cflags + ldflags)}"
+    return {"name": name, "extra_cflags": cflags, "extra_ldflags": ldflags, "build_directory": _cache_root() / name}
 
 
-def _compile() -> ModuleType:
-    """Build (or load the cached build of) the extension; raises on any failure."""
+def library_path(settings: dict) -> Path:
+    """Where the built library of `settings` lies (present once it was built)."""
+    return settings["build_directory"] / (settings["name"] + (".pyd" if os.name == "nt" else ".so"))
+
+
+class BuildLock:
+    """The lock of one build directory: an flock on <dir>/owner.lock, which holds the owner's PID.
+
+    The kernel drops an flock when its process dies, so the next builder takes over a lock left
+    by a killed build at once instead of waiting on it.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / "owner.lock"
+        self._fd: Optional[int] = None
+
+    def owner(self) -> Optional[int]:
+        """The PID written by the last process that took the lock (None if unreadable)."""
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def acquire(self, on_wait: Optional[Callable[[Optional[int]], None]] = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if on_wait is not None:
+                        on_wait(self.owner())
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __enter__(self) -> "BuildLock":
+        self.acquire(on_wait=_say_waiting)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _say_waiting(pid: Optional[int]) -> None:
+    who = f"process {pid}" if pid else "another process"
+    print(f"scale_fast: waiting for {who} to finish building the C++ CPU kernels", file=sys.stderr, flush=True)
+
+
+def _check_tools() -> None:
+    """Raise RuntimeError naming what is missing to build at all."""
     from torch.utils import cpp_extension
 
-    srcs = source_paths()
-    for src in srcs:
-        if not src.is_file():
-            raise RuntimeError(f"C++ source {src} not found (the package was installed without its csrc/ data)")
+    if not source_paths():
+        raise RuntimeError(f"no C++ sources in {csrc_dir()} (the package was installed without its csrc/ data)")
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not available (pip install ninja)")
-    settings = build_settings()
-    build_dir = settings.pop("build_directory")
-    if build_dir is not None:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        lock = build_dir / "lock"
-        try:  # torch waits forever on the lock file of a build that was killed
-            if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-                lock.unlink()
-        except OSError:
+
+
+def _load(settings: dict) -> ModuleType:
+    """Build if needed and import the extension in this process, holding the directory's lock."""
+    from torch.utils import cpp_extension
+
+    build_dir = settings["build_directory"]
+    with BuildLock(build_dir):
+        (build_dir / "lock").unlink(missing_ok=True)  # torch's lock: only a killed build leaves it now
+        return cpp_extension.load(sources=[str(s) for s in source_paths()], build_directory=str(build_dir),
+                                  verbose=_truthy("SCALE_FAST_CPP_VERBOSE"),
+                                  **{k: v for k, v in settings.items() if k != "build_directory"})
+
+
+class BuildFailed(RuntimeError):
+    """The build child failed; the message is its one-line reason."""
+
+
+def _builder_command() -> List[str]:
+    return [sys.executable, "-m", "scale_fast.backends.cpp", "--build", "--child"]
+
+
+def _build_in_child(settings: dict) -> None:
+    """Run the compiler in a child process group; kill the whole group if this process is interrupted."""
+    package_root = str(Path(__file__).resolve().parents[3])  # the folder holding scale_fast/
+    env = {**os.environ, "SCALE_FAST_CPP_PARENT": str(os.getpid()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    verbose = _truthy("SCALE_FAST_CPP_VERBOSE")
+    proc = subprocess.Popen(_builder_command(), env=env, start_new_session=True, text=True,
+                            stdout=None if verbose else subprocess.PIPE)
+    try:
+        out, _ = proc.communicate()
+    except BaseException:
+        kill_group(proc)
+        raise
+    if proc.returncode != 0:
+        lines = (out or "").strip().splitlines()
+        raise BuildFailed(lines[-1] if lines else f"the build process exited with status {proc.returncode}")
+
+
+def kill_group(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
+    """End a child that leads its own process group, and everything it started (SIGTERM, then SIGKILL)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)  # the group outlives its leader while the compiler runs
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
             pass
-        build_dir = str(build_dir)
-    log.info("scale_fast: building (or loading the cached build of) the C++ extension %s (first build: ~1 min)",
-             settings["name"])
-    return cpp_extension.load(sources=[str(s) for s in srcs], build_directory=build_dir, verbose=_truthy("SCALE_FAST_CPP_VERBOSE"),
-                              **settings)
+    proc.wait()
+
+
+def run_as_child() -> None:
+    """Set-up of the build child: die with its parent, and take its process group (the compiler) along."""
+    def end_group(signum, frame):
+        os.killpg(0, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, end_group)
+    signal.signal(signal.SIGHUP, end_group)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    parent = os.environ.get("SCALE_FAST_CPP_PARENT")
+    if parent and os.getppid() != int(parent):  # the parent died before prctl took effect
+        end_group(signal.SIGTERM, None)
+
+
+def _compile() -> ModuleType:
+    """Build (in a child process, the first time) and load the extension; raises on any failure."""
+    _check_tools()
+    settings = build_settings()
+    if not library_path(settings).is_file():
+        print(f"scale_fast: compiling the C++ CPU kernels (backend='cpp'), once for this version: "
+              f"{FIRST_BUILD_TIME}, cached in {settings['build_directory']}", file=sys.stderr, flush=True)
+        _build_in_child(settings)
+    return _load(settings)
+
+
+def build_here() -> Path:
+    """Build (or find built) the extension in this process (the build child); returns the library's path."""
+    _check_tools()
+    settings = build_settings()
+    _load(settings)
+    return library_path(settings)
+
+
+def prebuild() -> Path:
+    """Build the extension now if it is not built (`scale-fast build-ext`); returns the library's path."""
+    _compile()
+    return library_path(build_settings())
 
 
 def _short(exc: BaseException) -> str:
     """The exception in one line (of a compiler log: its first line and first error)."""
+    if isinstance(exc, BuildFailed):
+        return str(exc)
     text = str(exc).strip().splitlines()
     head = text[0] if text else ""
     if head.startswith("Error building extension"):  # "...'name': [1/2] c++ <the whole command line>"
@@ -125,8 +301,6 @@ def _short(exc: BaseException) -> str:
     if len(head) > 300:
         head = head[:300] + "..."
     return f"{type(exc).__name__}: {head}"
-
-
 def extension() -> ModuleType | None:
     """The compiled module, building it on first use; None (after one warning) when it cannot be built."""
     if _state["tried"]:
