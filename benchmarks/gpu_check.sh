@@ -1,100 +1,133 @@
 #!/usr/bin/env bash
-# The one script run on the GPU machine (repo root as cwd, $OUT an output folder, python3
-# the interpreter that holds torch): environment, peer wheels, the package, the test suite
-# on CUDA, then the GPU benchmark tables.  Every step is recorded and a failed step does not
-# stop the ones after it; the whole script stays under 5 minutes.
+# The one script run on a GPU machine (repo root as cwd, python3 holding torch and triton): the GPU
+# benchmark rows first, then the compiled test subset, in at most GPU_CHECK_LIMIT_S seconds (default
+# 420 = 7 minutes).  Everything is written to $OUT as it happens (tee, line-buffered), so a run that is
+# stopped early still leaves its log, the steps done so far and the tables finished so far.
 #
-#   bash benchmarks/gpu_check.sh            # OUT defaults to /tmp/gpu_check_out
+#   bash benchmarks/gpu_check.sh                 # OUT defaults to /tmp/gpu_check_out
+#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh # CPU dry run: the same steps, tiny, no GPU needed
 #
-# Files left in $OUT (at most 8): gpu_check.log (everything printed), steps.txt (one line per
-# step: name, exit code, seconds), contrastive_<gpu>.md/.csv, linear_ce_<gpu>.md/.csv.
+# Rows (bf16, fwd+bwd, each against the peers that apply and torch.mm's rate, OOM / cannot-fit rows say
+# so): CLIP M=2 D=512 at B = 8k, 32k, 64k and the SCALE NT-Xent M=5 loss with S' weights
+# (benchmarks/bench_contrastive.py: naive, OpenCLIP ClipLoss, Inf-CL); linear cross-entropy at
+# N=16384, K=21128, H=768 (benchmarks/bench_linear_ce.py: Liger, Cut CE, F.linear + cross_entropy).
+# Shapes a bench script does not take as flags (--dim/--modalities, --rows/--vocab) are run only when
+# the script defines them; otherwise steps.txt says so.
+#
+# Peers: from a local wheel folder, SCALE_FAST_WHEELS (default ../shared/wheels when it exists), with
+# pip --no-index --no-deps, else by name from the index, --no-deps (nothing may pull another torch or
+# triton).  Files in $OUT: gpu_check.log (all output), steps.txt (one line
+# per step: name, exit code, seconds), the benchmark tables (*.md, *.csv), kernel_report.txt.
 set -u
 
 T0=$(date +%s)
-TOTAL_LIMIT=${GPU_CHECK_LIMIT_S:-285}        # seconds for the whole script
+LIMIT=${GPU_CHECK_LIMIT_S:-420}
 OUT=${OUT:-/tmp/gpu_check_out}
+DRY=${GPU_CHECK_DRY:-0}
 mkdir -p "$OUT"
-MARK=$(mktemp /tmp/gpu_check_start.XXXXXX)      # tables newer than this one were made by this run
 LOG="$OUT/gpu_check.log"
 STEPS="$OUT/steps.txt"
 : > "$STEPS"
-exec > >(tee -a "$LOG") 2>&1
+exec > >(stdbuf -oL tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1
+REPO=$(pwd)
+MARK=$(mktemp /tmp/gpu_check_start.XXXXXX)      # tables newer than this were made by this run
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( TOTAL_LIMIT - $(date +%s) + T0 )); }
+left() { echo $(( LIMIT - $(date +%s) + T0 )); }
 
-# step NAME CMD...: run, record "NAME rc=N Ns" in steps.txt, never abort the script
-step() {
-    local name=$1; shift
-    local t=$(date +%s)
+collect() {  # copy the tables this run wrote into $OUT (also on an early stop)
+    for f in benchmarks/results/*.md benchmarks/results/*.csv /tmp/sf_bench_dryrun/*.md /tmp/sf_bench_dryrun/*.csv; do
+        [ -f "$f" ] && [ "$f" -nt "$MARK" ] && cp "$f" "$OUT/" 2>/dev/null
+    done
+}
+finish() {
+    collect
     echo
-    echo "===== [$(elapsed)s] $name: $*"
-    "$@"
-    local rc=$?
-    echo "$name rc=$rc $(( $(date +%s) - t ))s" | tee -a "$STEPS"
-    return $rc
+    echo "===== gpu_check stopped or done after $(elapsed)s; steps:"
+    cat "$STEPS"
 }
+trap 'echo "gpu_check: interrupted"; finish; exit 130' INT TERM
+trap 'finish' EXIT
 
-step env bash -c '
-    date -u; uname -a
-    nvidia-smi || echo "nvidia-smi failed"
-    python3 -c "import sys, torch, triton; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(\"triton\", triton.__version__); print(\"gpu\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
-'
-
-# peers as wheels (no index, no deps: nothing may pull another torch or triton)
-step wheels python3 -m pip install -q --no-index --no-deps --no-cache-dir benchmarks/wheels/*.whl
-python3 -m pip list 2>/dev/null | grep -i -E "^(torch|triton|open.clip|inf.cl|liger|cut.cross|ftfy|wcwidth) " || true
-
-# the project itself: editable, else a plain copy, else the source tree on PYTHONPATH
-install_project() {
-    python3 -m pip install -q --no-deps --no-build-isolation -e . \
-        && python3 -c "import scale_fast, scale_fast.backends.triton" && return 0
-    echo "editable install failed or scale_fast.backends.triton missing; trying a plain install"
-    python3 -m pip install -q --no-deps --no-build-isolation . \
-        && (cd /tmp && python3 -c "import scale_fast, scale_fast.backends.triton") && return 0
-    echo "plain install failed; overlaying the source tree on PYTHONPATH"
-    rm -rf /tmp/sf_overlay && mkdir -p /tmp/sf_overlay \
-        && cp -r scale_fast /tmp/sf_overlay/scale_fast
-    export PYTHONPATH=/tmp/sf_overlay${PYTHONPATH:+:$PYTHONPATH}
-    (cd /tmp && python3 -c "import scale_fast, scale_fast.backends.triton")
-}
-REPO=$(pwd)
-# tests and checks run from /tmp: "python3 -m pytest" puts the cwd first on sys.path, and the
-# installed package is the one under test
-RUN_DIR=/tmp
-step install install_project
-step import bash -c "cd '$RUN_DIR' && python3 -c \"import scale_fast as sf; print('scale_fast', getattr(sf, '__version__', '?'), sf.__file__); print('backends', sf.available_backends())\""
-
-# the test suite on CUDA
-# (at most 150 s, and at least ~120 s are kept for the benchmarks)
-t=$(( $(left) - 125 )); [ "$t" -gt 150 ] && t=150; [ "$t" -lt 30 ] && t=30
-OP_TESTS="'$REPO/tests/test_scores.py' '$REPO/tests/test_contrastive.py' '$REPO/tests/test_linear_ce.py' '$REPO/tests/test_scale_loss.py' '$REPO/tests/test_compile.py'"
-step tests bash -c "cd '$RUN_DIR' && timeout $t python3 -m pytest $OP_TESTS -q -k triton --maxfail=25 -p no:cacheprovider --rootdir '$REPO' -W ignore"
-
-# the GPU tables: linear CE first (short), then contrastive with what is left
-b=$(( $(left) - 10 )); [ "$b" -gt 200 ] && b=200
-if [ "$b" -ge 40 ]; then
-    bl=$(( b * 30 / 100 )); [ "$bl" -gt 60 ] && bl=60
-    step bench_linear_ce timeout $(( bl + 40 )) python3 benchmarks/bench_linear_ce.py --device cuda --budget-s "$bl"
-    bc=$(( $(left) - 15 )); [ "$bc" -gt 200 ] && bc=200
-    if [ "$bc" -ge 30 ]; then
-        step bench_contrastive timeout $(( bc + 40 )) python3 benchmarks/bench_contrastive.py --device cuda --budget-s "$bc"
-    else
-        echo "bench_contrastive rc=skipped (only ${bc}s left)" | tee -a "$STEPS"
+# step NAME SECONDS CMD...: run with a time limit (capped by what is left), record it, never abort
+step() {
+    local name=$1 cap=$2; shift 2
+    local t=$(date +%s) lim rc
+    lim=$(left); [ "$cap" -lt "$lim" ] && lim=$cap
+    if [ "$lim" -lt 10 ]; then
+        echo "$name rc=skipped (only $(left)s left)" | tee -a "$STEPS"
+        return 0
     fi
+    echo
+    echo "===== [$(elapsed)s] $name (limit ${lim}s): $*"
+    timeout --signal=TERM --kill-after=10 "$lim" "$@"
+    rc=$?
+    [ $rc -eq 124 ] && echo "$name: stopped at its ${lim}s limit"
+    echo "$name rc=$rc $(( $(date +%s) - t ))s" | tee -a "$STEPS"
+    collect
+    return 0
+}
+
+# flag FILE FLAG: true when the script defines the option FLAG (read from its source: no python start-up)
+flag() { grep -q -- "\"$2\"" "$1"; }
+
+echo "gpu_check: $(date -u) limit ${LIMIT}s dry=${DRY} out=${OUT}"
+python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" \
+    || echo "gpu_check: torch/triton do not import"
+[ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv || true
+
+# ---- peers and the package (fast; nothing here may replace torch or triton)
+WHEELS=${SCALE_FAST_WHEELS:-}
+[ -z "$WHEELS" ] && [ -d ../shared/wheels ] && WHEELS=../shared/wheels
+install_peers() {
+    if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl
+    else
+        python3 -m pip install -q --no-deps open_clip_torch inf_cl liger_kernel cut_cross_entropy ftfy wcwidth
+    fi
+}
+export -f install_peers
+export WHEELS
+[ "$DRY" = 1 ] || step peers 90 bash -c install_peers
+step install 60 python3 -m pip install -q --no-deps --no-build-isolation -e .
+if ! python3 -c "import scale_fast.backends.triton" 2>/dev/null; then
+    echo "the installed package does not import; using the source tree on PYTHONPATH"
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -m pip list 2>/dev/null | grep -i -E "^(torch|triton|open.clip|inf.cl|liger|cut.cross) " || true
+
+# ---- GPU benchmark rows first
+if [ "$DRY" = 1 ]; then
+    BENCH=(--dry-run); CLIP_B=64,96
 else
-    echo "benchmarks rc=skipped (only ${b}s left)" | tee -a "$STEPS"
+    BENCH=(--device cuda); CLIP_B=8192,32768,65536
+fi
+C=benchmarks/bench_contrastive.py
+CARGS=("${BENCH[@]}" --batches "$CLIP_B")
+step bench_contrastive 170 python3 "$C" "${CARGS[@]}" --budget-s 150
+if flag "$C" "--dim" && flag "$C" "--modalities"; then  # the SCALE loss at D=256, B = 8k, 16k, 32k
+    S_B=$([ "$DRY" = 1 ] && echo 64 || echo 8192,16384,32768)
+    step bench_scale_d256 100 python3 "$C" "${BENCH[@]}" --batches "$S_B" --dim 256 --modalities 5 --budget-s 80
+else
+    echo "bench_scale_d256 rc=skipped ($C takes no --dim/--modalities: its M=5 rows run at D=512 above)" | tee -a "$STEPS"
+fi
+L=benchmarks/bench_linear_ce.py
+step bench_linear_ce 100 python3 "$L" "${BENCH[@]}" --budget-s 80
+if flag "$L" "--vocab"; then  # a modern LLM vocabulary
+    step bench_linear_ce_151k 60 python3 "$L" "${BENCH[@]}" --rows 65536 --vocab 151936 --budget-s 50
+else
+    echo "bench_linear_ce_151k rc=skipped ($L takes no --rows/--vocab)" | tee -a "$STEPS"
 fi
 
-# tables into $OUT (they already are in benchmarks/results/, with device, versions and date)
-for f in benchmarks/results/contrastive_*.md benchmarks/results/contrastive_*.csv \
-         benchmarks/results/linear_ce_*.md benchmarks/results/linear_ce_*.csv; do
-    case "$f" in *_cpu*|*dryrun*) continue ;; esac
-    [ -f "$f" ] && [ "$f" -nt "$MARK" ] && cp "$f" "$OUT/"
-done
-echo
-echo "===== done in $(elapsed)s; steps:"
-cat "$STEPS"
-ls -la "$OUT"
+# ---- then the compiled test subset (the Triton ops on CUDA) and the kernel report
+TESTS="tests/test_contrastive.py tests/test_scores.py tests/test_linear_ce.py tests/test_scale_loss.py"
+if [ "$DRY" = 1 ]; then
+    step tests 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_contrastive.py -k "row_range and triton"
+else
+    step tests 150 python3 -m pytest -q --maxfail=20 -p no:cacheprovider $TESTS -k triton -W ignore
+fi
+if [ "$(left)" -gt 40 ]; then
+    step kernel_report 60 bash -c "TRITON_INTERPRET=0 python3 benchmarks/kernel_report.py --quick --arch sm_90a > '$OUT/kernel_report.txt' 2>&1; rc=\$?; tail -20 '$OUT/kernel_report.txt'; exit \$rc"
+fi
 exit 0

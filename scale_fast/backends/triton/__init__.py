@@ -51,6 +51,7 @@ CAPABILITY = Capability(
     devices=("cuda", "cpu") if _interpreted() else ("cuda",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     ops=("scores", "contrastive", "info_nce", "linear_cross_entropy"),
+    row_range_ops=("contrastive",),  # a process group runs the fused kernel on its local rows
     max_modalities={"scores": MAX_MODALITIES},
     preferred_on=("cuda",),
     is_available=is_available,

@@ -1,53 +1,62 @@
 """Triton kernels for the SCALE pair contrastive losses (docs/contract.md §4) and one-direction InfoNCE.
 
-``contrastive(z, present, logit_scale, row_weights, form)`` -> [M, M] pair losses
+``contrastive(z, present, logit_scale, row_weights, form, row_range=None)`` -> [M, M] pair losses
 ``info_nce(a, b, row_weights, scale)`` -> 0-dim loss (one direction of "clip")
 
-Design (all pairs i < j of one call run in the same launches; nothing B x B is stored):
+A pair (i, j) has two *sides*, side 0 = z[i], side 1 = z[j], over the whole batch B; sample b
+is a row of the pair when present[i, b] and present[j, b] (others are masked as rows and as
+columns: no compaction, no host sync).  Every logit is s * w_row * G with G a Gram entry
+between two sides.  All log-sum-exps are base 2 (exp2/log2); the loss is converted with ln 2.
 
-* A pair's rows live on two *sides*: side 0 = z[i, :], side 1 = z[j, :], over the
-  full batch B.  Sample b is a row of the pair when present[i, b] and present[j, b];
-  other samples are masked out as rows and as columns (no compaction, no host sync).
-* The logits of every form are s * w_row * G where G is a Gram tile between two
-  sides.  The unique Gram blocks of a pair are *segments*:
-    seg 0: side 0 x side 1, full square of tiles  -- "clip", "ntxent", "nce"
-    seg 1: side 0 x side 0 and side 1 x side 1, upper triangles of tiles (the
-           Gram is symmetric)                    -- "ntxent" only
-  A tile gives its rows' LSE contributions (row weights) and, the Gram being
-  symmetric, its columns' LSE contributions (column weights) too.  So "clip"
-  computes each dot product once for both directions, and "ntxent" computes half
-  of the 2n x 2n Gram instead of all of it.  Self-similarities (diagonal of seg 1's
-  diagonal tiles) are masked; the positive of row b on either side is the diagonal
-  of seg 0's diagonal tiles.
-* Forward (one GEMM pass over the unique Gram entries, i.e. over B x B x D once for
-  "clip" and twice for "ntxent"): grid (R, pairs, segments).  A program owns the
-  row blocks g, g+R, ... (of both triangles for seg 1, which balances the work of
-  the two kinds of program) and sweeps the column blocks FlashAttention-style;
-  row LSEs accumulate online in registers, column LSEs are merged into the
-  program's own slot of a partial buffer [pairs, segments, R, 2, B] (log-sum-exp
-  merge, read-modify-write behind a CTA barrier, no atomics).  R is about 2
-  programs per SM over all pairs, so the extra memory is O(SMs * B), independent
-  of B^2.  The slots are combined afterwards in torch (O(pairs * R * B)).  The
-  positive logits are written by the same pass.
-* Backward (3 GEMMs per unique tile: recompute G = Z_row Z_col^T, then
-  dZ_row += dG @ Z_col and dZ_col += dG^T @ Z_row): grid (tiles, pairs, segments),
-  one tile per program, grouped row blocks for L2 reuse.  Both dZ sides go to an
-  fp32 [M, B, D] buffer with fp32 atomics (a z row is shared by several pairs and
-  D is looped in BLOCK_D chunks, so neither side can stay in registers).
-  Row-weight gradients use fp32 atomics on [pairs, B]; the logit-scale gradient
-  one fp32 atomic per program.  dG is divided by coef * s (so it is O(1)) before
-  the low-precision GEMMs and the result is rescaled in fp32.
-  Per pair, "clip" thus costs 4 B x B x D GEMM passes in all (1 forward,
-  3 backward) for both directions; "ntxent", whose 2n x 2n Gram is 4 B x B blocks
-  of which symmetry leaves 2 unique, costs 2 forward + 6 backward.
-* All LSEs are kept in base 2 (exp2/log2); the loss is converted with ln 2.
-* Offsets that involve B or D are computed in int64.
+Forward (one launch over all pairs, nothing B x B stored):
 
-Precision: bf16/fp16 inputs use tensor cores with fp32 accumulation.  float32 inputs
-use exact fp32 dot products (``input_precision="ieee"``) unless TF32 is enabled by the
-environment variable ``SCALE_FAST_TF32=1`` (read at import) or by setting the module
-attribute ``scale_fast.backends.triton.contrastive.ALLOW_TF32 = True``.  float64 inputs have no
-kernels: the dispatcher runs the torch backend for them (the backend's record, ``__init__``).
+* Programs sweep the columns of one row block, FlashAttention-style: the column-tile loop is
+  flattened with the D loop into one software-pipelined loop (``tl.range(num_stages=...)``),
+  the row sums stay in registers and the program writes one base-2 LSE per row at the end into
+  its own slot of a [pairs, 2, slots, B] partial buffer (merged afterwards by a logsumexp over
+  the few slots).  The column range of a row block is split so that the grid holds at least
+  2 programs per SM (SM count read from the device; B >= 4096 with 128-row blocks always gives
+  >= 1024 tiles, so >= 2 per SM on 132 SMs by construction, see ``_column_split``).
+* The unique Gram blocks: "clip" and "nce" sweep side 0 x side 1 once; "ntxent" adds the two
+  upper triangles side h x side h (row blocks folded in pairs rb, NRB-1-rb so that every
+  program sweeps about NRB+1 tiles).  A tile also holds the logits of its *columns* (the Gram
+  is symmetric), so each dot product is computed once for both directions.
+* Log-sum-exp shift: every logit of row r lies in [-|s w_r|, |s w_r|] (unit rows) and the
+  largest is at least the positive's, s w_r pos_r.  A fixed shift known before the sweep,
+  max(s w pos, |s w| - 95) (base 2; pos from a cheap batched product), keeps every term
+  below 2^95 and the largest above 2^-96 whenever |s w| - s w pos <= 190: always for
+  |s w| <= 65 (natural units; the torch backend's own bound is 30), and at larger scales
+  unless a positive is far below its bound (s w = 100: cos < -0.3).  With it the tile sums
+  simply add up (no max, no rescale); row blocks holding a row without a safe shift keep an
+  exact online max in registers.
+  They are added with **relaxed** atomics (one fp32 add per column per tile, no fence):
+  deterministic per-row-block partials would need B * B / BLOCK floats (128 MiB per side at
+  B = 65536), a tree merge would need a barrier; the order of the additions varies from run
+  to run (fp32 rounding only).  Columns without a safe shift get no atomics; a second, small
+  launch recomputes their column direction exactly with an online max (its programs exit at
+  once when their block has no such row, the common case).
+* The positive logits (diagonal of side 0 x side 1) are written by the tile that holds them.
+
+Backward (no atomics): per pair and row chunk, a Triton kernel recomputes the Gram tiles of
+the chunk's rows against all their columns and writes dG = d loss / d G (both directions'
+softmax terms, the positives, self-similarities removed) into a buffer of fixed size
+(SCALE_FAST_CONTRASTIVE_BWD_MB, default 64 MiB, independent of B), with per-tile partial row
+sums for the row-weight and logit-scale gradients.  cuBLAS then forms dZ[rows] = dG Z[cols]
+with fp32 accumulation.  Every side's rows are a chunk of their own (the transposed softmax
+term makes a side-1 chunk the rows of dG^T), so "clip" costs 1 forward + 2 x (recompute +
+GEMM) passes, and NT-Xent's symmetric 2B x 2B Gram is one GEMM over dG + dG^T per chunk.
+
+row_range=(start, stop) (the process-group path, see scale_fast/distributed.py): only the
+loss terms of rows whose sample lies in [start, stop) (both sides), against every column,
+divided by the global normaliser; row_weights is then the local [stop - start, M, M].  Both
+directions are row sweeps then (no column atomics), and the backward adds dG^T Z_rows for the
+columns.
+
+Precision: bf16/fp16 inputs use tensor cores with fp32 accumulation (dG kept in bf16 for bf16
+inputs, fp32 otherwise).  float32 inputs use exact fp32 dot products (``input_precision="ieee"``)
+unless TF32 is enabled by SCALE_FAST_TF32=1 (read at import) or by setting
+``scale_fast.backends.triton.contrastive.ALLOW_TF32 = True``; the backward GEMMs follow torch's
+``torch.backends.cuda.matmul.allow_tf32``.
 """
 from __future__ import annotations
 
@@ -63,23 +72,28 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _FORMS = ("ntxent", "clip")
+_UNIT = 128  # the column split is a multiple of every BLOCK
+_ASSUMED_SMS = 132  # H100 / H200 SXM; used where no CUDA device is there to ask
 
 
 # ----------------------------------------------------------------------------------
 # autotune configurations
 # ----------------------------------------------------------------------------------
-# (BLOCK, BLOCK_D, num_warps, num_stages).  Tensor-core dots (bf16/fp16, TF32) and the
-# exact fp32 dots (FMA units, far more registers per tile) get separate sets.
-_TC_CONFIGS = ((128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-               (64, 32, 4, 2))
-_FMA_CONFIGS = ((64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (32, 16, 4, 2))
+# (BLOCK, BLOCK_D, num_warps, num_stages).  Tensor-core dots (bf16/fp16, TF32) and the exact
+# fp32 dots (FMA units, far more registers per tile) get separate sets; every set is checked
+# for spills and fences by benchmarks/kernel_report.py.
+_FWD_TC = ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3))
+_FWD_FMA = ((64, 16, 4, 2), (32, 32, 4, 2))
+# backward dG tiles: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
+_DG_TC = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3))
+_DG_FMA = ((64, 64, 16, 4, 2), (32, 64, 32, 4, 2))
 
 
-def _configs():
+def _fwd_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
     out = []
-    for fma, table in ((False, _TC_CONFIGS), (True, _FMA_CONFIGS)):
+    for fma, table in ((False, _FWD_TC), (True, _FWD_FMA)):
         for block, block_d, warps, stages in table:
             cfg = triton.Config({"BLOCK": block, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages)
             cfg.scale_fast_fma = fma
@@ -87,7 +101,16 @@ def _configs():
     return out
 
 
-_MIN_BLOCK = min(c.kwargs["BLOCK"] for c in _configs())
+def _dg_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
+    out = []
+    for fma, table in ((False, _DG_TC), (True, _DG_FMA)):
+        for bm, bn, bd, warps, stages in table:
+            cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+            cfg.scale_fast_fma = fma
+            out.append(cfg)
+    return out
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -105,20 +128,9 @@ def _prune_configs(configs, named_args, **kwargs):
 # shared device helpers
 # ----------------------------------------------------------------------------------
 @triton.jit
-def _lse2_merge(a, b):
-    """log2(2^a + 2^b), exact for -inf inputs (both -inf -> -inf)."""
-    mx = tl.maximum(a, b)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return mx_safe + tl.log2(tl.exp2(a - mx_safe) + tl.exp2(b - mx_safe))
-
-
-@triton.jit
 def _row_info(pres_ptr, w_ptr, mi, mj, p, offs, B, stride_pm, HAS_W: tl.constexpr):
-    """(in-range mask, pair-row mask, row weight, additive mask bias) of samples `offs`.
-
-    The weight is 0 and the bias -inf where the sample is not a row of pair p.
-    """
-    inr = offs < B
+    """(in-range mask, pair-row mask, row weight, additive mask bias) of samples `offs`."""
+    inr = (offs < B) & (offs >= 0)
     pi = tl.load(pres_ptr + mi.to(tl.int64) * stride_pm + offs, mask=inr, other=0)
     pj = tl.load(pres_ptr + mj.to(tl.int64) * stride_pm + offs, mask=inr, other=0)
     ok = inr & (pi != 0) & (pj != 0)
@@ -145,208 +157,295 @@ def _load_rows(base, offs64, ok, d0, D, stride_zb,
 
 
 @triton.jit
-def _gram_tile(xbase, ybase, rows64, cols64, r_ok, c_ok, D, stride_zb,
-               BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-               EVEN_D: tl.constexpr, DOT_F32: tl.constexpr):
-    """G[r, c] = z_x[rows[r]] . z_y[cols[c]] in fp32 (rows not in the pair load as 0)."""
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        x = _load_rows(xbase, rows64, r_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
-        y = _load_rows(ybase, cols64, c_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
-        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
-    return acc
+def _sweep(z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
+           row0, row_end, cb_lo, cb_hi, same_side, write_pos, do_cols, online_only,
+           B, D, stride_zm, stride_zb, stride_pm,
+           HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+           DOT_F32: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr):
+    """Rows row0 .. row0+BLOCK (< row_end) of side xm against column tiles [cb_lo, cb_hi) of side ym.
 
-
-# ----------------------------------------------------------------------------------
-# forward: per-row log-sum-exp partials and the positive logits
-# ----------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["D", "NSEG", "HAS_W"], restore_value=["part_ptr"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
-@triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
-@triton.jit
-def _contrastive_fwd_kernel(
-    z_ptr, pres_ptr, w_ptr, pi_ptr, pj_ptr, scale_ptr,
-    part_ptr, pos2_ptr,
-    B, D, stride_zm, stride_zb, stride_pm, RCAP,
-    HAS_W: tl.constexpr, BOTH_DIR: tl.constexpr, NSEG: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-    EVEN_D: tl.constexpr,
-):
-    # program (g, p, seg): seg 0 = side 0 x side 1 (full square);
-    # seg 1 = side 0 x side 0 then side 1 x side 1 (upper triangles), so that both
-    # kinds of program sweep about the same number of tiles.
-    # Masks are additive -inf biases on 1-D row/column vectors (no 2-D boolean tiles);
-    # rows that are not in the pair give garbage that the host masks out.
-    g = tl.program_id(0)
-    R = tl.num_programs(0)
-    p = tl.program_id(1)
-    seg = tl.program_id(2)
-    mi = tl.load(pi_ptr + p)
-    mj = tl.load(pj_ptr + p)
-    tri = seg > 0
-    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    slot = ((p.to(tl.int64) * NSEG + seg) * RCAP + g) * 2
-    NRB = tl.cdiv(B, BLOCK)
+    Returns (rows, row-ok mask, m, l) with the row LSE = m + log2(l) over those columns (base 2).
+    same_side: drop self-similarities; write_pos: store the positive logits of the rows found in
+    these tiles; do_cols: add the columns' fixed-shift sums into colsum (relaxed atomics), except
+    on tiles that hold self-similarities (their row direction already covers them), for the
+    columns whose shift csh (base 2, per pair and sample) is not NaN.
+    """
     ar = tl.arange(0, BLOCK)
-    nh = tl.where(tri, 2, 1)
-    for h in range(0, nh):
-        xm = tl.where(tri & (h == 1), mj, mi)
-        ym = tl.where(tri, xm, mj)
-        xside = tl.where(tri, h, 0).to(tl.int64)
-        yside = tl.where(tri, h, 1).to(tl.int64)
-        xbase = z_ptr + xm.to(tl.int64) * stride_zm
-        ybase = z_ptr + ym.to(tl.int64) * stride_zm
-        xpart = part_ptr + (slot + xside) * B
-        ypart = part_ptr + (slot + yside) * B
-        for rb in range(g, NRB, R):
-            rows = rb * BLOCK + ar
-            r_in, r_ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
-            rows64 = rows.to(tl.int64)
-            mult_r = s2 * wr
-            m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
-            l_i = tl.zeros((BLOCK,), dtype=tl.float32)
-            cb0 = tl.where(tri, rb, 0)
-            for cb in range(cb0, NRB):
-                cols = cb * BLOCK + ar
-                c_in, c_ok, wc, cbias = _row_info(pres_ptr, w_ptr, mi, mj, p, cols, B, stride_pm, HAS_W)
-                cols64 = cols.to(tl.int64)
-                G = _gram_tile(xbase, ybase, rows64, cols64, r_ok, c_ok, D, stride_zb,
-                               BLOCK, BLOCK_D, PRECISION, EVEN_D, DOT_F32)
-                # row direction (online log-sum-exp, base 2)
-                qk = G * mult_r[:, None] + cbias[None, :]
-                if tri & (cb == rb):  # a triangle's diagonal tile: drop self-similarities
-                    qk = tl.where(rows[:, None] == cols[None, :], float("-inf"), qk)
-                if (seg == 0) & (cb == rb):  # positives: diagonal of seg 0's diagonal tiles
-                    pos2 = tl.sum(tl.where(rows[:, None] == cols[None, :], qk, 0.0), 1)
-                    tl.store(pos2_ptr + p.to(tl.int64) * B + rows64, pos2, mask=r_ok)
+    rows = row0 + ar
+    r_in, r_ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
+    r_ok = r_ok & (rows < row_end)
+    wr = tl.where(r_ok, wr, 0.0)
+    rbias = tl.where(r_ok, rbias, float("-inf"))
+    rows64 = rows.to(tl.int64)
+    xbase = z_ptr + xm.to(tl.int64) * stride_zm
+    ybase = z_ptr + ym.to(tl.int64) * stride_zm
+    mult_r = s2 * wr
+    sh_r = tl.load(csh_ptr + p.to(tl.int64) * B + rows64, mask=r_ok, other=0.0)
+    fixed_r = (sh_r == sh_r) | (r_ok == 0)
+    use_fixed = (tl.min(fixed_r.to(tl.int32), 0) > 0) & (online_only == 0)
+    m_i = tl.where(use_fixed, sh_r, float("-inf"))
+    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+    ND = tl.cdiv(D, BLOCK_D)
+    n_it = tl.where(tl.max(r_ok.to(tl.int32), 0) > 0, (cb_hi - cb_lo) * ND, 0)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for it in tl.range(0, n_it, num_stages=STAGES):
+        cb = cb_lo + it // ND
+        d0 = (it % ND) * BLOCK_D
+        cols = cb * BLOCK + ar
+        cols64 = cols.to(tl.int64)
+        c_pre = cols < B
+        x = _load_rows(xbase, rows64, r_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
+        y = _load_rows(ybase, cols64, c_pre, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
+        # the first D chunk of a tile starts a fresh sum (no separate zero tile: fewer registers)
+        acc = tl.dot(x, tl.trans(y), tl.where(it % ND == 0, 0.0, acc), input_precision=PRECISION)
+        if it % ND == ND - 1:
+            c_in, c_ok, wc, cbias = _row_info(pres_ptr, w_ptr, mi, mj, p, cols, B, stride_pm, HAS_W)
+            overlap = (cb * BLOCK < row0 + BLOCK) & (cb * BLOCK + BLOCK > row0)
+            if do_cols & ((same_side & overlap) == 0):
+                # column direction first, so that only G and one tile are live at a time
+                mult_c = s2 * wc
+                sh_c = tl.load(csh_ptr + p.to(tl.int64) * B + cols64, mask=c_ok, other=float("nan"))
+                c_fix = c_ok & (sh_c == sh_c)
+                csum = tl.sum(tl.exp2(acc * mult_c[None, :] + rbias[:, None] - sh_c[None, :]), 0)
+                tl.atomic_add(colsum_ptr + (p.to(tl.int64) * 2 + ys) * B + cols64, csum, mask=c_fix,
+                              sem="relaxed")
+            qk = acc * mult_r[:, None] + cbias[None, :]
+            if same_side & overlap:
+                qk = tl.where(rows[:, None] == cols[None, :], float("-inf"), qk)
+            if write_pos & overlap:
+                pos2 = tl.sum(tl.where(rows[:, None] == cols[None, :], qk, 0.0), 1)
+                here = r_ok & (rows >= cb * BLOCK) & (rows < cb * BLOCK + BLOCK)
+                tl.store(pos2_ptr + p.to(tl.int64) * B + rows64, pos2, mask=here)
+            if use_fixed:
+                l_i += tl.sum(tl.exp2(qk - sh_r[:, None]), 1)
+            else:
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(qk - m_safe[:, None]), 1)
                 m_i = m_new
-                if BOTH_DIR:
-                    # column direction: tile (rb, cb) holds the column rows' logits too,
-                    # except on a triangle's diagonal tile (already counted as rows)
-                    if (seg == 0) | (cb != rb):
-                        qc = G * (s2 * wc)[None, :] + rbias[:, None]
-                        mc = tl.max(qc, 0)
-                        mc_safe = tl.where(mc == float("-inf"), 0.0, mc)
-                        lse_c = mc_safe + tl.log2(tl.sum(tl.exp2(qc - mc_safe[None, :]), 0))
-                        old = tl.load(ypart + cols64, mask=c_in, other=float("-inf"))
-                        tl.store(ypart + cols64, _lse2_merge(old, lse_c), mask=c_in)
-                        tl.debug_barrier()
-            m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-            lse_r = m_safe + tl.log2(l_i)
-            old = tl.load(xpart + rows64, mask=r_in, other=float("-inf"))
-            tl.store(xpart + rows64, _lse2_merge(old, lse_r), mask=r_in)
-            tl.debug_barrier()
+    return rows, r_ok, m_i, l_i
+
+
+@triton.jit
+def _lse2(m, l):
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m_safe + tl.log2(l)
 
 
 # ----------------------------------------------------------------------------------
-# backward: one tile per program, recompute G once, both dZ sides by atomics
+# forward
 # ----------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["D", "NSEG", "HAS_W"],
-                 reset_to_zero=["dz_ptr", "dw_ptr", "ds_ptr"],
+@triton.autotune(configs=_fwd_configs(), key=["B", "D", "NSEG", "HAS_W", "BOTH_DIR", "LOCAL"],
+                 reset_to_zero=["colsum_ptr"], prune_configs_by={"early_config_prune": _prune_configs})
+@triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
+@triton.jit(do_not_specialize=["R0", "R1", "NSLOT", "NS", "CL"])
+def _contrastive_fwd_kernel(
+    z_ptr, pres_ptr, w_ptr, pi_ptr, pj_ptr, scale_ptr,
+    part_ptr, pos2_ptr, colsum_ptr, csh_ptr,
+    B, D, stride_zm, stride_zb, stride_pm, R0, R1, NSLOT, NS, CL,
+    HAS_W: tl.constexpr, BOTH_DIR: tl.constexpr, NSEG: tl.constexpr, LOCAL: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    # Grid (square programs + triangle programs, pairs).  Square program = (row side xs, row
+    # block, column side jy, column split cs); full mode: xs = 0 against ys = 1 only.  Triangle
+    # program (full "ntxent"): (side h, folded row blocks q and NRB-1-q, split of their tiles).
+    t = tl.program_id(0)
+    p = tl.program_id(1)
+    mi = tl.load(pi_ptr + p)
+    mj = tl.load(pj_ptr + p)
+    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    NCB = tl.cdiv(B, BLOCK)
+    NRB = tl.cdiv(R1 - R0, BLOCK)
+    TPS = CL // BLOCK
+    NXS: tl.constexpr = 2 if LOCAL else 1
+    NYS: tl.constexpr = NSEG if LOCAL else 1
+    n_sq = NXS * NRB * NYS * NS
+    NQ = (NCB + 1) // 2
+    NS1 = tl.cdiv(NCB + 1, TPS)
+    tri = t >= n_sq
+    t1 = t - n_sq
+    # square decode
+    xs_sq = t // (NRB * NYS * NS)
+    r_sq = t % (NRB * NYS * NS)
+    jy = r_sq % (NYS * NS) // NS
+    cs_sq = r_sq % NS
+    # triangle decode
+    h = t1 // (NQ * NS1)
+    q = t1 % (NQ * NS1) // NS1
+    cs_tr = t1 % NS1
+    xs = tl.where(tri, h, xs_sq)
+    ys = tl.where(tri, h, tl.where(jy == 0, 1 - xs_sq, xs_sq))
+    xm = tl.where(xs == 0, mi, mj)
+    ym = tl.where(ys == 0, mi, mj)
+    do_cols = BOTH_DIR & (LOCAL == 0)
+    nph = tl.where(tri, tl.where(NCB - 1 - q > q, 2, 1), 1)
+    for ph in range(0, nph):
+        # phase rows / tiles
+        lo1 = cs_tr * TPS
+        hi1 = lo1 + TPS
+        first_len = NCB - q
+        rb_tri = tl.where(ph == 0, q, NCB - 1 - q)
+        t_lo = tl.where(ph == 0, lo1, tl.maximum(lo1, first_len))
+        t_hi = tl.where(ph == 0, tl.minimum(hi1, first_len), tl.minimum(hi1, NCB + 1))
+        cb_lo = tl.where(tri, tl.where(ph == 0, q + t_lo, rb_tri + t_lo - first_len), cs_sq * TPS)
+        cb_hi = tl.where(tri, tl.where(ph == 0, q + t_hi, rb_tri + t_hi - first_len),
+                         tl.minimum(NCB, (cs_sq + 1) * TPS))
+        cb_hi = tl.maximum(cb_hi, cb_lo)
+        row0 = tl.where(tri, rb_tri * BLOCK, R0 + (r_sq // (NYS * NS)) * BLOCK)
+        slot = tl.where(tri, NYS * NS + cs_tr, jy * NS + cs_sq)
+        rows, r_ok, m_i, l_i = _sweep(
+            z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
+            row0, R1, cb_lo, cb_hi, xs == ys, (xs == 0) & (ys == 1), do_cols, 0,
+            B, D, stride_zm, stride_zb, stride_pm,
+            HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, 3)
+        lse = _lse2(m_i, l_i)
+        dst = part_ptr + ((p.to(tl.int64) * 2 + xs) * NSLOT + slot) * B + rows.to(tl.int64)
+        tl.store(dst, lse, mask=r_ok & ((rows * 0 + cb_hi) > cb_lo))
+
+
+@triton.autotune(configs=_fwd_configs(), key=["B", "D", "NSEG", "HAS_W"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
 @triton.jit
-def _contrastive_bwd_kernel(
-    z_ptr, pres_ptr, w_ptr, pi_ptr, pj_ptr, scale_ptr, coef_ptr, lse_ptr,
-    dz_ptr, dw_ptr, ds_ptr,
-    B, D, stride_zm, stride_zb, stride_pm, stride_dzm, stride_dzb,
-    HAS_W: tl.constexpr, BOTH_DIR: tl.constexpr, NSEG: tl.constexpr, NPOS: tl.constexpr,
+def _contrastive_fwd_fallback_kernel(
+    z_ptr, pres_ptr, w_ptr, pi_ptr, pj_ptr, scale_ptr, csh_ptr, fb_ptr,
+    B, D, stride_zm, stride_zb, stride_pm,
+    HAS_W: tl.constexpr, NSEG: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-    EVEN_D: tl.constexpr, GROUP: tl.constexpr = 8,
+    EVEN_D: tl.constexpr,
 ):
-    # grid (NRB * (NRB + 1), pairs, NSEG).  seg 0: tile (rb, cb) of side 0 x side 1,
-    # grouped GROUP row blocks at a time for L2 reuse (t >= NRB^2 idle).  seg 1: the
-    # NRB x (NRB + 1) rectangle packs both upper triangles: c >= r -> side 0 tile
-    # (r, c); c < r -> side 1 tile (c, r - 1).
+    # Exact column-direction LSE of the rows without a column shift (grid (2 * NRB, pairs)):
+    # side 1 rows against every side-0 row (the square); with NSEG == 2 also side h rows of block
+    # rb against side h blocks [0, rb) (the triangles' column direction).
     t = tl.program_id(0)
     p = tl.program_id(1)
-    seg = tl.program_id(2)
-    NRB = tl.cdiv(B, BLOCK)
-    tri = seg > 0
-    in_group = GROUP * NRB
-    first = (t // in_group) * GROUP
-    gsize = tl.minimum(NRB - first, GROUP)
-    rb0 = first + (t % in_group) % gsize
-    cb0 = (t % in_group) // gsize
-    r1 = t // NRB
-    c1 = t % NRB
-    h = (c1 < r1).to(tl.int32)
-    rb = tl.where(tri, tl.where(h == 1, c1, r1), rb0)
-    cb = tl.where(tri, tl.where(h == 1, r1 - 1, c1), cb0)
-    work = tri | (t < NRB * NRB)
-    coef = tl.load(coef_ptr + p).to(tl.float32)
-    if work & (coef != 0.0):
-        mi = tl.load(pi_ptr + p)
-        mj = tl.load(pj_ptr + p)
-        xm = tl.where(tri & (h == 1), mj, mi)
-        ym = tl.where(tri, xm, mj)
-        xside = tl.where(tri, h, 0).to(tl.int64)
-        yside = tl.where(tri, h, 1).to(tl.int64)
-        s = tl.load(scale_ptr).to(tl.float32)
-        s2 = s * 1.4426950408889634
-        xbase = z_ptr + xm.to(tl.int64) * stride_zm
-        ybase = z_ptr + ym.to(tl.int64) * stride_zm
-        ar = tl.arange(0, BLOCK)
-        rows = rb * BLOCK + ar
-        cols = cb * BLOCK + ar
-        r_in, r_ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
-        c_in, c_ok, wc, cbias = _row_info(pres_ptr, w_ptr, mi, mj, p, cols, B, stride_pm, HAS_W)
-        rows64 = rows.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        pbase = lse_ptr + p.to(tl.int64) * 2 * B
-        # +inf LSE for rows outside the pair: their probabilities are exactly 0
-        lse_r = tl.load(pbase + xside * B + rows64, mask=r_ok, other=float("inf"))
-        G = _gram_tile(xbase, ybase, rows64, cols64, r_ok, c_ok, D, stride_zb,
-                       BLOCK, BLOCK_D, PRECISION, EVEN_D, DOT_F32)
-        # dG / (coef * s): row-direction softmax, column-direction softmax, positives
-        pr = tl.exp2(G * (s2 * wr)[:, None] - lse_r[:, None] + cbias[None, :])
-        if tri & (cb == rb):
+    NCB = tl.cdiv(B, BLOCK)
+    h = t // NCB
+    rb = t % NCB
+    mi = tl.load(pi_ptr + p)
+    mj = tl.load(pj_ptr + p)
+    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    ar = tl.arange(0, BLOCK)
+    rows = rb * BLOCK + ar
+    r_in, ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
+    sh = tl.load(csh_ptr + p.to(tl.int64) * B + rows, mask=ok, other=0.0)
+    need = ok & (sh != sh)
+    if tl.max(need.to(tl.int32), 0) > 0:
+        xm = tl.where(h == 0, mi, mj)
+        m = tl.full((BLOCK,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK,), dtype=tl.float32)
+        for ph in range(0, 2):
+            ym = tl.where(ph == 0, mi, xm)
+            cb_hi = tl.where(ph == 0, tl.where(h == 1, NCB, 0), tl.where(NSEG == 2, rb, 0))
+            rows2, ok2, m2, l2 = _sweep(
+                z_ptr, pres_ptr, w_ptr, fb_ptr, fb_ptr, csh_ptr, p, mi, mj, xm, ym, h, s2,
+                rb * BLOCK, B, 0, cb_hi, 0, 0, 0, 1,
+                B, D, stride_zm, stride_zb, stride_pm,
+                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, 3)
+            mx = tl.maximum(m, m2)
+            mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+            l = l * tl.exp2(m - mx_safe) + l2 * tl.exp2(m2 - mx_safe)
+            m = mx
+        tl.store(fb_ptr + (p.to(tl.int64) * 2 + h) * B + rows.to(tl.int64), _lse2(m, l), mask=need)
+
+
+# ----------------------------------------------------------------------------------
+# backward: dG tiles of a row chunk into a buffer (the GEMMs run in cuBLAS)
+# ----------------------------------------------------------------------------------
+@triton.autotune(configs=_dg_configs(), key=["NCOL", "D", "HAS_W", "ROW_TERM", "COL_TERM"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
+@triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1"])
+def _contrastive_dg_kernel(
+    z_ptr, pres_ptr, w_ptr, scale_ptr, coef_ptr, lse_ptr,
+    dg_ptr, dot_ptr, psum_ptr, gpos_ptr,
+    p, mi, mj, xs, ys0, ys1, R0, NROWS, C0, C1, NCOL,
+    B, D, stride_zm, stride_zb, stride_pm, stride_dg, stride_st,
+    HAS_W: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, EVEN_D: tl.constexpr, GROUP: tl.constexpr = 8,
+):
+    # Grid (row tiles x column tiles, column segments).  Rows: samples R0 + [0, NROWS) of side xs.
+    # Column segment k: samples Ck + [0, NCOL) of side ysk, at buffer columns k * NCOL + [0, NCOL).
+    # dG[r, c] = coef * s * (ROW_TERM * w_r P_row[r, c] + COL_TERM * w_c P_col[c, r]) minus the
+    # positives' s * w, self-similarities removed; P_row uses the rows' LSE, P_col the columns'.
+    pid = tl.program_id(0)
+    seg = tl.program_id(1)
+    n_m = tl.cdiv(NROWS, BLOCK_M)
+    n_n = tl.cdiv(NCOL, BLOCK_N)
+    in_group = GROUP * n_n
+    first = (pid // in_group) * GROUP
+    gsize = tl.minimum(n_m - first, GROUP)
+    tm = first + (pid % in_group) % gsize
+    tn = (pid % in_group) // gsize
+    ys = tl.where(seg == 0, ys0, ys1)
+    c0 = tl.where(seg == 0, C0, C1)
+    xm = tl.where(xs == 0, mi, mj)
+    ym = tl.where(ys == 0, mi, mj)
+    lrow = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    lcol = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = R0 + lrow
+    cols = c0 + lcol
+    r_in, r_ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
+    c_in, c_ok, wc, cbias = _row_info(pres_ptr, w_ptr, mi, mj, p, cols, B, stride_pm, HAS_W)
+    r_ok = r_ok & (lrow < NROWS)
+    c_ok = c_ok & (lcol < NCOL)
+    rbias = tl.where(r_ok, rbias, float("-inf"))
+    cbias = tl.where(c_ok, cbias, float("-inf"))
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    xbase = z_ptr + xm.to(tl.int64) * stride_zm
+    ybase = z_ptr + ym.to(tl.int64) * stride_zm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=3):
+        x = _load_rows(xbase, rows64, r_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
+        y = _load_rows(ybase, cols64, c_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+    s = tl.load(scale_ptr).to(tl.float32)
+    s2 = s * 1.4426950408889634
+    cs = tl.load(coef_ptr + p).to(tl.float32) * s
+    lbase = lse_ptr + p.to(tl.int64) * 2 * B
+    same = xs == ys
+    # dg accumulates coef * s * (...) tile by tile; acc (= G) stays live, one more tile at a time
+    if ROW_TERM:
+        # +inf LSE outside the pair: the probabilities are exactly 0 there
+        lse_r = tl.load(lbase + xs * B + rows64, mask=r_ok, other=float("inf"))
+        pr = tl.exp2(acc * (s2 * wr)[:, None] - lse_r[:, None] + cbias[None, :])
+        if same:
             pr = tl.where(rows[:, None] == cols[None, :], 0.0, pr)
-        dw_r = tl.sum(pr * G, 1)
-        dg = wr[:, None] * pr
-        dw_c = tl.zeros((BLOCK,), dtype=tl.float32)
-        if BOTH_DIR:
-            if (seg == 0) | (cb != rb):
-                lse_c = tl.load(pbase + yside * B + cols64, mask=c_ok, other=float("inf"))
-                pc = tl.exp2(G * (s2 * wc)[None, :] - lse_c[None, :] + rbias[:, None])
-                dw_c = tl.sum(pc * G, 0)
-                dg += wc[None, :] * pc
-        if (seg == 0) & (cb == rb):
-            same = rows[:, None] == cols[None, :]
-            dw_r -= NPOS * tl.sum(tl.where(same, G, 0.0), 1)
-            dg = tl.where(same, dg - NPOS * wr[:, None], dg)
-        cs = coef * s
-        tl.atomic_add(ds_ptr + p, coef * tl.sum(tl.sum(dg * G, 1), 0))
-        tl.atomic_add(dw_ptr + p.to(tl.int64) * B + rows64, cs * dw_r, mask=r_ok)
-        if BOTH_DIR:
-            tl.atomic_add(dw_ptr + p.to(tl.int64) * B + cols64, cs * dw_c, mask=c_ok)
-        dgc = dg.to(z_ptr.dtype.element_ty)
-        if DOT_F32:
-            dgc = dgc.to(tl.float32)
-        offs_d = tl.arange(0, BLOCK_D)
-        dxp = dz_ptr + xm.to(tl.int64) * stride_dzm + rows64[:, None] * stride_dzb + offs_d[None, :]
-        dyp = dz_ptr + ym.to(tl.int64) * stride_dzm + cols64[:, None] * stride_dzb + offs_d[None, :]
-        for d0 in range(0, D, BLOCK_D):
-            x = _load_rows(xbase, rows64, r_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
-            y = _load_rows(ybase, cols64, c_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
-            dx = tl.dot(dgc, y, input_precision=PRECISION) * cs
-            dy = tl.dot(tl.trans(dgc), x, input_precision=PRECISION) * cs
-            if EVEN_D:
-                tl.atomic_add(dxp + d0, dx, mask=r_ok[:, None])
-                tl.atomic_add(dyp + d0, dy, mask=c_ok[:, None])
-            else:
-                dm = (d0 + offs_d) < D
-                tl.atomic_add(dxp + d0, dx, mask=r_ok[:, None] & dm[None, :])
-                tl.atomic_add(dyp + d0, dy, mask=c_ok[:, None] & dm[None, :])
+        st = (seg * n_n + tn).to(tl.int64) * stride_st + lrow
+        tl.store(dot_ptr + st, tl.sum(pr * acc, 1), mask=lrow < NROWS)
+        tl.store(psum_ptr + st, tl.sum(pr, 1), mask=lrow < NROWS)
+        if same == 0:
+            here = r_ok & (rows >= c0 + tn * BLOCK_N) & (rows < c0 + tn * BLOCK_N + BLOCK_N)
+            tl.store(gpos_ptr + lrow, tl.sum(tl.where(rows[:, None] == cols[None, :], acc, 0.0), 1), mask=here)
+        dg = pr * (cs * wr)[:, None]
+    else:
+        dg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if COL_TERM:
+        lse_c = tl.load(lbase + ys * B + cols64, mask=c_ok, other=float("inf"))
+        pc = tl.exp2(acc * (s2 * wc)[None, :] - lse_c[None, :] + rbias[:, None])
+        if same:
+            pc = tl.where(rows[:, None] == cols[None, :], 0.0, pc)
+        dg += pc * (cs * wc)[None, :]
+    if same == 0:
+        # the positives' -s * w (row r's own, and column c's when its softmax term is in)
+        npos = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if ROW_TERM:
+            npos += cs * wr
+        if COL_TERM:
+            npos += cs * wr  # the positive of a row is the same sample: w_c = w_r there
+        dg = tl.where((rows[:, None] == cols[None, :]) & r_ok[:, None], dg - npos[:, None], dg)
+    dst = dg_ptr + lrow.to(tl.int64)[:, None] * stride_dg + (seg * NCOL + lcol)[None, :]
+    tl.store(dst, dg.to(dg_ptr.dtype.element_ty), mask=(lrow < NROWS)[:, None] & (lcol < NCOL)[None, :])
 
 
 # ----------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------
 _PAIR_CACHE: dict = {}
+_SMS: dict = {}
 
 
 def _pairs(M: int, device: torch.device):
@@ -359,14 +458,48 @@ def _pairs(M: int, device: torch.device):
     return _PAIR_CACHE[key]
 
 
-def _num_slots(B: int, npairs: int, nseg: int, device: torch.device) -> int:
-    """R: programs per (pair, segment) in the forward; bounds the partial buffer."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 2
-    want = max(1, -(-2 * sms // (npairs * nseg)))
-    return max(1, min(want, -(-B // _MIN_BLOCK)))
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2 if _INTERPRET else _ASSUMED_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def _column_split(B: int, rows: int, pairs: int, row_sides: int, col_sides: int, sms: int,
+                  unit: int = _UNIT) -> int:
+    """Columns per program (a multiple of `unit`) so that the square programs number >= 2 per SM.
+
+    Row blocks are counted at the largest BLOCK (`unit`); smaller blocks only add programs.
+    Returns at least `unit`, so a program sweeps >= 1 tile; when even one tile per program is
+    too few programs, that is every tile of the problem."""
+    blocks = max(1, -(-rows // unit)) * pairs * row_sides * col_sides
+    want = -(-2 * sms // blocks)
+    if want <= 1:
+        return max(unit, -(-B // unit) * unit)
+    return max(unit, (B // want) // unit * unit)
+
+
+def forward_programs(B: int, block: int, pairs: int, form: str, sms: int, row_range=None) -> int:
+    """Programs of one forward launch (the kernel's grid), for the kernel report and tests."""
+    nseg, local = (2 if form == "ntxent" else 1), row_range is not None
+    r0, r1 = row_range if local else (0, B)
+    nxs, nys = (2, nseg) if local else (1, 1)
+    CL = _column_split(B, r1 - r0, pairs, nxs, nys, sms)
+    return pairs * _grid_size(B, r1 - r0, block, CL, nseg, local)
+
+
+def _grid_size(B, nrows, block, CL, nseg, local):
+    NCB = -(-B // block)
+    NRB = -(-nrows // block)
+    NS = -(-B // CL)
+    nxs, nys = (2, nseg) if local else (1, 1)
+    n = nxs * NRB * nys * NS
+    if nseg == 2 and not local:
+        tps = CL // block
+        n += 2 * ((NCB + 1) // 2) * (-(-(NCB + 1) // tps))
+    return n
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -381,80 +514,236 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return _INTERPRET and dtype == torch.bfloat16
 
 
-def _lse2_combine(part: torch.Tensor) -> torch.Tensor:
-    """[P, S, R, 2, B] base-2 partial LSEs -> [P, 2, B] (exact for a single finite term)."""
-    P, S, R, two, B = part.shape
-    flat = part.permute(0, 3, 4, 1, 2).reshape(P, two, B, S * R)
-    mx = flat.amax(dim=-1)
+def _lse2_slots(part: torch.Tensor) -> torch.Tensor:
+    """[P, 2, S, B] base-2 partial LSEs -> [P, 2, B] (exact for -inf slots)."""
+    mx = part.amax(dim=2)
     mx_safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
-    return mx_safe + torch.log2(torch.exp2(flat - mx_safe[..., None]).sum(-1))
+    return mx_safe + torch.log2(torch.exp2(part - mx_safe[:, :, None]).sum(2))
+
+
+def _logaddexp2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mx = torch.maximum(a, b)
+    mx_safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    return mx_safe + torch.log2(torch.exp2(a - mx_safe) + torch.exp2(b - mx_safe))
+
+
+# Fixed shifts (base 2) of the row and column sums: every term 2^(logit - shift) must stay <= 2^95 (no
+# overflow of up to 2^25 terms) and the largest >= 2^-96 (no underflow).  Logits lie in [-|s w|, |s w|]
+# and the largest is at least the positive's, s w pos, so shift = max(s w pos, |s w| - 95) works whenever
+# shift - s w pos <= 95.  Shifting by the positive's own logit also keeps the sums exact where one term
+# dominates (log2(2^y) ~ y).  pos only needs to be approximate: a bf16 product is off by < 1 here.
+_SHIFT_MARGIN = 95.0
+
+
+def _sum_shift(z, w, scale32, P):
+    """[P, B] fp32 shift of every (pair, sample) row and column sum, NaN where none is safe (those
+    rows keep an online max, those columns go to the exact fallback launch)."""
+    M, B, D = z.shape
+    iu = torch.triu_indices(M, M, 1)
+    pos = torch.stack([torch.bmm(z[i].unsqueeze(1), z[j].unsqueeze(2)).reshape(B)
+                       for i, j in zip(iu[0].tolist(), iu[1].tolist())]).to(torch.float32)
+    mult = scale32 * _LOG2E * (w if w is not None else torch.ones_like(pos))
+    plog = mult * pos
+    shift = torch.maximum(plog, mult.abs() - _SHIFT_MARGIN)
+    return torch.where(shift - plog <= _SHIFT_MARGIN, shift, torch.full_like(shift, float("nan")))
+
+
+def _forward_lse(z, w, scale32, present_u8, pi32, pj32, both_dir, nseg, row_range):
+    """(lse2 [P, 2, B], pos2 [P, B]): base-2 LSE of every (pair, side, row) and positive logits."""
+    M, B, D = z.shape
+    P = pi32.numel()
+    dev = z.device
+    local = row_range is not None
+    r0, r1 = row_range if local else (0, B)
+    nxs, nys = (2, nseg) if local else (1, 1)
+    CL = _column_split(B, r1 - r0, P, nxs, nys, _num_sms(dev))
+    NS = -(-B // CL)
+    nslot = nys * NS + (-(-(B + 2 * _UNIT) // CL) if nseg == 2 and not local else 0)
+    csh = _sum_shift(z, w, scale32, P)
+    part = torch.full((P, 2, nslot, B), float("-inf"), device=dev, dtype=torch.float32)
+    pos2 = torch.zeros((P, B), device=dev, dtype=torch.float32)
+    colsum = torch.zeros((P, 2, B), device=dev, dtype=torch.float32)
+    has_w = w is not None
+    w_arg = w if has_w else pos2
+    prec, f32 = _precision(z.dtype), _dot_f32(z.dtype)
+    grid = lambda meta: (_grid_size(B, r1 - r0, meta["BLOCK"], CL, nseg, local), P)  # noqa: E731
+    _contrastive_fwd_kernel[grid](
+        z, present_u8, w_arg, pi32, pj32, scale32, part, pos2, colsum, csh,
+        B, D, z.stride(0), z.stride(1), present_u8.stride(0), r0, r1, nslot, NS, CL,
+        HAS_W=has_w, BOTH_DIR=both_dir, NSEG=nseg, LOCAL=local, PRECISION=prec, DOT_F32=f32,
+    )
+    lse2 = _lse2_slots(part)
+    del part
+    if both_dir and not local:
+        fb = torch.full((P, 2, B), float("-inf"), device=dev, dtype=torch.float32)
+        grid_fb = lambda meta: (2 * triton.cdiv(B, meta["BLOCK"]), P)  # noqa: E731
+        _contrastive_fwd_fallback_kernel[grid_fb](
+            z, present_u8, w_arg, pi32, pj32, scale32, csh, fb,
+            B, D, z.stride(0), z.stride(1), present_u8.stride(0),
+            HAS_W=has_w, NSEG=nseg, PRECISION=prec, DOT_F32=f32,
+        )
+        col = torch.where(torch.isnan(csh)[:, None, :], fb, torch.log2(colsum) + csh[:, None, :])
+        lse2 = _logaddexp2(lse2, col)
+    return lse2, pos2
+
+
+def _bwd_chunk_rows(ncols: int, elem: int) -> int:
+    """Rows per backward chunk: the dG buffer stays within SCALE_FAST_CONTRASTIVE_BWD_MB (64)."""
+    budget = float(os.environ.get("SCALE_FAST_CONTRASTIVE_BWD_MB", "64")) * 2 ** 20
+    unit = 16 if _INTERPRET else _UNIT
+    rows = int(budget // max(1, ncols * elem)) // unit * unit
+    return max(unit, rows)
+
+
+_MM_OUT_DTYPE: dict = {}
+
+
+def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b with fp32 accumulation (16-bit a, b go through cuBLAS without fp32 copies)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        out.addmm_(a, b)
+        return
+    dev = out.device.type
+    if dev not in _MM_OUT_DTYPE:
+        try:
+            torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
+            _MM_OUT_DTYPE[dev] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[dev] = False
+    if _MM_OUT_DTYPE[dev] and a.dtype == b.dtype:
+        out.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        out.addmm_(a.float(), b.float())
+
+
+def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg, row_range, need_dw):
+    """(dz [M, B, D] fp32, dw [P, B] fp32 or None, ds fp32 0-dim) of sum_p coef[p] * loss_p."""
+    M, B, D = z.shape
+    P = pi32.numel()
+    dev = z.device
+    local = row_range is not None
+    r0, r1 = row_range if local else (0, B)
+    dz = torch.zeros((M, B, D), device=dev, dtype=torch.float32)
+    dwraw = torch.zeros((P, B), device=dev, dtype=torch.float32)  # sum_c P G - G_pos, per sample
+    has_w = w is not None
+    wv = w if has_w else torch.ones((P, B), device=dev, dtype=torch.float32)
+    buf_dtype = torch.bfloat16 if (z.dtype == torch.bfloat16 and dev.type == "cuda") else torch.float32
+    zg = z if buf_dtype == z.dtype else None  # GEMM operand dtype must match the buffer's
+    iu = torch.triu_indices(M, M, 1)  # on the host: no device sync
+    pis, pjs = iu[0].tolist(), iu[1].tolist()
+    prec, f32 = _precision(z.dtype), _dot_f32(z.dtype)
+    for p in range(P):
+        mi, mj = pis[p], pjs[p]
+        mods = (mi, mj)
+        zc = {}
+
+        def zside(side, start, stop):
+            key = (side, start, stop)
+            if key not in zc:
+                v = z[mods[side], start:stop]
+                zc[key] = v if zg is not None else v.float()
+            return zc[key]
+
+        jobs = []  # (row side, row start, row stop, [(col side, col start, col stop)], row_term, col_term)
+        if local:
+            for xs in (0, 1):
+                ysides = (1 - xs,) if nseg == 1 else (0, 1)
+                jobs.append((xs, r0, r1, [(ys, 0, B) for ys in ysides], True, False))
+                for ys in ysides:  # the columns' gradient from these rows: rows of dG^T
+                    jobs.append((ys, 0, B, [(xs, r0, r1)], False, True))
+        elif nseg == 2:
+            for xs in (0, 1):
+                jobs.append((xs, 0, B, [(0, 0, B), (1, 0, B)], True, True))
+        elif both_dir:
+            jobs.append((0, 0, B, [(1, 0, B)], True, True))
+            jobs.append((1, 0, B, [(0, 0, B)], True, True))
+        else:  # one direction: side 1 rows only get the transposed term
+            jobs.append((0, 0, B, [(1, 0, B)], True, False))
+            jobs.append((1, 0, B, [(0, 0, B)], False, True))
+        for xs, a0, a1, csegs, row_term, col_term in jobs:
+            n_rows, ncol = a1 - a0, csegs[0][2] - csegs[0][1]
+            if n_rows <= 0 or ncol <= 0:
+                continue
+            nseg_c = len(csegs)
+            ch = min(n_rows, _bwd_chunk_rows(nseg_c * ncol, torch.finfo(buf_dtype).bits // 8))
+            buf = torch.empty((ch, nseg_c * ncol), device=dev, dtype=buf_dtype)
+            n_ct = triton.cdiv(ncol, 16)  # enough stat slots for any BLOCK_N >= 16
+            dot = torch.zeros((nseg_c * n_ct, ch), device=dev, dtype=torch.float32)
+            psum = torch.zeros_like(dot)
+            gpos = torch.zeros((ch,), device=dev, dtype=torch.float32)
+            ys1 = csegs[-1][0]
+            for c0 in range(a0, a1, ch):
+                nr = min(ch, a1 - c0)
+                if row_term:
+                    dot.zero_()
+                    psum.zero_()
+                    gpos.zero_()
+                grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]) * triton.cdiv(ncol, meta["BLOCK_N"]),  # noqa: E731
+                                     nseg_c)
+                _contrastive_dg_kernel[grid](
+                    z, present_u8, wv, scale32, coef, lse2,
+                    buf, dot, psum, gpos,
+                    p, mi, mj, xs, csegs[0][0], ys1, c0, nr, csegs[0][1], csegs[-1][1], ncol,
+                    B, D, z.stride(0), z.stride(1), present_u8.stride(0), buf.stride(0), dot.stride(0),
+                    HAS_W=has_w, ROW_TERM=row_term, COL_TERM=col_term, PRECISION=prec, DOT_F32=f32,
+                )
+                out = dz[mods[xs], c0:c0 + nr]
+                for k, (ys, b0, b1) in enumerate(csegs):
+                    _mm_acc(out, buf[:nr, k * ncol:(k + 1) * ncol], zside(ys, b0, b1))
+                if row_term:
+                    ps = psum[:, :nr].sum(0)
+                    raw = torch.where(ps > 0, dot[:, :nr].sum(0) / ps.clamp_min(1e-30), torch.zeros_like(ps))
+                    dwraw[p, c0:c0 + nr] += raw - gpos[:nr]
+    valid = (present_u8[pi32.long()] != 0) & (present_u8[pj32.long()] != 0)
+    if local:
+        valid[:, :r0] = False
+        valid[:, r1:] = False
+    dwraw = torch.where(valid, dwraw, torch.zeros_like(dwraw))
+    ds = (coef[:, None] * wv * dwraw).sum()
+    dw = (coef[:, None] * scale32 * dwraw) if need_dw else None
+    return dz, dw, ds
 
 
 class _PairLossFn(torch.autograd.Function):
     """Per-pair losses [P] of pairs (pi[p], pj[p]); z [M, B, D]; w [P, B] or None."""
 
     @staticmethod
-    def forward(ctx, z, w, scale, present_u8, pi32, pj32, valid, both_dir, nseg):
+    def forward(ctx, z, w, scale, present_u8, pi32, pj32, valid, both_dir, nseg, row_range):
         M, B, D = z.shape
-        P = pi32.numel()
         dev = z.device
-        R = _num_slots(B, P, nseg, dev)
-        part = torch.full((P, nseg, R, 2, B), float("-inf"), device=dev, dtype=torch.float32)
-        pos2 = torch.zeros((P, B), device=dev, dtype=torch.float32)
         scale32 = scale.detach().reshape(()).to(device=dev, dtype=torch.float32)
-        has_w = w is not None
-        w_arg = w.detach() if has_w else pos2
-        if B > 0 and P > 0:
-            grid = lambda meta: (min(triton.cdiv(B, meta["BLOCK"]), R), P, nseg)  # noqa: E731
-            _contrastive_fwd_kernel[grid](
-                z, present_u8, w_arg, pi32, pj32, scale32, part, pos2,
-                B, D, z.stride(0), z.stride(1), present_u8.stride(0), R,
-                HAS_W=has_w, BOTH_DIR=both_dir, NSEG=nseg, PRECISION=_precision(z.dtype),
-                DOT_F32=_dot_f32(z.dtype),
-            )
-        lse2 = _lse2_combine(part)  # [P, 2, B]
-        del part
-        n = valid.sum(1)
+        wd = w.detach() if w is not None else None
+        n = valid.sum(1)  # the global normaliser (every row of the pair)
+        rows_valid = valid
+        if row_range is not None:
+            rows_valid = valid.clone()
+            rows_valid[:, :row_range[0]] = False
+            rows_valid[:, row_range[1]:] = False
+        lse2, pos2 = _forward_lse(z, wd, scale32, present_u8, pi32, pj32, both_dir, nseg, row_range)
         per_row = lse2[:, 0, :] - pos2
         if both_dir:
             per_row = per_row + (lse2[:, 1, :] - pos2)
-        per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+        per_row = torch.where(rows_valid, per_row, torch.zeros_like(per_row))
         denom = (2 * n if both_dir else n).to(torch.float32)
         loss = torch.where(n > 0, per_row.sum(1) * _LN2 / denom.clamp_min(1), torch.zeros_like(denom))
-        ctx.save_for_backward(z, w if has_w else None, scale32, present_u8, pi32, pj32, valid, lse2)
-        ctx.meta = (both_dir, nseg, has_w, scale.dtype, scale.shape, scale.device)
+        ctx.save_for_backward(z, wd, scale32, present_u8, pi32, pj32, valid, lse2)
+        ctx.meta = (both_dir, nseg, row_range, w is not None, scale.dtype, scale.shape, scale.device)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         z, w, scale32, present_u8, pi32, pj32, valid, lse2 = ctx.saved_tensors
-        both_dir, nseg, has_w, scale_dtype, scale_shape, scale_device = ctx.meta
-        M, B, D = z.shape
-        P = pi32.numel()
+        both_dir, nseg, row_range, has_w, scale_dtype, scale_shape, scale_device = ctx.meta
         n = valid.sum(1)
         denom = (2 * n if both_dir else n).to(torch.float32)
         coef = torch.where(n > 0, grad_loss.to(torch.float32) / denom.clamp_min(1),
                            torch.zeros_like(denom)).contiguous()
-        dz = torch.zeros((M, B, D), device=z.device, dtype=torch.float32)
-        dw = torch.zeros((P, B), device=z.device, dtype=torch.float32)
-        ds = torch.zeros((P,), device=z.device, dtype=torch.float32)
-        w_arg = w if has_w else dw
-        if B > 0 and P > 0:
-            grid = lambda meta: (triton.cdiv(B, meta["BLOCK"]) * (triton.cdiv(B, meta["BLOCK"]) + 1),  # noqa: E731
-                                 P, nseg)
-            _contrastive_bwd_kernel[grid](
-                z, present_u8, w_arg, pi32, pj32, scale32, coef, lse2.contiguous(),
-                dz, dw, ds,
-                B, D, z.stride(0), z.stride(1), present_u8.stride(0), dz.stride(0), dz.stride(1),
-                HAS_W=has_w, BOTH_DIR=both_dir, NSEG=nseg, NPOS=2 if both_dir else 1,
-                PRECISION=_precision(z.dtype), DOT_F32=_dot_f32(z.dtype),
-            )
+        need_dw = has_w and ctx.needs_input_grad[1]
+        dz, dw, ds = _backward(z, w, scale32, present_u8, pi32, pj32, lse2.contiguous(), coef, both_dir, nseg,
+                               row_range, need_dw)
         gz = dz.to(z.dtype) if ctx.needs_input_grad[0] else None
-        gw = dw if (has_w and ctx.needs_input_grad[1]) else None
-        gs = None
-        if ctx.needs_input_grad[2]:
-            gs = ds.sum().to(device=scale_device, dtype=scale_dtype).reshape(scale_shape)
-        return gz, gw, gs, None, None, None, None, None, None
+        gs = ds.to(device=scale_device, dtype=scale_dtype).reshape(scale_shape) if ctx.needs_input_grad[2] else None
+        return gz, dw, gs, None, None, None, None, None, None, None
 
 
 def _as_scale(logit_scale, ref: torch.Tensor) -> torch.Tensor:
@@ -463,14 +752,13 @@ def _as_scale(logit_scale, ref: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(logit_scale), device=ref.device, dtype=torch.float32)
 
 
-def _prep_z(z: torch.Tensor) -> torch.Tensor:
-    if z.stride(-1) != 1:
-        z = z.contiguous()
-    return z
+def contrastive(z, present, logit_scale, row_weights, form, row_range=None):
+    """[M, M] pair losses of docs/contract.md §4 (upper triangle, exactly 0 elsewhere).
 
-
-def contrastive(z, present, logit_scale, row_weights, form):
-    """[M, M] pair losses of docs/contract.md §4 (upper triangle, exactly 0 elsewhere)."""
+    row_range=(start, stop): only the loss terms of the rows of samples start..stop-1 (both
+    sides), against every column, over the global normaliser; row_weights is then
+    [stop - start, M, M].  Summing over a partition of [0, B) gives the full losses.
+    """
     if form not in _FORMS:
         raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
     M, B, D = z.shape
@@ -478,16 +766,27 @@ def contrastive(z, present, logit_scale, row_weights, form):
     out = torch.zeros((M, M), device=z.device, dtype=torch.float32)
     if M < 2:
         return out
-    z = _prep_z(z)
+    if row_range is not None:
+        row_range = (int(row_range[0]), int(row_range[1]))
+        if row_range[1] <= row_range[0]:
+            return out
+    if z.stride(-1) != 1:
+        z = z.contiguous()
     pi32, pj32, pi, pj = _pairs(M, z.device)
     present = present.to(torch.bool)
     valid = present[pi] & present[pj]  # [P, B]
     present_u8 = present.contiguous().view(torch.uint8)
     w = None
     if row_weights is not None:
-        w = row_weights[:, pi, pj].t().to(torch.float32).contiguous()  # [P, B], differentiable
+        wl = row_weights[:, pi, pj].t().to(torch.float32)  # [P, rows], differentiable
+        if row_range is not None:
+            wl = torch.nn.functional.pad(wl, (row_range[0], B - row_range[1]))
+        w = wl.contiguous()
     both, nseg = (True, 2) if form == "ntxent" else (True, 1)
-    loss = _PairLossFn.apply(z, w, scale, present_u8, pi32, pj32, valid, both, nseg)
+    if B == 0:  # nothing to compute; keep the graph so that gradients are zeros
+        loss = valid.sum(1).to(torch.float32) * (0.0 * z.sum() + 0.0 * scale.sum())
+        return out.index_put((pi, pj), loss)
+    loss = _PairLossFn.apply(z, w, scale, present_u8, pi32, pj32, valid, both, nseg, row_range)
     return out.index_put((pi, pj), loss)
 
 
@@ -503,5 +802,5 @@ def info_nce(a, b, row_weights, scale):
     present = torch.ones((2, N), device=a.device, dtype=torch.bool)
     valid = torch.ones((1, N), device=a.device, dtype=torch.bool)
     w = None if row_weights is None else row_weights.reshape(1, N).to(torch.float32).contiguous()
-    loss = _PairLossFn.apply(z, w, s, present.view(torch.uint8), pi32, pj32, valid, False, 1)
+    loss = _PairLossFn.apply(z, w, s, present.view(torch.uint8), pi32, pj32, valid, False, 1, None)
     return loss[0]

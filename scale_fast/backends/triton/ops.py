@@ -12,8 +12,9 @@ def scores(e, present, mode):
     return _scores.scores(normalize_present(e, present), present, mode)
 
 
-def contrastive(e, present, logit_scale, row_weights, form):
-    return _contrastive.contrastive(normalize_present(e, present), present, logit_scale, row_weights, form)
+def contrastive(e, present, logit_scale, row_weights, form, row_range=None):
+    return _contrastive.contrastive(normalize_present(e, present), present, logit_scale, row_weights, form,
+                                    row_range)
 
 
 __all__ = ["scores", "contrastive", "info_nce", "linear_cross_entropy"]
