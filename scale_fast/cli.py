@@ -40,6 +40,7 @@ from .data import DataFormatError, ManifestDataset, SyntheticProducts, collate, 
 from .eval import encode_dataset, masked_accuracy, retrieval
 from .model import MODALITIES, SCALEConfig, SCALEModel
 from .model.scale_model import MODALITY_TASK, atomic_torch_save, atomic_write_bytes
+from .training import average_gradients, cached_step
 
 HELDOUT_SEED = 999_999          # the synthetic held-out products: SyntheticProducts(eval_size, HELDOUT_SEED, world_seed)
 SYNTHETIC_TRAIN_SIZE = 10_000_000
@@ -163,6 +164,12 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="model init, data order and masking")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="total steps (default 300; with --resume: the checkpoint's)")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)
+    p.add_argument("--prefetch", type=int_at_least(0), default=3, metavar="N",
+                   help="batches collated ahead in a background thread (default 3; 0: none, the least memory)")
+    p.add_argument("--micro-batch", type=int_at_least(1), default=None, metavar="K",
+                   help="run the model K samples at a time (exact gradient caching, scale_fast/training.py): "
+                        "the contrastive batch stays --batch-size, memory is that of K samples (default: off; "
+                        "with --resume: the checkpoint's)")
     p.add_argument("--lr", type=float_at_least(0.0, strict=True), default=2e-3)
     p.add_argument("--weight-decay", type=float_at_least(0.0), default=0.01)
     p.add_argument("--warmup", type=int_at_least(0), default=20, help="linear warmup steps, then cosine decay to 10%%")
@@ -271,11 +278,13 @@ class Prefetcher:
 
     def __init__(self, dataset, order: DataOrder, config: SCALEConfig, start_position: int, depth: int = 3):
         self.dataset, self.order, self.config = dataset, order, config
-        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.queue: "queue.Queue" = queue.Queue(maxsize=max(depth, 1))
         self.position = start_position
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.thread = None
+        if depth > 0:  # depth 0: collate in the caller's thread (no batch held ahead)
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
 
     def _run(self):
         position = self.position
@@ -294,6 +303,10 @@ class Prefetcher:
             self.queue.put(e)
 
     def next(self):
+        if self.thread is None:
+            batch = collate([self.dataset[i] for i in self.order.indices(self.position)], self.config)
+            self.position += self.order.batch_size
+            return batch
         item = self.queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -301,7 +314,8 @@ class Prefetcher:
 
     def close(self):
         self._stop.set()
-        self.thread.join(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
@@ -421,6 +435,8 @@ def load_resume(args) -> Optional[dict]:
         args.threads = resume["args"]["threads"]
     if args.steps is None:
         args.steps = resume["args"]["steps"]
+    if args.micro_batch is None:
+        args.micro_batch = resume["args"].get("micro_batch")
     return resume
 
 
@@ -560,7 +576,8 @@ class Trainer:
             import torch.distributed as dist
 
             self.model.loss_fn.process_group = dist.group.WORLD
-            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+            if not args.micro_batch:  # the cached step averages the gradients itself, once per step
+                self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
 
         self.out_dir = args.out
         self.ckpt_path = os.path.join(args.out, CHECKPOINT) if args.out else None
@@ -591,11 +608,16 @@ class Trainer:
         lr = lr_at(self.step, args)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        with self.autocast():
-            out = self.train_model(batch, masks)
-        loss = out.loss.total
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if args.micro_batch:
+            out = cached_step(self.model, batch, masks, args.micro_batch, autocast=self.autocast)
+            if self.world > 1:
+                average_gradients(self.model.parameters())
+        else:
+            with self.autocast():
+                out = self.train_model(batch, masks)
+            out.loss.total.backward()
+        loss = out.loss.total
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
         self.opt.step()
@@ -668,7 +690,8 @@ class Trainer:
 
             self.progress = tqdm(total=args.steps, initial=self.step, desc="pretrain", unit="step",
                                  dynamic_ncols=True, file=sys.stderr)
-        prefetch = Prefetcher(self.train_set, self.order, self.config, self.position) if self.step < args.steps else None
+        prefetch = (Prefetcher(self.train_set, self.order, self.config, self.position, depth=args.prefetch)
+                    if self.step < args.steps else None)
         self.t_start = time.perf_counter()
         window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
         self.model.train()

@@ -30,7 +30,7 @@ from typing import Callable, ContextManager, Dict, List, Optional
 import torch
 
 from .data.batch import Batch, MaskedRows
-from .model.scale_model import SCALEModel
+from .model.scale_model import SCALEModel, SCALEOutput
 from .types import SCALELossOutput
 
 
@@ -63,12 +63,12 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 
 def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], micro_batch: int, *,
-                autocast: Callable[[], ContextManager] = nullcontext) -> SCALELossOutput:
+                autocast: Callable[[], ContextManager] = nullcontext) -> SCALEOutput:
     """Forward and backward of one step on `batch`, the model running `micro_batch` samples at a time.
 
     Accumulates into the parameters' .grad exactly what `model(batch, masks).loss.total.backward()`
-    would (dropout drawn per micro-batch); returns the full batch's SCALELossOutput (detached from
-    the model).  `autocast` is entered around every model and loss call (e.g. bf16 autocast).
+    would (dropout drawn per micro-batch); returns the full batch's SCALEOutput, detached from the
+    model (its `tasks` empty: the hidden rows are not kept).  `autocast` is entered around every model and loss call (e.g. bf16 autocast).
     """
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive int, got {micro_batch!r}")
@@ -105,8 +105,9 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
         tasks[m] = replace(first, hidden=hidden[m], target=torch.cat([t.target for t, _ in parts]),
                            sample_index=torch.cat([t.sample_index + s for t, s in parts]))
     del embeddings, task_embeddings, rows
+    present = model.loss_present(batch)
     with autocast():
-        loss = model.loss_fn(emb, model.loss_present(batch), tasks=tasks, task_embeddings=cls)
+        loss = model.loss_fn(emb, present, tasks=tasks, task_embeddings=cls)
     loss.total.backward()
 
     # pass 2: each micro-batch again, with a graph, backpropagating its rows' cached gradients
@@ -130,8 +131,9 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
         if outputs:
             torch.autograd.backward(outputs, grads)
     _set_rng_state(end_state, device)
-    return SCALELossOutput(*(t.detach() for t in (loss.total, loss.contrastive, loss.masked)),
+    loss = SCALELossOutput(*(t.detach() for t in (loss.total, loss.contrastive, loss.masked)),
                            loss.scores.detach(), loss.weights.detach(), loss.active)
+    return SCALEOutput(loss, emb.detach(), present, cls.detach(), {})
 
 
 def average_gradients(parameters, group=None) -> None:

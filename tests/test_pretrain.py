@@ -82,3 +82,21 @@ def test_pretrain_on_manifest_data(tmp_path, capsys):
     assert len(err) == 1 and re.search(r"manifest.jsonl, line 31, field 'video.count'", err[0]), err
     with pytest.raises(DataFormatError, match=r"line 31, field 'video.count'"):
         main(argv + ["--debug"])
+
+
+def test_micro_batch_matches_plain_steps_and_resumes(tmp_path, capsys):
+    def losses(out):
+        return [r["loss"] for r in events(out, "train")]
+
+    plain = losses(run(tmp_path, "plain", "--set", "dropout=0.1", steps=3))
+    # K = the batch: the same dropout draws, the same steps
+    assert losses(run(tmp_path, "whole", "--set", "dropout=0.1", "--micro-batch", "8", steps=3)) == plain
+    small = losses(run(tmp_path, "small", "--micro-batch", "3", "--prefetch", "0", steps=3))  # collated in the loop
+    part = run(tmp_path, "part", "--micro-batch", "3", "--stop-at", "2", steps=3)
+    assert main(["pretrain", "--out", str(part), "--resume", "--eval-size", "24", "--eval-every", "0",
+                 "--log-every", "1", "--no-progress"]) == 0  # --micro-batch comes from the checkpoint
+    assert losses(part) == small
+    assert small == pytest.approx(losses(run(tmp_path, "plain0", steps=3)), rel=1e-5)  # dropout 0: the plain steps
+    capsys.readouterr()
+    assert main(["pretrain", "--micro-batch", "0"]) == 2
+    assert "--micro-batch" in capsys.readouterr().err

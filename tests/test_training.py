@@ -83,7 +83,7 @@ def cached(model, batch, masks, k, seed):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     out = cached_step(model, batch, masks, k)
-    return float(out.total), grads(model)
+    return float(out.loss.total), grads(model)
 
 
 def assert_same(a, b, rtol=1e-9):
@@ -135,7 +135,7 @@ def _worker(rank, world, init, outdir):
         torch.manual_seed(100 + rank)
         out = cached_step(model, local, local_masks, 2)
         average_gradients(model.parameters())
-        torch.save({"loss": float(out.total), "grads": grads(model)}, os.path.join(outdir, f"rank{rank}.pt"))
+        torch.save({"loss": float(out.loss.total), "grads": grads(model)}, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
