@@ -33,21 +33,22 @@ class _RowLSE:
         self.shift = bound.abs().clone() if self.fixed else torch.full_like(bound, float("-inf"))
         self.sumexp = torch.zeros_like(bound)
 
-    def add_gram(self, gram: torch.Tensor, scale: torch.Tensor, rows: slice, dim: int, self_diagonal: bool = False) -> None:
+    def add_gram(self, gram: torch.Tensor, scale: torch.Tensor, rows: slice, dim: int, out: torch.Tensor,
+                 self_diagonal: bool = False) -> None:
         """Fold the logits scale * gram of a tile (rows along `dim`, scale per row) into rows `rows`.
 
-        self_diagonal excludes the tile's diagonal (NT-Xent's self-similarities).
-        With the fixed shift, shift-scale-exp is one addcmul and one in-place exp.
+        out: scratch of gram's shape for the logits.  self_diagonal excludes the tile's
+        diagonal (NT-Xent's self-similarities).  With the fixed shift, shift-scale-exp is one
+        addcmul and one in-place exp.
         """
+        view = (lambda v: v[:, None]) if dim == 1 else (lambda v: v[None, :])
         if self.fixed:
-            shift = self.shift[rows]
-            view = (lambda v: v[:, None]) if dim == 1 else (lambda v: v[None, :])
-            terms = torch.addcmul(-view(shift), gram, view(scale)).exp_()
+            terms = torch.addcmul(-view(self.shift[rows]), gram, view(scale), out=out).exp_()
             if self_diagonal:
                 terms.diagonal().zero_()
             self.sumexp[rows] += terms.sum(dim)
             return
-        logits = gram * (scale[:, None] if dim == 1 else scale[None, :])
+        logits = torch.mul(gram, view(scale), out=out)
         if self_diagonal:
             logits.diagonal().fill_(float("-inf"))
         self.add(logits, rows, dim)
@@ -70,6 +71,31 @@ class _RowLSE:
         return self.shift + torch.log(self.sumexp)
 
 
+class _Scratch:
+    """The scratch tiles of one kernel call, allocated once and reused for every tile.
+
+    A fresh [T, T] tensor per tile and step would leave the freed ones to the allocator,
+    which keeps them resident (glibc raises its mmap threshold after large frees and then
+    serves them from its heaps): resident memory would grow far beyond the live tiles.
+    tiles: how many [T, T] scratch tiles; d: width of a [T, D] scratch for the gradient
+    products (0: none).  T is capped at the row counts nr, nc of the two operands.
+    """
+
+    def __init__(self, like: torch.Tensor, nr: int, nc: int, tiles: int, d: int = 0):
+        tr, tc = max(1, min(TILE, nr)), max(1, min(TILE, nc))
+        self.tiles = like.new_empty(tiles, tr * tc)
+        self.rows = like.new_empty(max(tr, tc) * d) if d else None
+
+    def tile(self, k: int, rows: slice, cols: slice) -> torch.Tensor:
+        """Scratch tile k viewed as [rows, cols] (contiguous)."""
+        r, c = rows.stop - rows.start, cols.stop - cols.start
+        return self.tiles[k, :r * c].view(r, c)
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b [R, D] into the [T, D] scratch."""
+        return torch.mm(a, b, out=self.rows[:a.shape[0] * b.shape[1]].view(a.shape[0], b.shape[1]))
+
+
 def _tiles(n: int, tile: int):
     return [slice(start, min(start + tile, n)) for start in range(0, n, tile)]
 
@@ -83,13 +109,14 @@ def ntxent_forward(u: torch.Tensor, rs: torch.Tensor):
     """
     n2 = u.shape[0]
     lse = _RowLSE(rs)
+    work = _Scratch(u, n2, n2, 2)
     tiles = _tiles(n2, TILE)
     for bi, rows in enumerate(tiles):
         for cols in tiles[bi:]:
-            gram = u[rows] @ u[cols].T
-            lse.add_gram(gram, rs[rows], rows, 1, self_diagonal=cols is rows)
+            gram = torch.mm(u[rows], u[cols].T, out=work.tile(0, rows, cols))
+            lse.add_gram(gram, rs[rows], rows, 1, work.tile(1, rows, cols), self_diagonal=cols is rows)
             if cols is not rows:
-                lse.add_gram(gram, rs[cols], cols, 0)
+                lse.add_gram(gram, rs[cols], cols, 0, work.tile(1, rows, cols))
     half = n2 // 2
     pos_dot = (u[:half] * u[half:]).sum(1).repeat(2)
     lse_all = lse.result()
@@ -106,26 +133,28 @@ def ntxent_backward(u, rs, lse, pos_dot, coef):
     # It is divided by p_sum[r] = sum_c P[r, c] (1 up to rounding) so that the
     # rounding of lse cancels: d_rs is a small difference of O(1) terms.
     dot_p, p_sum = torch.zeros_like(rs), torch.zeros_like(rs)
+    work = _Scratch(u, n2, n2, 4, u.shape[1])
     tiles = _tiles(n2, TILE)
     for bi, rows in enumerate(tiles):
         for cols in tiles[bi:]:
-            gram = u[rows] @ u[cols].T
-            prob = torch.addcmul(-lse[rows, None], gram, rs[rows, None]).exp_()
+            gram = torch.mm(u[rows], u[cols].T, out=work.tile(0, rows, cols))
+            prob = torch.addcmul(-lse[rows, None], gram, rs[rows, None], out=work.tile(1, rows, cols)).exp_()
+            tmp = work.tile(3, rows, cols)
             if cols is rows:
                 prob.diagonal().zero_()
-                dot_p[rows] += (prob * gram).sum(1)
+                dot_p[rows] += torch.mul(prob, gram, out=tmp).sum(1)
                 p_sum[rows] += prob.sum(1)
                 dgram = prob.mul_(coef * rs[rows, None])
-                du[rows] += (dgram + dgram.T) @ u[rows]
+                du[rows] += work.mm(torch.add(dgram, dgram.T, out=tmp), u[rows])
                 continue
-            prob_t = torch.addcmul(-lse[None, cols], gram, rs[None, cols]).exp_()
-            dot_p[rows] += (prob * gram).sum(1)
-            dot_p[cols] += (prob_t * gram).sum(0)
+            prob_t = torch.addcmul(-lse[None, cols], gram, rs[None, cols], out=work.tile(2, rows, cols)).exp_()
+            dot_p[rows] += torch.mul(prob, gram, out=tmp).sum(1)
+            dot_p[cols] += torch.mul(prob_t, gram, out=tmp).sum(0)
             p_sum[rows] += prob.sum(1)
             p_sum[cols] += prob_t.sum(0)
             dgram = prob.mul_(coef * rs[rows, None]).addcmul_(prob_t, coef * rs[None, cols])
-            du[rows] += dgram @ u[cols]
-            du[cols] += dgram.T @ u[rows]
+            du[rows] += work.mm(dgram, u[cols])
+            du[cols] += work.mm(dgram.T, u[rows])
     # the positive logits' -s * w_r * (u_r . u_p(r)) terms
     du[:n] -= (coef * (rs[:n] + rs[n:]))[:, None] * u[n:]
     du[n:] -= (coef * (rs[:n] + rs[n:]))[:, None] * u[:n]
@@ -142,13 +171,14 @@ def cross_forward(a, b, rs, both: bool):
     """
     n = a.shape[0]
     lse_rows, lse_cols = _RowLSE(rs), (_RowLSE(rs) if both else None)
+    work = _Scratch(a, n, n, 2)
     tiles = _tiles(n, TILE)
     for rows in tiles:
         for cols in tiles:
-            gram = a[rows] @ b[cols].T
+            gram = torch.mm(a[rows], b[cols].T, out=work.tile(0, rows, cols))
             if both:
-                lse_cols.add_gram(gram, rs[cols], cols, 0)
-            lse_rows.add_gram(gram, rs[rows], rows, 1)
+                lse_cols.add_gram(gram, rs[cols], cols, 0, work.tile(1, rows, cols))
+            lse_rows.add_gram(gram, rs[rows], rows, 1, work.tile(1, rows, cols))
     pos_dot = (a * b).sum(1)
     lse_r = lse_rows.result()
     loss = (lse_r - rs * pos_dot).mean()
@@ -166,21 +196,23 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos_dot, coef):
     da, db = torch.zeros_like(a), torch.zeros_like(b)
     # per direction, as in ntxent_backward: sum_c P G normalised by sum_c P
     dot_p, p_sum = a.new_zeros(directions, n), a.new_zeros(directions, n)
+    work = _Scratch(a, n, n, 4, a.shape[1])
     tiles = _tiles(n, TILE)
     for rows in tiles:
         for cols in tiles:
-            gram = a[rows] @ b[cols].T
-            prob = torch.addcmul(-lse_r[rows, None], gram, rs[rows, None]).exp_()
-            dot_p[0, rows] += (prob * gram).sum(1)
+            gram = torch.mm(a[rows], b[cols].T, out=work.tile(0, rows, cols))
+            prob = torch.addcmul(-lse_r[rows, None], gram, rs[rows, None], out=work.tile(1, rows, cols)).exp_()
+            tmp = work.tile(3, rows, cols)
+            dot_p[0, rows] += torch.mul(prob, gram, out=tmp).sum(1)
             p_sum[0, rows] += prob.sum(1)
             dgram = prob.mul_(coef * rs[rows, None])
             if lse_c is not None:
-                prob_t = torch.addcmul(-lse_c[None, cols], gram, rs[None, cols]).exp_()
-                dot_p[1, cols] += (prob_t * gram).sum(0)
+                prob_t = torch.addcmul(-lse_c[None, cols], gram, rs[None, cols], out=work.tile(2, rows, cols)).exp_()
+                dot_p[1, cols] += torch.mul(prob_t, gram, out=tmp).sum(0)
                 p_sum[1, cols] += prob_t.sum(0)
                 dgram.addcmul_(prob_t, coef * rs[None, cols])
-            da[rows] += dgram @ b[cols]
-            db[cols] += dgram.T @ a[rows]
+            da[rows] += work.mm(dgram, b[cols])
+            db[cols] += work.mm(dgram.T, a[rows])
     da -= (directions * coef * rs)[:, None] * b
     db -= (directions * coef * rs)[:, None] * a
     return da, db, coef * (dot_p / p_sum - pos_dot).sum(0)
@@ -204,9 +236,10 @@ def rows_forward(q, k, rs, pos, self_idx=None):
     Returns (sum, lse [R], pos_dot [R]).
     """
     lse = _RowLSE(rs)
+    work = _Scratch(q, q.shape[0], k.shape[0], 1)
     for rows in _tiles(q.shape[0], TILE):
         for cols in _tiles(k.shape[0], TILE):
-            logits = (q[rows] @ k[cols].T).mul_(rs[rows, None])
+            logits = torch.mm(q[rows], k[cols].T, out=work.tile(0, rows, cols)).mul_(rs[rows, None])
             mask = _self_mask(self_idx, rows, cols, q.device)
             if mask is not None:
                 logits.masked_fill_(mask, float("-inf"))
@@ -220,18 +253,19 @@ def rows_backward(q, k, rs, lse, pos, self_idx, pos_dot, coef):
     """(dq, dk, d_rs) of coef * rows_forward's sum, recomputing its tiles."""
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
     dot_p, p_sum = torch.zeros_like(rs), torch.zeros_like(rs)  # as in ntxent_backward
+    work = _Scratch(q, q.shape[0], k.shape[0], 3, q.shape[1])
     for rows in _tiles(q.shape[0], TILE):
         for cols in _tiles(k.shape[0], TILE):
-            gram = q[rows] @ k[cols].T
-            prob = torch.exp(gram * rs[rows, None] - lse[rows, None])
+            gram = torch.mm(q[rows], k[cols].T, out=work.tile(0, rows, cols))
+            prob = torch.mul(gram, rs[rows, None], out=work.tile(1, rows, cols)).sub_(lse[rows, None]).exp_()
             mask = _self_mask(self_idx, rows, cols, q.device)
             if mask is not None:
                 prob.masked_fill_(mask, 0.0)
-            dot_p[rows] += (prob * gram).sum(1)
+            dot_p[rows] += torch.mul(prob, gram, out=work.tile(2, rows, cols)).sum(1)
             p_sum[rows] += prob.sum(1)
             dgram = prob.mul_(coef * rs[rows, None])
-            dq[rows] += dgram @ k[cols]
-            dk[cols] += dgram.T @ q[rows]
+            dq[rows] += work.mm(dgram, k[cols])
+            dk[cols] += work.mm(dgram.T, q[rows])
     dq -= (coef * rs)[:, None] * k.index_select(0, pos)
     dk.index_add_(0, pos, -(coef * rs)[:, None] * q)
     return dq, dk, coef * (dot_p / p_sum - pos_dot)

@@ -13,10 +13,14 @@ from ..._normalize import accumulation_dtype, normalize_rows, normalize_rows_bac
 from .._scores import scores as shared_scores
 
 SAMPLES_PER_CHUNK = 4096
+# Backward holds about four [M, chunk, D] temporaries next to two [M, B, D] gradients (its
+# own and the contrastive loss's, which autograd adds up): smaller chunks keep that peak
+# low.  Every sample's gradient is computed alone, so the chunk size does not change it.
+SAMPLES_PER_BACKWARD_CHUNK = 1024
 
 
-def _chunks(n: int):
-    return [slice(start, min(start + SAMPLES_PER_CHUNK, n)) for start in range(0, n, SAMPLES_PER_CHUNK)]
+def _chunks(n: int, size: int = SAMPLES_PER_CHUNK):
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def _normalized_chunk(e, present, cols, acc):
@@ -51,7 +55,7 @@ class _Gram(torch.autograd.Function):
         acc = accumulation_dtype(e.dtype)
         sym = (grad + grad.transpose(-1, -2)).to(acc)
         de = torch.empty(e.shape, dtype=e.dtype, device=e.device)
-        for cols in _chunks(e.shape[1]):
+        for cols in _chunks(e.shape[1], SAMPLES_PER_BACKWARD_CHUNK):
             z, inv, projected = _normalized_chunk(e, present, cols, acc)
             if ctx.per_sample:
                 dz = torch.einsum("bmn,nbd->mbd", sym[cols], z)
