@@ -196,6 +196,25 @@ def test_torch_lock_is_removed_under_ours(tmp_path, monkeypatch):
     assert seen == {"torch_lock": False, "owner": os.getpid()}
 
 
+def test_sources_compile_from_one_copy_whatever_the_checkout(tmp_path, monkeypatch):
+    """Two checkouts (or a checkout and a wheel install) with the same sources share one build: the
+    compiled paths are the copy in the build directory, so ninja sees nothing to rebuild."""
+    from torch.utils import cpp_extension
+
+    compiled = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: compiled.append(kw["sources"]))
+    build_dir = tmp_path / "build"
+    for checkout in ("a", "b"):
+        csrc = tmp_path / checkout / "csrc"
+        csrc.mkdir(parents=True)
+        (csrc / "k.cpp").write_text('#include "k.h"')
+        (csrc / "k.h").write_text("int k;")
+        monkeypatch.setattr(_build, "csrc_dir", lambda csrc=csrc: csrc)
+        _build._load({"name": "x", "extra_cflags": [], "extra_ldflags": [], "build_directory": build_dir})
+    assert compiled[0] == compiled[1] == [str(build_dir / "src" / "k.cpp")]
+    assert (build_dir / "src" / "k.h").read_text() == "int k;"
+
+
 def test_first_build_says_so_in_one_line_and_builds_in_a_child(tmp_path, monkeypatch, capsys):
     settings = {"name": "scale_fast_cpu_x_0123456789ab", "extra_cflags": [], "extra_ldflags": [],
                 "build_directory": tmp_path / "scale_fast_cpu_x_0123456789ab"}

@@ -9,6 +9,8 @@ other's library:
     <cache> = $TORCH_EXTENSIONS_DIR (torch's own variable), else
               $XDG_CACHE_HOME/scale_fast/torch_extensions (~/.cache/... by default)
     <key>   = a hash of every file under csrc/, the compiler and its flags, Python and torch
+    (the sources are compiled from a copy in that directory: one build serves every checkout,
+    venv or wheel install holding the same sources)
 
 A first build (no library in that directory yet) says so in one line on stderr, then runs the
 compiler in a child process (``python -m scale_fast.backends.cpp --build``) in its own process
@@ -191,6 +193,19 @@ def _check_tools() -> None:
         raise RuntimeError("ninja is not available (pip install ninja)")
 
 
+def _copy_sources(build_dir: Path) -> List[Path]:
+    """csrc/ copied once into <build_dir>/src (the key says the content is the same), so that every
+    checkout, venv or wheel install with these sources compiles the same paths: ninja then finds the
+    library up to date instead of rebuilding it for each source location."""
+    root, dest = csrc_dir(), build_dir / "src"
+    for path in (p for p in root.rglob("*") if p.is_file()):
+        target = dest / path.relative_to(root)
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+    return [dest / p.relative_to(root) for p in source_paths()]
+
+
 def _load(settings: dict) -> ModuleType:
     """Build if needed and import the extension in this process, holding the directory's lock."""
     from torch.utils import cpp_extension
@@ -198,7 +213,8 @@ def _load(settings: dict) -> ModuleType:
     build_dir = settings["build_directory"]
     with BuildLock(build_dir):
         (build_dir / "lock").unlink(missing_ok=True)  # torch's lock: only a killed build leaves it now
-        return cpp_extension.load(sources=[str(s) for s in source_paths()], build_directory=str(build_dir),
+        sources = _copy_sources(build_dir)
+        return cpp_extension.load(sources=[str(s) for s in sources], build_directory=str(build_dir),
                                   verbose=_truthy("SCALE_FAST_CPP_VERBOSE"),
                                   **{k: v for k, v in settings.items() if k != "build_directory"})
 
