@@ -24,8 +24,21 @@ def normalize_rows(x: torch.Tensor):
     return x * inv[..., None], inv, norm > EPS
 
 
+# Rows per block in normalize_rows_backward: its temporaries stay ~1 MiB instead of the
+# size of du, whose freed copies the allocator would keep resident.
+ROWS_PER_BLOCK = 1024
+
+
 def normalize_rows_backward(u: torch.Tensor, du: torch.Tensor, inv: torch.Tensor, projected: torch.Tensor):
-    """d x from d u: (du - u (u . du)) / ||x||; below the EPS clamp it is du / EPS.  Overwrites du."""
+    """d x from d u: (du - u (u . du)) / ||x||; below the EPS clamp it is du / EPS.  Overwrites du.
+
+    Rows are independent: a 2-D du is done in blocks of rows (same values, small temporaries).
+    """
+    if du.dim() == 2 and du.shape[0] > ROWS_PER_BLOCK:
+        for start in range(0, du.shape[0], ROWS_PER_BLOCK):
+            rows = slice(start, start + ROWS_PER_BLOCK)
+            normalize_rows_backward(u[rows], du[rows], inv[rows], projected[rows])
+        return du
     along = torch.einsum("...d,...d->...", u, du) * projected
     return du.sub_(u * along[..., None]).mul_(inv[..., None])
 
