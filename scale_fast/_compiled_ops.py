@@ -274,6 +274,6 @@ _CUSTOM_OPS = {"contrastive": contrastive, "linear_cross_entropy": linear_cross_
 def run_op(backend: str, name: str, *args):
     """Run backend op `name` (a resolved backend, see scale_fast/_dispatch.py); under torch.compile
     through its custom op (one graph node)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and name in _CUSTOM_OPS:  # "siglip" has no custom op: traced eagerly
         return _CUSTOM_OPS[name](*args, backend)
     return get_op(backend, name, *args)(*args)

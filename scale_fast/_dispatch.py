@@ -33,6 +33,11 @@ Backend op contracts (inputs are already validated; backends trust them):
     the global batch and only the terms of the rows of samples start..stop-1 are
     summed, over the global normaliser (scale_fast/backends/_allpairs.py).
 
+``siglip(e, present, logit_scale, logit_bias, row_weights) -> pair_losses``
+    The sigmoid (SigLIP) form of ``contrastive`` (docs/contract.md §4): logit_bias a
+    0-dim float tensor (may require grad), the rest and the optional row_range as there.
+    Differentiable in e, logit_scale, logit_bias and row_weights.
+
 ``linear_cross_entropy(hidden, weight, target, bias, scale, ignore_index, reduction)``
     hidden: [N, H]; weight: [K, H]; target: [N] int64 (class index or
     ignore_index) or [N, K] float (probabilities); bias: None or [K];
@@ -67,7 +72,7 @@ FALLBACK = "torch"  # implements every op on every device and dtype
 _records: Dict[str, Capability] = {}
 _ops: Dict[str, ModuleType] = {}
 # the ops whose first argument is an [M, B, D] embedding tensor (M: the modality count)
-_MODALITY_OPS = ("scores", "contrastive")
+_MODALITY_OPS = ("scores", "contrastive", "siglip")
 
 
 def backend_names() -> Tuple[str, ...]:

@@ -28,9 +28,16 @@ def _batch_scores(e, present, backend, active, counts, group):
     return S, harmonize_scores(S, active)
 
 
+def pair_op(form: str, scale: torch.Tensor, bias: torch.Tensor | None, row_weights):
+    """(op name, its arguments after e and present, as a tuple): "siglip" or "contrastive"."""
+    if form == "siglip":
+        return "siglip", (scale, bias if bias is not None else torch.zeros((), device=scale.device), row_weights)
+    return "contrastive", (scale, row_weights, form)
+
+
 def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor, tasks: Dict[int, MaskedTask],
                     task_embeddings: Optional[torch.Tensor], mode: str, form: str, harmonize: bool,
-                    detach_weights: bool, backend: str, group=None) -> SCALELossOutput:
+                    detach_weights: bool, backend: str, group=None, logit_bias=None) -> SCALELossOutput:
     """scale_loss of this process's batch (group None) or of the group's global batch (see scale_fast/distributed.py)."""
     M, B, _ = e.shape
     acc = accumulation_dtype(e.dtype)
@@ -59,12 +66,12 @@ def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
         pair_weights = weights if mode == "sample" else weights.expand(B, M, M)
 
     # 4. the contrastive losses (under a group: the terms of this rank's rows, against every column)
+    op, args = pair_op(form, scale, logit_bias, pair_weights)
     if group is None:
-        pair = run_op(backend, "contrastive", e, present, scale, pair_weights, form)
+        pair = run_op(backend, op, e, present, *args)
     else:
         rows = (layout.start, layout.start + B)
-        pair = get_op(backend, "contrastive", e_all, row_range=True)(e_all, present_all, scale, pair_weights, form,
-                                                                      rows).to(acc)
+        pair = get_op(backend, op, e_all, row_range=True)(e_all, present_all, *args, rows).to(acc)
 
     masked = torch.zeros(M, dtype=pair.dtype, device=e.device)
     if tasks:

@@ -13,7 +13,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MODES = ("sample", "batch")
-FORMS = ("ntxent", "clip")
+FORMS = ("ntxent", "clip", "siglip")
 REDUCTIONS = ("mean", "sum", "none")
 TASK_KINDS = ("ce", "kl", "mse", "nce")
 DEFAULT_MODALITIES = ("text", "image", "table", "video", "audio")  # SCALE's five, in the model's order
@@ -117,25 +117,37 @@ def check_finite_rows(e: torch.Tensor, present: torch.Tensor, names: Optional[Se
                          f"mark it absent in present or fix the input ({SKIP_FINITE_ENV}=1 skips this check)")
 
 
+def _as_scalar(value, device: torch.device, name: str, kinds: str):
+    """(0-dim tensor, its float value or None while torch.compile traces) of a float or 0-dim float tensor."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=torch.float32, device=device), float(value)
+    if value.numel() != 1 or value.dim() > 1:
+        raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(value.shape)}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    check_device(name, value, device)
+    return value.reshape(()), (float(value.detach()) if values_checked() else None)
+
+
 def as_logit_scale(logit_scale, device: torch.device, name: str = "logit_scale") -> torch.Tensor:
     """A 0-dim float tensor > 0 (a float becomes a constant tensor)."""
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a 0-dim float tensor, got {type(logit_scale).__name__}")
-    if isinstance(logit_scale, torch.Tensor):
-        if logit_scale.numel() != 1 or logit_scale.dim() > 1:
-            raise ValueError(f"{name} must be a 0-dim tensor, got shape {tuple(logit_scale.shape)}")
-        if logit_scale.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {logit_scale.dtype}")
-        check_device(name, logit_scale, device)
-        tensor = logit_scale.reshape(())
-        if not values_checked():
-            return tensor
-        value = float(logit_scale.detach())
-    else:
-        value = float(logit_scale)
-        tensor = torch.tensor(value, dtype=torch.float32, device=device)
-    if not (value > 0 and math.isfinite(value)):
+    tensor, value = _as_scalar(logit_scale, device, name, "a float or a 0-dim float tensor")
+    if value is not None and not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be positive and finite, got {value}")
+    return tensor
+
+
+def as_logit_bias(logit_bias, form: str, device: torch.device) -> torch.Tensor | None:
+    """None (no bias) or a 0-dim finite float tensor; only form="siglip" takes a bias."""
+    if logit_bias is None:
+        return None
+    if form != "siglip":
+        raise ValueError(f"logit_bias applies to form='siglip' only, got form={form!r}")
+    tensor, value = _as_scalar(logit_bias, device, "logit_bias", "None, a float or a 0-dim float tensor")
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"logit_bias must be finite, got {value}")
     return tensor
 
 

@@ -8,11 +8,12 @@ import torch
 from . import _validate as V
 from ._compiled_ops import run_op
 from ._dispatch import resolve_backend
-from ._objective import scale_objective
+from ._objective import pair_op, scale_objective
 from .types import MaskedTask, SCALELossOutput
 
 Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
 DEFAULT_LOGIT_SCALE = 1 / 0.07
+SIGLIP_LOGIT_SCALE, SIGLIP_LOGIT_BIAS = 10.0, -10.0  # OpenCLIP's SigLIP initialisation
 
 
 def _prepare(embeddings, present, names=None):
@@ -45,20 +46,26 @@ def multi_pair_info_nce(
     weights: torch.Tensor | None = None,
     form: str = "ntxent",
     backend: str = "auto",
+    logit_bias: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contrastive loss of every modality pair i < j (docs/contract.md §4).
 
     weights: None (all 1), [M, M] or [B, M, M]; weights[b, i, j] multiplies the
     logits of the rows of sample b in pair (i, j).
+    form: "ntxent", "clip" or "siglip" (sigmoid loss; logit_bias: a float or 0-dim
+    tensor added to every logit, default 0, receiving its gradient like logit_scale).
     Returns [M, M]: L(i, j) in the upper triangle of active pairs, 0 elsewhere.
     """
     V.check_choice("form", form, V.FORMS)
     e, present = _prepare(embeddings, present)
     M, B, _ = e.shape
     scale = V.as_logit_scale(logit_scale, e.device)
+    bias = V.as_logit_bias(logit_bias, form, e.device)
     row_weights = V.as_pair_weights(weights, M, B, e.device)
     backend = resolve_backend(backend, e.device)
-    return run_op(backend, "contrastive", e, present, scale, row_weights, form)
+    name, args = pair_op(form, scale, bias, row_weights)
+    return run_op(backend, name, e, present, *args)
+
 
 
 def linear_cross_entropy(
@@ -131,6 +138,7 @@ def scale_loss(
     detach_weights: bool = False,
     backend: str = "auto",
     process_group=None,
+    logit_bias: float | torch.Tensor | None = None,
 ) -> SCALELossOutput:
     """The SCALE objective (docs/contract.md §6): harmonized contrastive pairs plus masked tasks.
 
@@ -156,6 +164,7 @@ def scale_loss(
     names = V.modality_names(modalities, M)
     e, present = _prepare(e, present, names)
     scale = V.as_logit_scale(logit_scale, e.device)
+    bias = V.as_logit_bias(logit_bias, form, e.device)
     tasks = _task_table(tasks, M, names)
     for m, task in tasks.items():
         V.check_task(m, task, M, B, present, mode, needs_index=harmonize and mode == "sample")
@@ -164,7 +173,7 @@ def scale_loss(
     if task_embeddings is not None and harmonize and tasks:
         te = _check_task_embeddings(task_embeddings, e)
     return scale_objective(e, present, scale, tasks, te, mode, form, harmonize, detach_weights, backend,
-                           process_group)
+                           process_group, bias)
 
 
 def _task_table(tasks, M: int, names) -> dict:

@@ -143,9 +143,13 @@ def _lse(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.logsumexp(x, dim=dim)
 
 
-def ref_pair_loss(zi, zj, w, s, form: str) -> torch.Tensor:
-    """L(i, j) on the n rows zi, zj [n, D] with row weights w [n]."""
+def ref_pair_loss(zi, zj, w, s, form: str, bias=0.0) -> torch.Tensor:
+    """L(i, j) on the n rows zi, zj [n, D] with row weights w [n] (bias: siglip's logit_bias)."""
     n = zi.shape[0]
+    if form == "siglip":
+        logits = s * w[:, None] * (zi @ zj.T) + bias                  # [n(r), n(c)]
+        labels = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1
+        return -torch.nn.functional.logsigmoid(labels * logits).sum() / n
     if form == "ntxent":
         u = torch.cat([zi, zj], 0)                                   # [2n, D]
         w2 = torch.cat([w, w], 0)                                    # w_b(r)
@@ -164,7 +168,8 @@ def ref_pair_loss(zi, zj, w, s, form: str) -> torch.Tensor:
     raise ValueError(form)
 
 
-def ref_pair_losses(embeddings, present=None, logit_scale=1 / 0.07, weights=None, form: str = "ntxent"):
+def ref_pair_losses(embeddings, present=None, logit_scale=1 / 0.07, weights=None, form: str = "ntxent",
+                    logit_bias=None):
     """[M, M]: L(i, j) in the upper triangle for active pairs, zeros elsewhere."""
     e = as_stack(embeddings)
     present = default_present(e, present)
@@ -181,7 +186,7 @@ def ref_pair_losses(embeddings, present=None, logit_scale=1 / 0.07, weights=None
             if i < j and len(V) >= 1:
                 idx = torch.tensor(V, device=z.device, dtype=torch.long)
                 w = _pair_row_weights(weights, i, j, V, z)
-                row.append(ref_pair_loss(z[i, idx], z[j, idx], w, s, form))
+                row.append(ref_pair_loss(z[i, idx], z[j, idx], w, s, form, 0.0 if logit_bias is None else logit_bias))
             else:
                 row.append(zero)
         rows.append(torch.stack(row))
@@ -280,7 +285,7 @@ def ref_masked_task(kind, hidden, target, row_weights=None, weight=None, bias=No
 # §6 total
 # --------------------------------------------------------------------------- #
 def ref_scale_loss(embeddings, present=None, logit_scale=1 / 0.07, tasks=None, task_embeddings=None,
-                   mode="sample", form="ntxent", harmonize=True, detach_weights=False):
+                   mode="sample", form="ntxent", harmonize=True, detach_weights=False, logit_bias=None):
     """dict(total, contrastive, masked, scores, weights, active)."""
     e = as_stack(embeddings)
     present = default_present(e, present)
@@ -290,7 +295,7 @@ def ref_scale_loss(embeddings, present=None, logit_scale=1 / 0.07, tasks=None, t
         Wc = Sp.detach() if detach_weights else Sp
     else:
         Wc = None
-    pair = ref_pair_losses(e, present, logit_scale, Wc, form)
+    pair = ref_pair_losses(e, present, logit_scale, Wc, form, logit_bias)
     n_active = sum(1 for i in range(M) for j in range(i + 1, M) if bool(active[i, j]))
     contrastive_term = pair.sum() / n_active if n_active > 0 else pair.sum() * 0.0
 

@@ -17,7 +17,7 @@ from scale_fast import _dispatch
 from scale_fast.backends._capability import Capability
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONTRACT_OPS = {"scores", "contrastive", "info_nce", "info_nce_rows", "linear_cross_entropy"}
+CONTRACT_OPS = {"scores", "contrastive", "siglip", "info_nce", "info_nce_rows", "linear_cross_entropy"}
 
 
 @pytest.mark.parametrize("name", sf.backend_names())

@@ -37,6 +37,7 @@ CASES = [
     ("batch-clip", "batch", "clip", torch.float64, True, True, False),
     ("plain-ntxent", "sample", "ntxent", torch.float64, False, False, False),
     ("f32-sample-clip", "sample", "clip", torch.float32, True, False, True),
+    ("sample-siglip", "sample", "siglip", torch.float64, True, False, True),
 ]
 SIZES = {2: [3, 6], 3: [4, 1, 5]}
 
@@ -96,6 +97,8 @@ def run_loss(present, e, te, raw_tasks, logit_scale, mode, form, harmonize, deta
     leaves = {"e": e.clone().requires_grad_(), "logit_scale": logit_scale.clone().requires_grad_()}
     if with_te:
         leaves["te"] = te.clone().requires_grad_()
+    if form == "siglip":
+        leaves["logit_bias"] = torch.tensor(-2.5, dtype=logit_scale.dtype, requires_grad=True)
     tasks = {}
     for m, t in raw_tasks.items():
         h = leaves[f"hidden{m}"] = t["hidden"].clone().requires_grad_()
@@ -110,13 +113,14 @@ def run_loss(present, e, te, raw_tasks, logit_scale, mode, form, harmonize, deta
         tasks[m] = sf.MaskedTask(t["kind"], h, target, weight=W, bias=b, sample_index=t["sample_index"])
     out = sf.scale_loss(leaves["e"], present, logit_scale=leaves["logit_scale"], tasks=tasks,
                         task_embeddings=leaves.get("te"), mode=mode, form=form, harmonize=harmonize,
-                        detach_weights=detach, backend="torch", process_group=group)
+                        detach_weights=detach, backend="torch", process_group=group,
+                        logit_bias=leaves.get("logit_bias"))
     out.total.backward()
     return out, {k: (torch.zeros_like(v) if v.grad is None else v.grad) for k, v in leaves.items()}
 
 
 LOCAL = ("e", "te") + tuple(f"{p}{m}" for p in ("hidden", "target") for m in range(M))
-REPLICATED = ("logit_scale",) + tuple(f"{p}{m}" for p in ("weight", "bias") for m in range(M))
+REPLICATED = ("logit_scale", "logit_bias") + tuple(f"{p}{m}" for p in ("weight", "bias") for m in range(M))
 
 
 # --------------------------------------------------------------------------- workers

@@ -106,7 +106,7 @@ def test_unknown_mode(backend):
 
 def test_unknown_form(backend):
     with pytest.raises(ERR, match="form"):
-        sf.scale_loss(_emb(), form="siglip", backend=backend)
+        sf.scale_loss(_emb(), form="sigmoid", backend=backend)
     with pytest.raises(ERR, match="form"):
         sf.multi_pair_info_nce(_emb(), form="infonce", backend=backend)
 

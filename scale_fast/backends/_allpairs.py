@@ -38,6 +38,9 @@ class PairKernels:
     rows_backward(q, k, rs, lse, pos, self_idx, pos_dot, coef) -> (dq, dk, d_rs):
         the row-block form: sum over query rows q of LSE over every key row k minus the
         positive k[pos]; self_idx (or None) a column to exclude per row.  Optional.
+    siglip_forward(q, k, rs, pos, bias) -> sum; siglip_backward(q, k, rs, pos, bias, coef) ->
+    (dq, dk, d_rs, d_bias): the sigmoid loss sum_r sum_c softplus(-y_rc (rs_r q_r . k_c + bias)) of
+        the query rows q against every key row k, y_rc = +1 where c == pos[r], else -1.  Optional.
     coef: a 0-dim tensor, the gradient of the returned loss.
     """
 
@@ -47,6 +50,8 @@ class PairKernels:
     cross_backward: Callable
     rows_forward: Optional[Callable] = None
     rows_backward: Optional[Callable] = None
+    siglip_forward: Optional[Callable] = None
+    siglip_backward: Optional[Callable] = None
 
 
 class PairForm(Protocol):
@@ -133,9 +138,39 @@ class Clip:
         return da, db, d_rs1 + d_rs2
 
 
+class SigLIP:
+    """SigLIP's sigmoid loss of one pair (rows a against columns b, positives on the diagonal),
+    divided by n as OpenCLIP's SigLipLoss.  Takes the logit bias (``takes_bias``): the driver
+    passes it to every method and backward returns its gradient too."""
+
+    takes_bias = True
+
+    def __init__(self, kernels: PairKernels):
+        self.k = kernels
+
+    def forward(self, a, b, rs, bias):
+        n = a.shape[0]
+        return self.k.siglip_forward(a, b, rs, torch.arange(n, device=a.device), bias) / n, None
+
+    def backward(self, a, b, rs, bias, stats, coef):
+        n = a.shape[0]
+        return self.k.siglip_backward(a, b, rs, torch.arange(n, device=a.device), bias, coef / n)
+
+    def rows_forward(self, a, b, rs, local, bias):
+        return self.k.siglip_forward(a.index_select(0, local), b, rs, local, bias) / a.shape[0], None
+
+    def rows_backward(self, a, b, rs, local, bias, stats, coef):
+        dq, db, d_rs, d_bias = self.k.siglip_backward(a.index_select(0, local), b, rs, local, bias, coef / a.shape[0])
+        da = torch.zeros_like(a).index_add_(0, local, dq)
+        return da, db, d_rs, d_bias
+
+
 def pair_forms(kernels: PairKernels) -> Mapping[str, PairForm]:
     """The forms every backend with these kernels offers, by the name users pass (form=...)."""
-    return {"ntxent": NTXent(kernels), "clip": Clip(kernels)}
+    forms = {"ntxent": NTXent(kernels), "clip": Clip(kernels)}
+    if kernels.siglip_forward is not None:
+        forms["siglip"] = SigLIP(kernels)
+    return forms
 
 
 def gather_unit_rows(e, m, rows, acc):
@@ -154,10 +189,11 @@ class _AllPairs(torch.autograd.Function):
     """Every active pair i < j of e [M, B, D] in one Function (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, pair: PairForm, e, present, scale, row_weights, row_range):
+    def forward(ctx, pair: PairForm, e, present, scale, row_weights, row_range, bias=None):
         M = e.shape[0]
         acc = accumulation_dtype(e.dtype)
         s = scale.detach().to(acc)
+        extra = () if bias is None else (bias.detach().to(acc),)  # the forms that take a logit bias
         out = torch.zeros(M, M, dtype=acc, device=e.device)
         pairs = []
         for i in range(M):
@@ -172,21 +208,23 @@ class _AllPairs(torch.autograd.Function):
                         continue
                 a, b = gather_unit_rows(e, i, rows, acc)[0], gather_unit_rows(e, j, rows, acc)[0]
                 if local is None:
-                    out[i, j], stats = pair.forward(a, b, pair_row_scale(s, row_weights, rows, i, j, acc))
+                    out[i, j], stats = pair.forward(a, b, pair_row_scale(s, row_weights, rows, i, j, acc), *extra)
                 else:
                     rs = pair_row_scale(s, row_weights, rows.index_select(0, local) - row_range[0], i, j, acc)
-                    out[i, j], stats = pair.rows_forward(a, b, rs, local)
+                    out[i, j], stats = pair.rows_forward(a, b, rs, local, *extra)
                 pairs.append((i, j, rows, local, stats))
-        ctx.save_for_backward(e, scale, row_weights)
+        ctx.save_for_backward(e, scale, row_weights, bias)
         ctx.pair, ctx.pairs, ctx.row_range = pair, pairs, row_range
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        e, scale, row_weights = ctx.saved_tensors
+        e, scale, row_weights, bias = ctx.saved_tensors
         pair, row_range = ctx.pair, ctx.row_range
         acc = accumulation_dtype(e.dtype)
         s = scale.detach().to(acc)
+        extra = () if bias is None else (bias.detach().to(acc),)
+        d_bias = torch.zeros((), dtype=acc, device=e.device)
         de = torch.zeros(e.shape, dtype=acc, device=e.device)
         n_rows = e.shape[1] if row_range is None else row_range[1] - row_range[0]
         d_rows = torch.zeros(n_rows, e.shape[0], e.shape[0], dtype=acc, device=e.device)  # d loss / d (s w)
@@ -200,11 +238,14 @@ class _AllPairs(torch.autograd.Function):
             if local is None:
                 w_rows = rows
                 rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
-                da, db, d_rs = pair.backward(a, b, rs, stats, grad[i, j])
+                grads = pair.backward(a, b, rs, *extra, stats, grad[i, j])
             else:
                 w_rows = rows.index_select(0, local) - row_range[0]
                 rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
-                da, db, d_rs = pair.rows_backward(a, b, rs, local, stats, grad[i, j])
+                grads = pair.rows_backward(a, b, rs, local, *extra, stats, grad[i, j])
+            da, db, d_rs = grads[:3]
+            if extra:
+                d_bias += grads[3]
             de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
             de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
             d_rows[w_rows, i, j] = d_rs
@@ -214,21 +255,24 @@ class _AllPairs(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             w = 1.0 if row_weights is None else row_weights.to(acc)
             dscale = (d_rows * w).sum().to(scale.dtype)
-        return None, de.to(e.dtype), None, dscale, dweights, None
+        dbias = d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[6] else None
+        return None, de.to(e.dtype), None, dscale, dweights, None, dbias
 
 
-def all_pairs(forms: Mapping[str, PairForm], e, present, logit_scale, row_weights, form, row_range=None):
+def all_pairs(forms: Mapping[str, PairForm], e, present, logit_scale, row_weights, form, row_range=None,
+              logit_bias=None):
     """[M, M] pair losses of every active pair i < j (backend contract in scale_fast/_dispatch.py).
 
     forms: the backend's pair forms by name.  row_range=(start, stop) (the process-group path,
     scale_fast/distributed.py): e and present hold the global batch, only the loss terms of the
     rows whose sample lies in [start, stop) are summed (against every column), divided by the
     global normaliser, and row_weights is the local [stop - start, M, M]; summing the outputs
-    over a partition of [0, B) gives the full loss.
+    over a partition of [0, B) gives the full loss.  logit_bias: a 0-dim tensor for the forms that
+    take one ("siglip"), None for the others.
     """
     if row_range is not None:
         row_range = (int(row_range[0]), int(row_range[1]))
-    return _AllPairs.apply(forms[form], e, present, logit_scale, row_weights, row_range)
+    return _AllPairs.apply(forms[form], e, present, logit_scale, row_weights, row_range, logit_bias)
 
 
 def _scaled_rows(a, weights, scale: float):

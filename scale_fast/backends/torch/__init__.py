@@ -7,7 +7,7 @@ backend with the row-block (``row_range``) forms the process-group path uses.
 import torch
 
 from .._capability import Capability
-from .contrastive import contrastive, info_nce, info_nce_rows
+from .contrastive import contrastive, info_nce, info_nce_rows, siglip
 from .linear_ce import linear_cross_entropy
 from .scores import scores
 
@@ -16,8 +16,8 @@ CAPABILITY = Capability(
     module=__name__,
     devices=("*",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    ops=("scores", "contrastive", "info_nce", "info_nce_rows", "linear_cross_entropy"),
-    row_range_ops=("contrastive",),
+    ops=("scores", "contrastive", "siglip", "info_nce", "info_nce_rows", "linear_cross_entropy"),
+    row_range_ops=("contrastive", "siglip"),
 )
 
-__all__ = ["CAPABILITY", "scores", "contrastive", "info_nce", "info_nce_rows", "linear_cross_entropy"]
+__all__ = ["CAPABILITY", "scores", "contrastive", "siglip", "info_nce", "info_nce_rows", "linear_cross_entropy"]

@@ -271,7 +271,42 @@ def rows_backward(q, k, rs, lse, pos, self_idx, pos_dot, coef):
     return dq, dk, coef * (dot_p / p_sum - pos_dot)
 
 
-KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward, rows_forward, rows_backward)
+def siglip_forward(q, k, rs, pos, bias):
+    """sum_r sum_c softplus(-y_rc x_rc) of the rows q [R, D] against every row of k [C, D]:
+    x_rc = rs_r q_r . k_c + bias, y_rc = +1 where c == pos[r], else -1 (form="siglip").
+
+    softplus(-x) = softplus(x) - x: every tile sums softplus(x), the positives' x is taken off once.
+    """
+    total = q.new_zeros(())
+    for rows in _tiles(q.shape[0], TILE):
+        for cols in _tiles(k.shape[0], TILE):
+            total += torch.nn.functional.softplus(torch.addcmul(bias, q[rows] @ k[cols].T, rs[rows, None])).sum()
+    return total - (rs * (q * k.index_select(0, pos)).sum(1) + bias).sum()
+
+
+def siglip_backward(q, k, rs, pos, bias, coef):
+    """d x_rc = sigmoid(x_rc) - [c == pos(r)]; the positives' -1 is applied once after the tiles."""
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    d_rs = torch.zeros_like(rs)
+    d_bias = q.new_zeros(())
+    for rows in _tiles(q.shape[0], TILE):
+        for cols in _tiles(k.shape[0], TILE):
+            gram = q[rows] @ k[cols].T
+            p = torch.addcmul(bias, gram, rs[rows, None]).sigmoid_()
+            d_bias += p.sum()
+            d_rs[rows] += (p * gram).sum(1)
+            p.mul_(coef * rs[rows, None])
+            dq[rows] += p @ k[cols]
+            dk[cols] += p.T @ q[rows]
+    k_pos = k.index_select(0, pos)
+    dq -= (coef * rs)[:, None] * k_pos
+    dk.index_add_(0, pos, -(coef * rs)[:, None] * q)
+    d_rs -= (q * k_pos).sum(1)
+    return dq, dk, coef * d_rs, coef * (d_bias - q.shape[0])
+
+
+KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward, rows_forward, rows_backward,
+                      siglip_forward, siglip_backward)
 FORMS = pair_forms(KERNELS)
 
 
@@ -281,6 +316,11 @@ def contrastive(e, present, logit_scale, row_weights, form, row_range=None):
     row_range=(start, stop): only the rows of samples start..stop-1 (see scale_fast/backends/_allpairs.py).
     """
     return all_pairs(FORMS, e, present, logit_scale, row_weights, form, row_range)
+
+
+def siglip(e, present, logit_scale, logit_bias, row_weights, row_range=None):
+    """[M, M] sigmoid (SigLIP) pair losses (backend contract in _dispatch.py); row_range as in contrastive."""
+    return all_pairs(FORMS, e, present, logit_scale, row_weights, "siglip", row_range, logit_bias)
 
 
 def info_nce(a, b, row_weights, scale):

@@ -1,0 +1,142 @@
+"""form="siglip" (docs/contract.md §4): every backend against the float64 reference and OpenCLIP's SigLipLoss."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scale_fast as sf
+from conftest import (DEVICE, PATTERNS, assert_grad_close, assert_rows_zero_grad, assert_value_close, backend_cases,
+                      case_rng, dev_leaf, grads, make_embeddings, make_present, ref_leaf, sizes, torch_gen)
+from reference import RefTask, ref_pair_losses, ref_scale_loss
+
+
+def _case(backend, seed, dtype):
+    rng = case_rng("siglip", backend, seed)
+    M = rng.randint(2, 4)
+    B, D = sizes(backend, rng)
+    present = make_present(rng, M, B, rng.choice(PATTERNS))
+    gen = torch_gen(9100 + seed)
+    e = make_embeddings(gen, present, D, fill=rng.choice(["nan", "zero", "big"]), dtype=dtype)
+    w = None if seed % 3 == 0 else torch.rand(B, M, M, generator=gen, dtype=torch.float64) * 2.0 - 0.5
+    return present, e, w, rng.choice([1.0, 10.0, 1 / 0.07]), rng.choice([-10.0, -2.5, 0.0, 1.5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend,seed", backend_cases(8, 3))
+def test_siglip_matches_reference(backend, seed, dtype):
+    present, e, w, s, b = _case(backend, seed, dtype)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    e_dev, s_dev, b_dev = dev_leaf(e), dev_leaf(torch.tensor(s, dtype=pdt)), dev_leaf(torch.tensor(b, dtype=pdt))
+    w_dev = None if w is None else dev_leaf(w.to(pdt))
+    out = sf.multi_pair_info_nce(e_dev, present.to(DEVICE), logit_scale=s_dev, logit_bias=b_dev, weights=w_dev,
+                                 form="siglip", backend=backend)
+    e_ref, s_ref, b_ref = ref_leaf(e), ref_leaf(s_dev), ref_leaf(b_dev)
+    w_ref = None if w is None else ref_leaf(w.to(pdt))
+    ref = ref_pair_losses(e_ref, present, s_ref, w_ref, "siglip", b_ref)
+    assert out.dtype == pdt and out.shape == ref.shape
+    tight = dtype == torch.float64
+    assert_value_close(out, ref, 1e-10 if tight else 1e-5, 1e-10 if tight else 2e-6 * (s + abs(b)), "siglip losses")
+    G = torch.randn(ref.shape, generator=torch_gen(seed), dtype=torch.float64)
+    leaves = [("embeddings", e_dev, e_ref), ("logit_scale", s_dev, s_ref), ("logit_bias", b_dev, b_ref)]
+    if w is not None:
+        leaves.append(("weights", w_dev, w_ref))
+    g_lib = grads((out * G.to(out.dtype).to(DEVICE)).sum(), [x[1] for x in leaves])
+    g_ref = grads((ref * G).sum(), [x[2] for x in leaves])
+    for (name, leaf, _), gl, gr in zip(leaves, g_lib, g_ref):
+        assert_grad_close(gl, torch.zeros_like(leaf, dtype=torch.float64).cpu() if gr is None else gr,
+                          1e-9 if tight else 1e-4, name=f"d {name}")
+    assert_rows_zero_grad(g_lib[0], present)
+
+
+def _open_clip_siglip():
+    """open_clip.loss.SigLipLoss (its loss module alone when open_clip's __init__ needs torchvision)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip_torch not installed")
+    try:
+        from open_clip.loss import SigLipLoss
+    except ImportError:
+        path = spec.submodule_search_locations[0] + "/loss.py"
+        loader = importlib.util.spec_from_file_location("open_clip_loss_only", path)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+        SigLipLoss = module.SigLipLoss
+    return SigLipLoss()
+
+
+def _openclip_formula(a, b, s, bias):
+    """OpenCLIP's SigLipLoss written out: -sum log sigmoid(labels * (s a b^T + bias)) / n."""
+    logits = s * a @ b.T + bias
+    labels = 2 * torch.eye(a.shape[0], dtype=a.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / a.shape[0]
+
+
+@pytest.mark.parametrize("backend,seed", backend_cases(3, 1))
+def test_siglip_equals_openclip(backend, seed):
+    """Two modalities, all present, no weights: OpenCLIP's loss on the normalised features, values and gradients."""
+    gen = torch_gen(seed)
+    B, D = (5, 7) if backend == "triton" else (37, 16)
+    dtype = torch.float32 if backend == "triton" else torch.float64  # triton has no float64 kernels
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    e = torch.randn(2, B, D, generator=gen, dtype=torch.float64).to(dtype)
+    s, b = torch.tensor(10.0, dtype=dtype), torch.tensor(-10.0, dtype=dtype)
+    e_dev, s_dev, b_dev = dev_leaf(e), dev_leaf(s), dev_leaf(b)
+    ours = sf.multi_pair_info_nce(e_dev, logit_scale=s_dev, logit_bias=b_dev, form="siglip", backend=backend)[0, 1]
+    e_ref, s_ref, b_ref = ref_leaf(e), ref_leaf(s), ref_leaf(b)
+    z = F.normalize(e_ref, dim=-1)
+    want = _openclip_formula(z[0], z[1], s_ref, b_ref)
+    try:
+        theirs = _open_clip_siglip()(z[0], z[1], s_ref, b_ref)
+        assert_value_close(theirs, want, 1e-12, 1e-12, "OpenCLIP SigLipLoss vs its formula")
+    except pytest.skip.Exception:
+        pass
+    assert_value_close(ours, want, tol, tol, "siglip vs OpenCLIP")
+    for gl, gr, name in zip(grads(ours, [e_dev, s_dev, b_dev]), grads(want, [e_ref, s_ref, b_ref]),
+                            ("embeddings", "logit_scale", "logit_bias")):
+        assert_grad_close(gl, gr, tol * 10, name=f"d {name}")
+
+
+def test_scale_loss_module_learns_bias():
+    """SCALELoss(form="siglip", learnable_logit_bias=True): OpenCLIP's init, and the bias's gradient."""
+    gen = torch_gen(4)
+    M, B, D, H, K = 3, 9, 6, 5, 4
+    present = torch.rand(M, B, generator=gen) < 0.8
+    present[:, 0] = True
+    e = make_embeddings(gen, present, D, dtype=torch.float64)
+    hidden = torch.randn(7, H, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, K, (7,), generator=gen)
+    weight = torch.randn(K, H, generator=gen, dtype=torch.float64)
+    index = torch.nonzero(present[1]).squeeze(1)[:7].repeat(2)[:7].sort().values
+    loss = sf.SCALELoss(["a", "b", "c"], form="siglip", learnable_logit_scale=True, learnable_logit_bias=True,
+                        backend="torch").double()
+    assert float(loss.logit_scale().detach()) == pytest.approx(10.0) and float(loss.logit_bias().detach()) == -10.0
+    e_dev = e.clone().requires_grad_()
+    out = loss(e_dev, present, {"b": sf.MaskedTask("ce", hidden, target, weight=weight, sample_index=index)})
+    out.total.backward()
+    e_ref, b_ref = ref_leaf(e), ref_leaf(torch.tensor(-10.0, dtype=torch.float64))
+    s_ref = ref_leaf(loss.log_logit_scale)  # ln 10 as the float32 parameter holds it
+    ref = ref_scale_loss(e_ref, present, s_ref.exp(), {1: RefTask("ce", hidden, target, weight, sample_index=index)},
+                         form="siglip", logit_bias=b_ref)
+    ref["total"].backward()
+    assert_value_close(out.total, ref["total"], 1e-10, 1e-10, "total")
+    assert_grad_close(loss.learned_logit_bias.grad, b_ref.grad, 1e-9, "d logit_bias")
+    assert_grad_close(loss.log_logit_scale.grad, s_ref.grad, 1e-9, "d log_logit_scale")
+    assert_grad_close(e_dev.grad, e_ref.grad, 1e-9, "d embeddings")
+
+
+def test_logit_bias_errors():
+    e = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="logit_bias applies to form='siglip'"):
+        sf.multi_pair_info_nce(e, logit_bias=1.0, form="clip")
+    with pytest.raises(TypeError, match="logit_bias"):
+        sf.multi_pair_info_nce(e, logit_bias="1", form="siglip")
+    with pytest.raises(ValueError, match="logit_bias"):
+        sf.multi_pair_info_nce(e, logit_bias=torch.ones(2), form="siglip")
+    with pytest.raises(ValueError, match="logit_bias"):
+        sf.multi_pair_info_nce(e, logit_bias=math.inf, form="siglip")
+    with pytest.raises(ValueError, match="learnable_logit_bias"):
+        sf.SCALELoss(["a", "b"], learnable_logit_bias=True)
