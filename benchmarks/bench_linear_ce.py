@@ -1,14 +1,15 @@
 """Benchmark of the fused linear cross-entropy (fwd+bwd): scale_fast vs PyTorch and peers.
 
 CPU table (default without CUDA): N=8192 rows, K=21128 classes, H=768, float32:
-``sf.linear_cross_entropy(backend="torch")`` vs ``torch.nn.functional.linear_cross_entropy``
+``sf.linear_cross_entropy(backend="torch")`` and ``backend="cpp"`` vs ``torch.nn.functional.linear_cross_entropy``
 (torch >= 2.13) in both of its modes -- ``options=None`` (its reference path: linear then
 cross_entropy) and ``options=torch.nn.LinearCrossEntropyOptions()`` (its chunked path; for
 float32 on CPU "auto" resolves to acc_policy "compact", chunking "aspect_ratio:2") -- and
 plain ``F.linear`` + ``F.cross_entropy``.  Target: scale_fast no slower than
 F.linear_cross_entropy, with no more memory.
 
-GPU table (``--device cuda``): N=16384, K=21128, H=768, bf16: backend="triton" vs linear+CE,
+GPU table (``--device cuda``): N=16384, K=21128, H=768, bf16: backend="triton" (d weight accumulated
+in float32, and in bf16 with SCALE_FAST_LCE_WEIGHT_GRAD=input) vs linear+CE,
 Liger-Kernel's fused linear cross-entropy, Cut Cross-Entropy, F.linear_cross_entropy (if the
 torch there has it), backend="torch".
 
@@ -62,6 +63,7 @@ def build_cases(args) -> list[dict]:
         add(**g, impl=TLCE_REF, role="impl")
         add(**g, impl=TLCE_CHUNK, role="impl")
         add(**g, impl="scale_fast torch", backend="torch", role="impl")
+        add(**g, impl="scale_fast cpp", backend="cpp", role="impl")
         add(**g, impl="torch.mm", role="mm")
     else:
         N, K, H = (256, 1000, 64) if args.dry_run else (16384, 21128, 768)
@@ -70,6 +72,7 @@ def build_cases(args) -> list[dict]:
         add(**g, impl="ref", role="ref")
         add(**g, impl=f"scale_fast {'triton' if not args.dry_run else 'torch (triton in dry run)'}",
             backend=tri, role="impl")
+        add(**g, impl=f"scale_fast {tri} (d weight in bf16)", backend=tri, role="impl", weight_grad="input")
         add(**g, impl=PLAIN, role="impl")
         add(**g, impl=LIGER, role="impl")
         add(**g, impl=CCE, role="impl")
@@ -94,8 +97,19 @@ def make_inputs(case, device, N=None, K=None):
 
 def loss_fn(case, impl, hidden, weight, target, sf):
     if impl.startswith("scale_fast"):
-        be = case["backend"]
-        return lambda: sf.linear_cross_entropy(hidden, weight, target, backend=be)
+        be, wg = case["backend"], case.get("weight_grad", "fp32")
+
+        def run():
+            prev = os.environ.get("SCALE_FAST_LCE_WEIGHT_GRAD")
+            os.environ["SCALE_FAST_LCE_WEIGHT_GRAD"] = wg
+            try:
+                return sf.linear_cross_entropy(hidden, weight, target, backend=be)
+            finally:
+                if prev is None:
+                    os.environ.pop("SCALE_FAST_LCE_WEIGHT_GRAD")
+                else:
+                    os.environ["SCALE_FAST_LCE_WEIGHT_GRAD"] = prev
+        return run
     if impl == PLAIN:
         return lambda: naive.linear_cross_entropy(hidden, weight, target)
     if impl in (TLCE_REF, TLCE_CHUNK):
