@@ -112,6 +112,26 @@ def _run_child(argv, env=None) -> dict:
     return json.loads(lines[-1])
 
 
+def _write(args, info, load_start, rows):
+    import common
+
+    info = dict(info, loadavg_end=" ".join(f"{x:.2f}" for x in os.getloadavg()))
+    command = "python benchmarks/bench_linear_ce_cpu.py " + " ".join(sys.argv[1:])
+    text = common.header_markdown("Linear cross-entropy fwd+bwd on the CPU, side by side", info, command.strip())
+    text += (f"\nload average at start: {load_start}.  N={args.n}, K={args.k}, H={args.h}, float32, class-id "
+             "targets, reduction mean, gradients of hidden and weight.  Peer: "
+             "`F.linear_cross_entropy(options=torch.nn.LinearCrossEntropyOptions())` (torch's chunked path). "
+             "Time: medians over rounds in one process, implementations interleaved (order rotating); CPU ms is "
+             "the process CPU time, which other jobs' load inflates less than wall time. Peak RSS growth: VmHWM - "
+             "VmRSS of one fwd+bwd in a fresh process; peak alloc: the same with MALLOC_MMAP_THRESHOLD_=65536 "
+             "(every buffer over 64 KiB mapped on its own: the high-water mark of live allocations). Both include "
+             "the gradients of hidden (24 MiB) and weight (62 MiB). Rel diffs vs the peer.\n\n")
+    text += common.md_table(list(rows[0].keys()), rows)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"written: {args.out}", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", default="1,2")
@@ -157,21 +177,7 @@ def main() -> int:
                          "wall ms per round": " / ".join(f"{x:,.0f}" for x in tm["times"][impl]),
                          "load (1 min) per round": " / ".join(f"{x:.1f}" for x in tm["loads"])})
         print(common.md_table(list(rows[0].keys()), rows[-3:]), flush=True)
-    info["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    command = "python benchmarks/bench_linear_ce_cpu.py " + " ".join(sys.argv[1:])
-    text = common.header_markdown("Linear cross-entropy fwd+bwd on the CPU, side by side", info, command.strip())
-    text += (f"\nload average at start: {load_start}.  N={args.n}, K={args.k}, H={args.h}, float32, class-id "
-             "targets, reduction mean, gradients of hidden and weight.  Peer: "
-             "`F.linear_cross_entropy(options=torch.nn.LinearCrossEntropyOptions())` (torch's chunked path). "
-             "Time: medians over rounds in one process, implementations interleaved (order rotating); CPU ms is "
-             "the process CPU time, which other jobs' load inflates less than wall time. Peak RSS growth: VmHWM - "
-             "VmRSS of one fwd+bwd in a fresh process; peak alloc: the same with MALLOC_MMAP_THRESHOLD_=65536 "
-             "(every buffer over 64 KiB mapped on its own: the high-water mark of live allocations). Both include "
-             "the gradients of hidden (24 MiB) and weight (62 MiB). Rel diffs vs the peer.\n\n")
-    text += common.md_table(list(rows[0].keys()), rows)
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(f"written: {args.out}")
+        _write(args, info, load_start, rows)  # after every thread count: a partial run keeps its rows
     return 0
 
 
