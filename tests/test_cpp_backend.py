@@ -493,11 +493,11 @@ def test_linear_ce_dtypes(soft, dtype):
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("soft", [False, True])
 def test_linear_ce_many_blocks(monkeypatch, threads, soft, nthreads):
-    """7 rows per block (ragged last block), row-parallel fused pass with thread-local bias gradient."""
+    """7 rows per chunk (ragged last chunk), row-parallel fused pass."""
     import importlib
 
     mod = importlib.import_module("scale_fast.backends.cpp.linear_ce")
-    monkeypatch.setattr(mod, "BLOCK_ELEMENTS", 7 * 101)
+    monkeypatch.setattr(mod, "CHUNK_BYTES", 7 * 101 * 4)
     threads(nthreads)
     for k, reduction in enumerate(("mean", "sum", "none")):
         for scale_kind in (None, "rows"):

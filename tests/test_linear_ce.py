@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import scale_fast as sf
-from conftest import (BACKENDS, DEVICE, LOW_RTOL, assert_grad_close, assert_value_close, backend_cases,
+from conftest import (BACKENDS, DEVICE, GRAD_RTOL, LOW_RTOL, assert_grad_close, assert_value_close, backend_cases,
                       case_rng, dev_leaf, grads, is_slow, ref_leaf, torch_gen)
 from reference import ref_linear_cross_entropy
 
@@ -223,27 +223,58 @@ def test_backward_twice_with_retained_graph(backend, reduction):
 
 
 @pytest.mark.parametrize("soft", [False, True])
-def test_torch_backend_row_blocks(monkeypatch, soft):
-    """The torch backend's row blocking (normally 2^24 logits per block) with tiny blocks."""
-    import importlib
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_many_small_chunks(monkeypatch, backend, soft):
+    """The shared chunk loop with tiny chunks (ragged last chunk), every reduction and gradient."""
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend} not available")
+    import scale_fast.backends.torch.linear_ce as torch_lce
 
-    mod = importlib.import_module("scale_fast.backends.torch.linear_ce")
-    assert hasattr(mod, "BLOCK_ELEMENTS"), "torch backend block knob renamed: update this test"
-    monkeypatch.setattr(mod, "BLOCK_ELEMENTS", 7 * 101)  # 7 rows per block, ragged last block
+    monkeypatch.setattr(torch_lce, "CHUNK_BYTES", 7 * 101 * 4)  # torch: 7 rows per chunk
+    monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", str(5 * 101 * 4 / 2 ** 20))  # triton: 5 rows per chunk
+    N, H, K = (23, 16, 101) if is_slow(backend) else (53, 33, 101)
     for reduction in REDUCTIONS:
-        _check("torch", _make("torch", 88, soft=soft, reduction=reduction, scale_kind="rows", bias=True, N=53, H=33,
-                              K=101, ignore_frac=0.25))
+        _check(backend, _make(backend, 88, soft=soft, reduction=reduction, scale_kind="rows", bias=True, N=N, H=H,
+                              K=K, ignore_frac=0.25))
 
 
-@pytest.mark.parametrize("scheme", ["chunked", "fused"])
+def test_chunk_rows_rule():
+    """Liger's chunk size (power of two at or above N / ceil(K / H)), halved to fit the byte cap."""
+    from scale_fast.backends._lce_driver import chunk_rows
+
+    assert chunk_rows(8192, 21128, 768, 1 << 40) == 512
+    assert chunk_rows(16384, 21128, 768, 48 * 2 ** 20) == 512
+    assert chunk_rows(16384, 21128, 768, 32 * 2 ** 20) == 256
+    assert chunk_rows(5, 1000, 7, 1 << 40) == 1
+    assert chunk_rows(3, 2, 64, 1 << 40) == 3  # never more than N
+
+
+@pytest.mark.parametrize("mode", ["fp32", "input"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_schemes(monkeypatch, backend, scheme):
-    """SCALE_FAST_LCE_BACKWARD picks the Triton backward (chunked with a tiny chunk, or fused)."""
-    monkeypatch.setenv("SCALE_FAST_LCE_BACKWARD", scheme)
-    monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", "0.0001")
-    for soft in (False, True):
-        _check(backend, _make(backend, 89, soft=soft, reduction="mean", scale_kind="rows", bias=True, N=37, H=16,
-                              K=45, ignore_frac=0.2))
+def test_weight_grad_accumulation_dtype(monkeypatch, backend, mode):
+    """SCALE_FAST_LCE_WEIGHT_GRAD: d weight accumulated in float32 (default) or the weight's dtype."""
+    monkeypatch.setenv("SCALE_FAST_LCE_WEIGHT_GRAD", mode)
+    monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", str(4 * 40 * 4 / 2 ** 20))
+    for dtype in (torch.bfloat16, torch.float32):
+        case = _make(backend, 92, soft=False, reduction="mean", scale_kind="rows", bias=True, N=12, H=16, K=40,
+                     ignore_frac=0.2, dtype=dtype)
+        tol = LOW_RTOL if dtype == torch.bfloat16 else GRAD_RTOL
+        _check(backend, case, rtol=tol if dtype == torch.bfloat16 else 1e-5,
+               atol=tol if dtype == torch.bfloat16 else 1e-6, grtol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_input_needs_grad(backend):
+    """Inputs without requires_grad: loss only, equal to the reference."""
+    case = _make(backend, 93, soft=False, reduction="sum", scale_kind="rows", bias=True, N=9, H=16, K=37,
+                 ignore_frac=0.3)
+    out = sf.linear_cross_entropy(case["hidden"].to(DEVICE), case["weight"].to(DEVICE), case["target"].to(DEVICE),
+                                  case["bias"].to(DEVICE), scale=case["scale"].to(DEVICE),
+                                  ignore_index=case["ignore_index"], reduction="sum", backend=backend)
+    want = ref_linear_cross_entropy(case["hidden"].double(), case["weight"].double(), case["target"],
+                                    case["bias"].double(), case["ignore_index"], case["scale"].double(), "sum")
+    assert not out.requires_grad
+    assert_value_close(out, want, name="loss (no gradients)")
 
 
 @pytest.mark.parametrize("soft", [False, True])

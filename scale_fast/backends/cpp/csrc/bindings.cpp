@@ -11,7 +11,7 @@
 //   ntxent_backward(u, rs, lse, coef, tile)             -> (du[2n,D], dot_p[2n], p_sum[2n])
 //   cross_forward(a[n,D], b[n,D], rs[n], both, tile)    -> (lse_rows[n], lse_cols[n] or None)
 //   cross_backward(a, b, rs, lse_r, lse_c?, coef, tile) -> (da, db, dot_p[dirs,n], p_sum[dirs,n])
-//   lce_sweep(...)                                       -> see linear_ce.cpp
+//   lce_rows(x[R,K], ...)                                -> see lce_rows in linear_ce.cpp (in place)
 //   sample_gram_forward(e[M,B,D], present[M,B])          -> (G[B,M,M], inv[M,B])
 //   sample_gram_backward(e, present, inv, grad[B,M,M])   -> de[M,B,D]
 // where rs[r] = logit_scale * w_r, lse are log-sum-exp of the rows' logits (self excluded
@@ -51,10 +51,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_backward", &cross_backward, "cross-modal InfoNCE gradient of the LSE terms: (da, db, dot_p, p_sum)",
         pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("rs"), pybind11::arg("lse_r"), pybind11::arg("lse_c"),
         pybind11::arg("coef"), pybind11::arg("tile"));
-  m.def("lce_sweep", &lce_sweep, "fused linear cross-entropy sweep (losses, lse and gradients)",
-        pybind11::arg("hidden"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("scale"),
-        pybind11::arg("target"), pybind11::arg("ignore_index"), pybind11::arg("lse_saved"), pybind11::arg("coef"),
-        pybind11::arg("needs"), pybind11::arg("block_rows"));
+  m.def("lce_rows", &lce_rows, "linear cross-entropy row pass in place on a block of logits",
+        pybind11::arg("x"), pybind11::arg("bias"), pybind11::arg("scale"), pybind11::arg("target"),
+        pybind11::arg("ignore_index"), pybind11::arg("lse_in"), pybind11::arg("coef"), pybind11::arg("loss"),
+        pybind11::arg("lse"), pybind11::arg("dscale"), pybind11::arg("dtarget"));
   m.def("sample_gram_forward", &sample_gram_forward, "per-sample Gram of normalised rows: (G [B,M,M], inv [M,B])",
         pybind11::arg("e"), pybind11::arg("present"));
   m.def("sample_gram_backward", &sample_gram_backward, "d e of sum(grad * G)", pybind11::arg("e"),

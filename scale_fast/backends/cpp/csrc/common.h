@@ -208,10 +208,10 @@ std::vector<Tensor> ntxent_backward(const Tensor& u, const Tensor& rs, const Ten
 std::vector<Tensor> cross_forward(const Tensor& a, const Tensor& b, const Tensor& rs, bool both, int64_t tile);
 std::vector<Tensor> cross_backward(const Tensor& a, const Tensor& b, const Tensor& rs, const Tensor& lse_r,
                                    const c10::optional<Tensor>& lse_c, double coef, int64_t tile);
-std::vector<Tensor> lce_sweep(const Tensor& hidden, const Tensor& weight, const c10::optional<Tensor>& bias,
-                              const c10::optional<Tensor>& scale, const Tensor& target, int64_t ignore_index,
-                              const c10::optional<Tensor>& lse_saved, const c10::optional<Tensor>& coef,
-                              std::vector<bool> needs, int64_t block_rows);
+void lce_rows(Tensor x, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& scale, const Tensor& target,
+              int64_t ignore_index, const c10::optional<Tensor>& lse_in, const c10::optional<Tensor>& coef,
+              const c10::optional<Tensor>& loss, const c10::optional<Tensor>& lse,
+              const c10::optional<Tensor>& dscale, const c10::optional<Tensor>& dtarget);
 std::vector<Tensor> sample_gram_forward(const Tensor& e, const Tensor& present);
 Tensor sample_gram_backward(const Tensor& e, const Tensor& present, const Tensor& inv, const Tensor& grad);
 
