@@ -26,6 +26,8 @@ import sys
 import time
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 IMPLS = ("scale_fast torch", "scale_fast cpp", "F.linear_cross_entropy (chunked options)")
 PEER = IMPLS[2]
 
