@@ -70,6 +70,18 @@ class SCALEConfig:
     mfp_loss: str = "mse"             # "mse" or "nce"
     mam_loss: str = "mse"             # "mse" or "nce"
     tasks: Tuple[str, ...] = ("mlm", "mem", "mrp", "mfp", "mam")
+    positional_rows: Tuple[str, ...] = ()  # feature modalities whose row k means the same in every product
+                                      # (a descriptor split into fixed rows): their CLS input is a projection of
+                                      # the concatenated rows, not of the rows' mean (docs/data_format.md)
+    contrastive_inputs: str = "clean" # "clean": contrastive CLS from the unmasked inputs (one extra encoder
+                                      # pass); "masked": from the masked inputs, one pass (SCALE's released code)
+
+    # -- masked-task weights in the total: contrastive + sum of weight * task loss (SCALE: all 1)
+    mlm_weight: float = 1.0
+    mem_weight: float = 1.0
+    mrp_weight: float = 1.0
+    mfp_weight: float = 1.0
+    mam_weight: float = 1.0
 
     # -- loss (passed to scale_fast.SCALELoss)
     logit_scale: float = 1 / 0.07
@@ -84,6 +96,7 @@ class SCALEConfig:
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
+        self.positional_rows = tuple(self.positional_rows)
         for name, value, choices in (
             ("missing", self.missing, MISSING_MODES),
             ("attention", self.attention, ATTENTION_BACKENDS),
@@ -93,12 +106,20 @@ class SCALEConfig:
             ("mrp_loss", self.mrp_loss, ("mse", "kl")),
             ("mfp_loss", self.mfp_loss, ("mse", "nce")),
             ("mam_loss", self.mam_loss, ("mse", "nce")),
+            ("contrastive_inputs", self.contrastive_inputs, ("clean", "masked")),
         ):
             if value not in choices:
                 raise ValueError(f"SCALEConfig.{name} must be one of {choices}, got {value!r}")
         bad = set(self.tasks) - {"mlm", "mem", "mrp", "mfp", "mam"}
         if bad:
             raise ValueError(f"SCALEConfig.tasks has unknown tasks {sorted(bad)}")
+        bad = set(self.positional_rows) - set(FEATURE_MODALITIES)
+        if bad:
+            raise ValueError(f"SCALEConfig.positional_rows takes feature modalities {FEATURE_MODALITIES}, got {sorted(bad)}")
+        for t in ("mlm", "mem", "mrp", "mfp", "mam"):
+            w = getattr(self, f"{t}_weight")
+            if not (isinstance(w, (int, float)) and w >= 0):
+                raise ValueError(f"SCALEConfig.{t}_weight must be a number >= 0, got {w!r}")
         if self.box_dim not in (4, 5):
             raise ValueError(f"SCALEConfig.box_dim must be 4 or 5, got {self.box_dim}")
         if self.hidden_size % self.encoder_heads or self.jct_hidden_size % self.jct_heads:
@@ -142,9 +163,13 @@ class SCALEConfig:
     def feature_dim(self, modality: str) -> int:
         return getattr(self, f"{modality}_feature_dim")
 
+    def task_weight(self, task: str) -> float:
+        return float(getattr(self, f"{task}_weight"))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks)
+        d["positional_rows"] = list(self.positional_rows)
         return d
 
     @classmethod
