@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,9 @@ from .model.config import FEATURE_MODALITIES, MODALITIES, SCALEConfig
 MAX_FLAT = 4096      # most numbers of a feature modality's concatenated rows
 
 
-def featurize(samples: Sequence[dict], config: SCALEConfig, chunk: int = 512):
-    """({modality: float [N, d]}, present [M, N]): the baseline's fixed-size input of every product."""
+def featurize(samples: Sequence[dict], config: SCALEConfig, rows: Optional[Dict[str, int]] = None, chunk: int = 512):
+    """({modality: float [N, d]}, present [M, N], rows): the baseline's fixed-size input of every
+    product; rows = {modality: rows kept}, measured on these samples unless given (the training set's)."""
     parts: Dict[str, List[torch.Tensor]] = {m: [] for m in MODALITIES}
     presents = []
     for s in range(0, len(samples), chunk):
@@ -44,16 +45,19 @@ def featurize(samples: Sequence[dict], config: SCALEConfig, chunk: int = 512):
         for m in FEATURE_MODALITIES:
             parts[m].append((getattr(b, f"{m}_feats") * b.valid(m)[..., None], b.valid(m)))
     inputs = {m: torch.cat(parts[m]) for m in ("text", "table")}
+    rows = dict(rows or {})
     for m in FEATURE_MODALITIES:
         F_dim = parts[m][0][0].shape[-1]
-        rows = max(1, min(max(int(v.sum(1).max()) for _, v in parts[m]), MAX_FLAT // F_dim))
+        if m not in rows:
+            rows[m] = max(1, min(max(int(v.sum(1).max()) for _, v in parts[m]), MAX_FLAT // F_dim))
+        r = rows[m]
         flat, means = [], []
         for feats, valid in parts[m]:
-            feats = torch.nn.functional.pad(feats[:, :rows], (0, 0, 0, rows - min(rows, feats.shape[1])))
-            flat.append(feats.reshape(feats.shape[0], -1))
             means.append(feats.sum(1) / valid.sum(1, keepdim=True).clamp(min=1))
-        inputs[m] = torch.cat(flat) if rows == 1 else torch.cat([torch.cat(flat), torch.cat(means)], 1)
-    return inputs, torch.cat(presents, dim=1)
+            feats = torch.nn.functional.pad(feats[:, :r], (0, 0, 0, r - min(r, feats.shape[1])))
+            flat.append(feats.reshape(feats.shape[0], -1))
+        inputs[m] = torch.cat(flat) if r == 1 else torch.cat([torch.cat(flat), torch.cat(means)], 1)
+    return inputs, torch.cat(presents, dim=1), rows
 
 
 class MLPBaseline(nn.Module):
@@ -69,14 +73,14 @@ class MLPBaseline(nn.Module):
 
 
 def train_baseline(train: Sequence[dict], held_out: Sequence[dict], config: SCALEConfig, *, epochs: int = 300,
-                   batch_size: int = 128, lr: float = 1e-3, hidden: int = 256, patience: int = 20,
+                   batch_size: int = 128, lr: float = 1e-3, hidden: int = 256, patience: int = 5,
                    eval_every: int = 5, seed: int = 0, backend: str = "auto") -> Dict[str, object]:
     """Train the baseline; returns the best held-out `retrieval` result plus "epoch" (where it was
     reached), "epochs" (run) and "seconds"."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    x_train, p_train = featurize(train, config)
-    x_val, p_val = featurize(held_out, config)
+    x_train, p_train, rows = featurize(train, config)
+    x_val, p_val, _ = featurize(held_out, config, rows)
     model = MLPBaseline({m: x.shape[1] for m, x in x_train.items()}, hidden, config.embed_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
