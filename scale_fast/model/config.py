@@ -140,7 +140,9 @@ class SCALEConfig:
         CLS carries the tokens from step 0, like SCALE's feature CLS), pooler="linear" and
         harmonize_warmup_steps=60 (the first 60 steps with weights 1): with S' from random
         encoders, the un-detached weights of a not-yet-informative modality are driven to 0
-        (that lowers the loss) and the modality never learns.
+        (that lowers the loss) and the modality never learns.  The masked tasks are weighted
+        0.1 (SCALE: 1): at 1 their losses are 2-3x the contrastive term and steer the encoders
+        away from retrieval (measured in the README, Model and pretraining).
         """
         base = dict(
             hidden_size=64, encoder_layers=1, encoder_heads=2,
@@ -148,6 +150,7 @@ class SCALEConfig:
             mlp_ratio=2.0, dropout=0.0, embed_dim=64, pooler="linear", token_cls="mean", harmonize_warmup_steps=60,
             text_vocab_size=512, table_vocab_size=512, pad_token_id=0, mask_token_id=1,
             num_special_tokens=4, num_region_classes=32, audio_feature_dim=128,
+            mlm_weight=0.1, mem_weight=0.1, mrp_weight=0.1, mfp_weight=0.1, mam_weight=0.1,
         )
         base.update(overrides)
         return cls(**base)
