@@ -205,11 +205,18 @@ class SCALEModel(nn.Module):
         """[M] the masked-task weights in MODALITIES order (config.<task>_weight)."""
         return torch.tensor([self.config.task_weight(MODALITY_TASK[m]) for m in MODALITIES], device=device)
 
+    def loss(self, embeddings, present, tasks: Dict[str, MaskedTask], task_embeddings) -> SCALELossOutput:
+        """The SCALE loss (self.loss_fn) with total = contrastive term + sum of the weighted task losses."""
+        loss = self.loss_fn(embeddings, present, tasks=tasks, task_embeddings=task_embeddings)
+        contrastive = loss.contrastive.sum() / loss.active.triu(1).sum().clamp(min=1).to(loss.contrastive.dtype)
+        weights = self.task_weights(loss.masked.device).to(loss.masked.dtype)
+        return replace(loss, total=contrastive + (weights * loss.masked).sum())
+
     def forward(self, batch, masks: Optional[dict] = None, *, compute_loss: bool = True,
                 missing: Optional[str] = None) -> SCALEOutput:
         missing = missing or self.config.missing
         tokens, keeps, emb = self._encode_all(batch, missing)
-        if masks and compute_loss and self.config.contrastive_inputs == "clean":
+        if masks and self.config.contrastive_inputs == "clean":
             _, _, emb = self._encode_all(unmask(batch, masks), missing)
         present = self.loss_present(batch)
         jct = self.jct([self.to_jct(t) for t in tokens], keeps, batch.present, missing=missing)
@@ -238,10 +245,7 @@ class SCALEModel(nn.Module):
                                   sample_index=rows.sample)
         loss = None
         if compute_loss and masks is not None:
-            loss = self.loss_fn(emb, present, tasks={m: t for m, t in tasks.items()}, task_embeddings=jct.cls)
-            contrastive = loss.contrastive.sum() / loss.active.triu(1).sum().clamp(min=1).to(loss.contrastive.dtype)
-            weights = self.task_weights(loss.masked.device).to(loss.masked.dtype)
-            loss = replace(loss, total=contrastive + (weights * loss.masked).sum())
+            loss = self.loss(emb, present, tasks, jct.cls)
         return SCALEOutput(loss, emb, present, jct.cls, tasks)
 
     # ------------------------------------------------------------------ persistence
