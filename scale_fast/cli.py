@@ -37,7 +37,8 @@ import torch
 from . import __version__
 from ._dispatch import BACKENDS, resolve_backend
 from .data import DataFormatError, ManifestDataset, SyntheticProducts, collate, mask_batch
-from .eval import encode_dataset, masked_accuracy, retrieval
+from .data.manifest import manifest_feature_dims, split_indices
+from .eval import encode_dataset, masked_accuracy, pair_table, retrieval
 from .model import MODALITIES, SCALEConfig, SCALEModel
 from .model.scale_model import MODALITY_TASK, atomic_torch_save, atomic_write_bytes
 from .training import average_gradients, cached_step
@@ -45,7 +46,11 @@ from .training import average_gradients, cached_step
 HELDOUT_SEED = 999_999          # the synthetic held-out products: SyntheticProducts(eval_size, HELDOUT_SEED, world_seed)
 SYNTHETIC_TRAIN_SIZE = 10_000_000
 CHECKPOINT = "checkpoint.pt"
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 300             # synthetic world (an endless stream): the budget in steps
+DEFAULT_EPOCHS = 30             # --data: the budget follows the dataset (measured on examples/mfeat_multiview.py)
+DEFAULT_PATIENCE = 8            # --data: stop after this many evaluations without a better held-out R@1
+DOMINANT_STEPS = 100            # warn when the weighted masked terms exceed the contrastive term this long
+BEST = "best"                   # OUT/best/: the model of the best held-out R@1 (config.json + model.pt)
 LOG = "log.jsonl"
 DEBUG_ENV = "SCALE_FAST_DEBUG"
 
@@ -159,10 +164,17 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a SCALEConfig field, e.g. --set jct_layers=4 (repeatable)")
     p.add_argument("--data", default=None, help="real data: a manifest.jsonl (or its folder), see docs/data_format.md; default: the synthetic world")
-    p.add_argument("--val-data", default=None, help="held-out manifest for evaluation (default with --data: none; synthetic: 1,000 new products of the world)")
+    p.add_argument("--val-data", default=None, help="held-out manifest for evaluation (default with --data: a --val-fraction split of it; synthetic: 1,000 new products of the world)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="with --data and no --val-data: the share of products held out (a fixed seeded split, the same for `scale-fast baseline`)")
     p.add_argument("--world-seed", type=int, default=0, help="the synthetic world")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and masking")
-    p.add_argument("--steps", type=int_at_least(1), default=None, help="total steps (default 300; with --resume: the checkpoint's)")
+    p.add_argument("--steps", type=int_at_least(1), default=None,
+                   help="total steps (default: synthetic 300, --data --epochs' worth; with --resume: the checkpoint's)")
+    p.add_argument("--epochs", type=float_at_least(0.0, strict=True), default=None,
+                   help=f"budget in passes over the training products (--data default {DEFAULT_EPOCHS}); ignored with --steps")
+    p.add_argument("--patience", type=int_at_least(0), default=None,
+                   help=f"early stopping: stop after this many evaluations without a better held-out R@1 (--data default {DEFAULT_PATIENCE}, synthetic 0: off)")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)
     p.add_argument("--prefetch", type=int_at_least(0), default=3, metavar="N",
                    help="batches collated ahead in a background thread (default 3; 0: none, the least memory)")
@@ -174,7 +186,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float_at_least(0.0), default=0.01)
     p.add_argument("--warmup", type=int_at_least(0), default=20, help="linear warmup steps, then cosine decay to 10%%")
     p.add_argument("--grad-clip", type=float_at_least(0.0), default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--eval-every", type=int_at_least(0), default=100, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--eval-every", type=int_at_least(0), default=None,
+                   help="evaluate every N steps (0: only at the end; default synthetic 100, --data once per epoch); "
+                        "OUT/best/ keeps the model of the best held-out R@1")
     p.add_argument("--eval-size", type=int_at_least(1), default=1000, help="held-out products for retrieval")
     p.add_argument("--save-every", type=int_at_least(0), default=None, help="checkpoint every N steps (default: --eval-every; needs --out)")
     p.add_argument("--log-every", type=int_at_least(1), default=10)
@@ -445,6 +459,10 @@ def run_config(args, resume: Optional[dict]) -> SCALEConfig:
     if resume is not None:
         return SCALEConfig.from_dict(resume["config"])
     config = build_config(args.config, args.set)
+    if args.data and args.config in ("tiny", "base"):  # feature sizes not given: the data's own
+        given = {item.split("=", 1)[0] for item in args.set}
+        sizes = {f"{m}_feature_dim": d for m, d in manifest_feature_dims(args.data).items()}
+        config = config.replace(**{k: d for k, d in sizes.items() if k not in given})
     if args.attention:
         config.attention = args.attention
     if args.missing:
@@ -452,11 +470,35 @@ def run_config(args, resume: Optional[dict]) -> SCALEConfig:
     return config
 
 
+def manifest_split(data: str, val_data: Optional[str], val_fraction: float, config: SCALEConfig):
+    """(train, held-out) datasets: --data and --val-data, or --data split by split_indices (seed 0:
+    the same split for every run, `scale-fast baseline` and `scale-fast eval --val-fraction`)."""
+    dataset = ManifestDataset(data, config)
+    if val_data:
+        return dataset, ManifestDataset(val_data, config)
+    train, held_out = split_indices(len(dataset), val_fraction)
+    return torch.utils.data.Subset(dataset, train), torch.utils.data.Subset(dataset, held_out)
+
+
+def training_budget(args, n_train: Optional[int]) -> None:
+    """Fill in --steps, --eval-every and --patience: on a dataset of n_train products (None: the
+    synthetic stream) the budget is --epochs passes, evaluations once per epoch, early stopping on."""
+    per_epoch = None if n_train is None else max(1, math.ceil(n_train / args.batch_size))
+    if per_epoch is None and args.epochs is not None:
+        raise UsageError("--epochs needs --data (the synthetic world is an endless stream: use --steps)")
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS if per_epoch is None else max(1, math.ceil(
+            (args.epochs if args.epochs is not None else DEFAULT_EPOCHS) * per_epoch))
+    if args.eval_every is None:
+        args.eval_every = 100 if per_epoch is None else max(10, per_epoch)
+    if args.patience is None:
+        args.patience = 0 if per_epoch is None else DEFAULT_PATIENCE
+
+
 def training_data(args, config: SCALEConfig):
     """(train set, held-out set or None, shuffle): --data/--val-data manifests, else the synthetic world."""
     if args.data:
-        val_set = ManifestDataset(args.val_data, config) if args.val_data else None
-        return ManifestDataset(args.data, config), val_set, True
+        return (*manifest_split(args.data, args.val_data, args.val_fraction, config), True)
     train_set = SyntheticProducts(SYNTHETIC_TRAIN_SIZE, seed=args.seed, world_seed=args.world_seed, config=config)
     val_set = SyntheticProducts(args.eval_size, seed=HELDOUT_SEED, world_seed=args.world_seed, config=config)
     return train_set, val_set, False  # synthetic draws are i.i.d. already: no shuffling
@@ -545,8 +587,6 @@ class Trainer:
         self.lead = self.rank == 0
         resume = load_resume(args)
         self.config = config = run_config(args, resume)
-        if args.steps is None:
-            args.steps = DEFAULT_STEPS
         args.threads = pick_threads(args.threads)
         if torch.get_num_threads() != args.threads:
             torch.set_num_threads(args.threads)
@@ -558,6 +598,7 @@ class Trainer:
         self.autocast = make_autocast(self.device, args.precision)
 
         self.train_set, val_set, shuffle = training_data(args, config)
+        training_budget(args, len(self.train_set) if args.data else None)
         if self.world > 1 and args.batch_size < self.world:
             raise UsageError(f"--batch-size ({args.batch_size}) is the global batch: "
                              f"it must be >= the number of processes ({self.world})")
@@ -592,6 +633,11 @@ class Trainer:
         else:
             self.log.write({"event": "resume", "step": self.step})
         self.save_every = args.save_every if args.save_every is not None else args.eval_every
+        self.best: Dict[str, object] = dict(resume.get("best") or {}) if resume is not None else {}
+        self.since_best = resume.get("since_best", 0) if resume is not None else 0
+        self.dominant_steps, self.warned = 0, False
+        if self.world > 1:  # the stopping decision is rank 0's alone (it evaluates): no early stop under torchrun
+            args.patience = 0
         self.result: Dict[str, object] = {}
         self.progress = None
         self.signals = StopSignals()
@@ -637,7 +683,22 @@ class Trainer:
         for i, m in enumerate(MODALITIES):
             if MODALITY_TASK[m] in self.config.tasks:
                 rec[MODALITY_TASK[m]] = float(out.loss.masked[i].detach())
+        self.watch_task_share(rec, out)
         return rec
+
+    def watch_task_share(self, rec: dict, out) -> None:
+        """Warn once (log and stderr) when the weighted masked terms outweigh the contrastive term for
+        DOMINANT_STEPS steps in a row: their gradients then steer the encoders, not retrieval."""
+        masked = float((self.model.task_weights(out.loss.masked.device) * out.loss.masked.detach()).sum())
+        self.dominant_steps = self.dominant_steps + self.args.log_every if masked > rec["contrastive"] else 0
+        if self.dominant_steps >= DOMINANT_STEPS and not self.warned:
+            self.warned = True
+            message = (f"warning: the weighted masked-task losses ({masked:.2f}) have exceeded the contrastive loss "
+                       f"({rec['contrastive']:.2f}) for {self.dominant_steps} steps; consider lower task weights, "
+                       f"e.g. --set mlm_weight=0.1")
+            self.log.write({"event": "warning", "step": self.step, "message": message})
+            if self.lead:
+                print(message, file=sys.stderr)
 
     def evaluate(self) -> Dict[str, object]:
         """Held-out retrieval and masked-task accuracy now: logged, and printed as one line."""
@@ -647,7 +708,22 @@ class Trainer:
             self.progress.write(format_eval(self.step, self.result))
         else:
             print(format_eval(self.step, self.result), flush=True)
+        self.keep_best()
         return self.result
+
+    def keep_best(self) -> None:
+        """After an evaluation: a better held-out R@1 is written to OUT/best/ (model.pt, config.json);
+        otherwise one more evaluation counts towards --patience."""
+        if not self.best or self.result["R@1"] > self.best["R@1"]:
+            self.best = {**self.result, "step": self.step}
+            self.since_best = 0
+            if self.out_dir:
+                self.model.save(os.path.join(self.out_dir, BEST))
+        else:
+            self.since_best += 1
+
+    def patience_spent(self) -> bool:
+        return bool(self.args.patience) and self.since_best >= self.args.patience
 
     def save(self) -> None:
         """Atomic checkpoint of the whole run state (every rank takes part; rank 0 writes)."""
@@ -665,7 +741,7 @@ class Trainer:
         atomic_torch_save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                            "position": self.position, "rng": rng_state(), "config": self.config.to_dict(),
                            "args": self.saved_args, "version": 1, "world_size": self.world,
-                           "rng_per_rank": per_rank}, self.ckpt_path)
+                           "rng_per_rank": per_rank, "best": self.best, "since_best": self.since_best}, self.ckpt_path)
 
     # ------------------------------------------------------------------ the loop
     def stop_requested(self) -> bool:
@@ -718,9 +794,16 @@ class Trainer:
                 if self.held_out is not None and (self.step == args.steps
                                                   or (args.eval_every and self.step % args.eval_every == 0)):
                     self.evaluate()
-                if self.out_dir and (self.step in (args.steps, stop)
+                early = self.patience_spent()
+                if self.out_dir and (early or self.step in (args.steps, stop)
                                      or (self.save_every and self.step % self.save_every == 0)):
                     self.save()
+                if early:
+                    self.log.write({"event": "early_stop", "step": self.step, "best_step": self.best["step"]})
+                    if self.progress is not None:
+                        self.progress.write(f"early stop at step {self.step}: no better held-out R@1 in "
+                                            f"{args.patience} evaluations (best {self.best['R@1']:.3f} at step {self.best['step']})")
+                    break
         finally:
             self.signals.restore()
             if prefetch is not None:
@@ -758,13 +841,18 @@ class Trainer:
             dist.barrier()
         if not self.result and self.held_out is not None and self.step == self.args.steps:
             self.result = self.held_out.evaluate(self.model, self.device, self.autocast)
+            self.keep_best()
         summary = {"event": "done", "step": self.step, "elapsed_s": time.perf_counter() - self.t_start,
                    "threads": self.args.threads}
         if self.world > 1:
             summary["world_size"] = self.world
-        summary.update({k: v for k, v in self.result.items() if k != "pairs"})
+        best = {k: v for k, v in self.best.items() if k != "step"} if self.best else self.result
+        if self.best:  # the reported metrics are those of the kept (best) model, OUT/best/
+            summary["best_step"] = self.best["step"]
+            summary["last_R@1"] = self.result.get("R@1")
+        summary.update({k: v for k, v in best.items() if k != "pairs"})
         self.log.write(summary)
-        return {**self.result, **summary}
+        return {**best, **summary}
 
 
 def pretrain(args) -> Dict[str, object]:
@@ -789,6 +877,8 @@ def run_eval(args) -> Dict[str, object]:
     model.to(device)
     if args.data:
         dataset = ManifestDataset(args.data, config)
+        if args.val_fraction is not None:
+            dataset = manifest_split(args.data, None, args.val_fraction, config)[1]
     else:
         dataset = SyntheticProducts(args.eval_size, seed=HELDOUT_SEED, world_seed=args.world_seed, config=config)
     held_out = HeldOut(dataset, config, args.eval_size, 0)
@@ -800,6 +890,35 @@ def build_ext(args) -> int:
     from .backends.cpp.__main__ import main as build_main
 
     return build_main(["--build"])
+
+
+def run_baseline(args) -> int:
+    """`scale-fast baseline`: train the MLP baseline, print its R@1 per pair (beside --model's)."""
+    from .baseline import train_baseline
+
+    torch.set_num_threads(pick_threads(args.threads))
+    args.attention = args.missing = None
+    config = run_config(args, None)
+    train, held_out = manifest_split(args.data, args.val_data, args.val_fraction, config)
+    n = min(len(held_out), args.eval_size)
+    result = train_baseline([train[i] for i in range(len(train))], [held_out[i] for i in range(n)], config,
+                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            backend=args.backend)
+    results = {"baseline": result}
+    summary = {"baseline_R@1": result["R@1"], "baseline_seconds": round(result["seconds"], 1),
+               "baseline_best_epoch": result["epoch"], "train": len(train), "held_out": n}
+    if args.model:
+        model = SCALEModel.from_checkpoint(args.model)
+        if model.config.to_dict() != {**model.config.to_dict(), **{k: getattr(config, k) for k in (
+                "image_feature_dim", "video_feature_dim", "audio_feature_dim")}}:
+            raise UsageError(f"--model {args.model}: trained on other feature sizes than --data has")
+        evaluation = HeldOut(torch.utils.data.Subset(held_out, range(n)), model.config, n, 0)
+        results = {"model": evaluation.evaluate(model, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False)),
+                   **results}
+        summary["model_R@1"] = results["model"]["R@1"]
+    print(pair_table(results))
+    print(json.dumps(summary))
+    return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -816,8 +935,25 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--world-seed", type=int, default=0)
     e.add_argument("--eval-size", type=int_at_least(1), default=1000)
     e.add_argument("--device", type=device_arg, default="cpu")
+    e.add_argument("--val-fraction", type=float_at_least(0.0, strict=True), default=None,
+                   help="evaluate on the held-out split that `pretrain --data` made with this fraction (default: every product)")
     sub.add_parser("build-ext", parents=[debug],
                    help="compile the C++ CPU kernels (backend='cpp') now, e.g. when building a container image")
+    b = sub.add_parser("baseline", parents=[debug],
+                       help="a per-modality MLP + scale_loss on the same data and split, beside a model's R@1")
+    b.add_argument("--data", required=True, help="the manifest (folder) that `scale-fast pretrain --data` trains on")
+    b.add_argument("--val-data", default=None, help="held-out manifest (default: the --val-fraction split of --data)")
+    b.add_argument("--val-fraction", type=float_at_least(0.0, strict=True), default=0.2)
+    b.add_argument("--model", default=None, help="a run folder (OUT or OUT/best) to evaluate on the same held-out products")
+    b.add_argument("--config", default="tiny", help="as for pretrain: vocabulary sizes and embed_dim (default tiny)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--epochs", type=int_at_least(1), default=100)
+    b.add_argument("--batch-size", type=int_at_least(2), default=128)
+    b.add_argument("--lr", type=float_at_least(0.0, strict=True), default=1e-3)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--eval-size", type=int_at_least(1), default=100_000, help="held-out products to evaluate (default: all)")
+    b.add_argument("--backend", default="auto", choices=BACKENDS)
+    b.add_argument("--threads", default="auto")
     from .bench import add_arguments as _bench_arguments  # `scale-fast bench`: scale_fast/bench.py
     _bench_arguments(sub.add_parser("bench", help="time and memory of the ops against naive PyTorch and installed peers"))
     return parser
@@ -829,6 +965,8 @@ def run_command(args, argv: List[str]) -> int:
         return bench_main(argv[1:])
     if args.command == "build-ext":
         return build_ext(args)
+    if args.command == "baseline":
+        return run_baseline(args)
     if args.command == "eval":
         result = run_eval(args)
     else:
@@ -844,9 +982,9 @@ def run_command(args, argv: List[str]) -> int:
         if "exit_status" in result:
             return result["exit_status"]
     pairs = result.pop("pairs", None)
-    print(json.dumps(result, indent=None))
-    if pairs and args.command == "eval":
-        print(json.dumps(pairs))
+    if pairs:
+        print(pair_table({"held-out": {**result, "pairs": pairs}}))
+    print(json.dumps(result, indent=None))  # the last line: machine-readable
     return 0
 
 

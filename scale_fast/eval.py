@@ -1,7 +1,7 @@
 """Evaluation: cross-modal retrieval R@K over every ordered modality pair, and masked-task accuracy."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +94,24 @@ def encode_dataset(model, batches, device=None):
         embs.append(e.float().cpu())
         pres.append(p.cpu())
     return torch.cat(embs, dim=1), torch.cat(pres, dim=1)
+
+
+def pair_table(results: Dict[str, Dict[str, object]], metric: str = "R@1") -> str:
+    """A readable table of `metric` per ordered modality pair, one column per result of `retrieval`
+    (e.g. {"model": ..., "baseline": ...}); n is the number of held-out products that hold both
+    modalities of the pair (chance R@1 = 1/n).  The last row is the mean over the pairs."""
+    names = list(results)
+    pairs: List[str] = []
+    for r in results.values():
+        pairs += [p for p in r.get("pairs", {}) if p not in pairs]
+    rows = [["pair", "n"] + [f"{name} {metric}" for name in names]]
+    for p in pairs:
+        n = next((r["pairs"][p]["n"] for r in results.values() if p in r.get("pairs", {})), 0)
+        rows.append([p, str(n)] + [f"{r['pairs'][p][metric]:.3f}" if p in r.get("pairs", {}) else "-"
+                                   for r in results.values()])
+    rows.append(["mean", ""] + [f"{r[metric]:.3f}" for r in results.values()])
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if k == 0 else cell.rjust(w) for k, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -107,7 +107,7 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
     del embeddings, task_embeddings, rows
     present = model.loss_present(batch)
     with autocast():
-        loss = model.loss_fn(emb, present, tasks=tasks, task_embeddings=cls)
+        loss = model.loss(emb, present, tasks, cls)
     loss.total.backward()
 
     # pass 2: each micro-batch again, with a graph, backpropagating its rows' cached gradients

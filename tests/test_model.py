@@ -7,6 +7,7 @@ import torch
 from scale_fast.data import SyntheticProducts, collate, mask_batch
 from scale_fast.eval import masked_accuracy, retrieval
 from scale_fast.model import MODALITIES, JointCoTransformer, SCALEConfig, SCALEModel, TransformerStack
+from scale_fast.model.scale_model import unmask
 from scale_fast.model.transformer import resolve_attention, xformers_available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,3 +200,84 @@ def test_retrieval_metric():
     present[1] = False
     r = retrieval(emb, present, modalities=["a", "b", "c"])
     assert set(r["pairs"]) == {"a->c", "c->a"}
+
+
+def test_unmask_restores_the_original_batch():
+    cfg = small_config()
+    data = SyntheticProducts(10, seed=7, config=cfg)
+    clean = collate([data[i] for i in range(10)], cfg)
+    masked, masks = mask_batch(clean, cfg, torch.Generator().manual_seed(7))
+    assert not torch.equal(masked.text_ids, clean.text_ids) and not torch.equal(masked.image_feats, clean.image_feats)
+    restored = unmask(masked, masks)
+    for name in ("text_ids", "table_ids", "image_feats", "video_feats", "audio_feats"):
+        assert torch.equal(getattr(restored, name), getattr(clean, name)), name
+
+
+@pytest.mark.parametrize("inputs", ["clean", "masked"])
+def test_contrastive_embeddings_clean_or_masked(inputs):
+    torch.manual_seed(8)
+    cfg = small_config(contrastive_inputs=inputs)
+    model = SCALEModel(cfg)
+    data = SyntheticProducts(10, seed=8, config=cfg)
+    clean = collate([data[i] for i in range(10)], cfg)
+    masked, masks = mask_batch(clean, cfg, torch.Generator().manual_seed(8))
+    out = model(masked, masks)
+    want = model.encode(clean if inputs == "clean" else masked)[0]
+    other = model.encode(masked if inputs == "clean" else clean)[0]
+    torch.testing.assert_close(out.embeddings, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out.embeddings, other, atol=1e-4)
+    out.loss.total.backward()  # both passes reach the encoders
+    assert model.encoders["text"].token.weight.grad.abs().sum() > 0
+
+
+def test_task_weights_reach_the_total():
+    torch.manual_seed(9)
+    batch, masks = make_batch(small_config(), n=10, seed=9)
+    weights = {"mlm_weight": 0.5, "mem_weight": 0.0, "mrp_weight": 2.0, "mfp_weight": 1.0, "mam_weight": 0.25}
+    base = SCALEModel(small_config())
+    model = SCALEModel(small_config(**weights))
+    model.load_state_dict(base.state_dict())
+    a, b = base(batch, masks).loss, model(batch, masks).loss
+    torch.testing.assert_close(b.masked, a.masked)  # the task losses themselves are unchanged
+    contrastive = a.contrastive.sum() / a.active.triu(1).sum()
+    torch.testing.assert_close(a.total, contrastive + a.masked.sum())
+    w = torch.tensor([weights[f"{t}_weight"] for t in ("mlm", "mrp", "mem", "mfp", "mam")])  # MODALITIES order
+    torch.testing.assert_close(b.total, contrastive + (w * a.masked).sum())
+    b.total.backward()  # weight 0: the table head learns nothing
+    assert model.heads["mem"].decoder.weight.grad.abs().sum() == 0
+    assert model.heads["mlm"].decoder.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mlm_weight"):
+        small_config(mlm_weight=-1.0)
+
+
+def test_positional_rows_encoder_shapes_and_masks():
+    from scale_fast.model.encoders import FeatureEncoder
+
+    torch.manual_seed(10)
+    enc = FeatureEncoder(6, 16, length=5, depth=1, heads=2, positional=True)
+    feats = torch.randn(3, 4, 6)
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    y, keep = enc(feats, valid)
+    assert y.shape == (3, 5, 16) and keep.shape == (3, 5) and keep[:, 0].all()
+    assert torch.equal(keep[:, 1:], valid)
+    junk = feats.clone()
+    junk[~valid] = 100.0  # padding rows never reach the outputs that are kept
+    torch.testing.assert_close(enc(junk, valid)[0][keep], y[keep])
+    torch.testing.assert_close(enc(feats, valid, drop=True)[0][keep], y[keep], rtol=1e-5, atol=1e-5)
+    short, _ = enc(feats[:, :2], valid[:, :2])  # fewer rows than the length: the rest count as zeros
+    assert short.shape == (3, 3, 16)
+    swapped = feats[:, [1, 0, 2, 3]]  # the CLS sees which row is where; a mean would not
+    both = torch.ones(3, 4, dtype=torch.bool)
+    assert not torch.allclose(enc(swapped, both)[0][:, 0], enc(feats, both)[0][:, 0], atol=1e-4)
+    mean = FeatureEncoder(6, 16, length=5, depth=0, heads=2)
+    torch.testing.assert_close(mean(swapped, both)[0][:, 0], mean(feats, both)[0][:, 0])
+    cfg = small_config(positional_rows=["image", "audio"])
+    model = SCALEModel(cfg)
+    assert model.encoders["image"].rows_proj.in_features == (cfg.image_len - 1) * cfg.image_feature_dim
+    assert model.encoders["video"].rows_proj is None
+    batch, masks = make_batch(cfg, n=8, seed=10)
+    out = model(batch, masks)
+    out.loss.total.backward()
+    assert model.encoders["image"].rows_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="positional_rows"):
+        small_config(positional_rows=["text"])

@@ -21,7 +21,8 @@ SMALL = ["--set", "hidden_size=32", "--set", "jct_hidden_size=32", "--set", "emb
 
 def run(tmp_path, name, *extra, steps=6, batch=8):
     out = tmp_path / name
-    argv = ["pretrain", "--steps", str(steps), "--batch-size", str(batch), "--eval-size", "24", "--eval-every", "0",
+    argv = ["pretrain", *(["--steps", str(steps)] if steps else []), "--batch-size", str(batch), "--eval-size", "24",
+            *([] if "--eval-every" in extra else ["--eval-every", "0"]),
             "--log-every", "1", "--warmup", "2", "--no-progress", "--out", str(out),
             "--threads", "1", *SMALL, *extra]
     assert main(argv) == 0
@@ -62,7 +63,8 @@ def test_short_training_loss_falls_and_outputs(tmp_path, capsys):
         assert key in ev[-1]
     train = events(out, "train")[-1]
     assert train["samples_per_s"] > 0 and train["tokens_per_s"] > 0 and "mlm" in train
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "log.jsonl"]  # no temp file left
+    assert sorted(os.listdir(out)) == ["best", "checkpoint.pt", "config.json", "log.jsonl"]  # no temp file left
+    assert sorted(os.listdir(out / "best")) == ["config.json", "model.pt"]
     model = SCALEModel.from_checkpoint(str(out))
     assert model.config.hidden_size == 32
 
@@ -100,3 +102,59 @@ def test_micro_batch_matches_plain_steps_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["pretrain", "--micro-batch", "0"]) == 2
     assert "--micro-batch" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_manifest(tmp_path):
+    """40 products with their own feature sizes (the CLI reads them from the arrays)."""
+    cfg = SCALEConfig.tiny(image_feature_dim=12, video_feature_dim=10, audio_feature_dim=8)
+    data = SyntheticProducts(40, seed=5, config=cfg)
+    write_manifest((data[i] for i in range(40)), str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_epochs_keep_best_and_early_stopping(tmp_path, small_manifest, capsys):
+    out = run(tmp_path, "epochs", "--data", str(small_manifest), "--epochs", "2", "--eval-every", "1", steps=None)
+    ev = events(out, "eval")
+    assert [r["step"] for r in ev] == [1, 2, 3, 4, 5, 6, 7, 8]  # 32 training products / 8 = 4 steps per epoch
+    assert all(r["pairs"]["text->image"]["n"] <= 8 for r in ev)  # the held-out 20%
+    done = events(out, "done")[-1]
+    best = max(ev, key=lambda r: r["R@1"])
+    assert done["best_step"] == min(r["step"] for r in ev if r["R@1"] == best["R@1"]) and done["R@1"] == best["R@1"]
+    model = SCALEModel.from_checkpoint(str(out / "best"))  # the kept model scores the best R@1 again
+    assert model.config.image_feature_dim == 12
+    capsys.readouterr()
+    assert main(["eval", str(out / "best"), "--data", str(small_manifest), "--val-fraction", "0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed.splitlines()[-1])["R@1"] == pytest.approx(best["R@1"])
+    assert "text->image" in printed and "held-out R@1" in printed  # the per-pair table
+    # no learning (lr 1e-30 rounds to no update): R@1 never improves, so patience 2 stops 2 evaluations after the first
+    out = run(tmp_path, "stop", "--data", str(small_manifest), "--epochs", "5", "--eval-every", "1",
+              "--patience", "2", "--lr", "1e-30", steps=None)
+    assert events(out, "early_stop")[0]["step"] == 3 and events(out, "done")[-1]["step"] == 3
+    capsys.readouterr()
+    assert main(["pretrain", "--epochs", "1", "--no-progress"]) == 2
+    assert "--epochs needs --data" in capsys.readouterr().err
+
+
+def test_warning_when_masked_terms_dominate(tmp_path, monkeypatch, capsys):
+    import scale_fast.cli as cli
+
+    monkeypatch.setattr(cli, "DOMINANT_STEPS", 3)
+    out = run(tmp_path, "heavy", "--set", "mlm_weight=100", steps=4)
+    warnings = events(out, "warning")
+    assert len(warnings) == 1 and warnings[0]["step"] == 3 and "mlm_weight" in warnings[0]["message"]
+    assert "warning: the weighted masked-task losses" in capsys.readouterr().err
+    assert not events(run(tmp_path, "light", "--set", "tasks=[]", steps=4), "warning")
+
+
+def test_baseline_command(tmp_path, small_manifest, capsys):
+    out = run(tmp_path, "model", "--data", str(small_manifest), steps=2)
+    capsys.readouterr()
+    assert main(["baseline", "--data", str(small_manifest), "--epochs", "3", "--threads", "1",
+                 "--model", str(out / "best")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["train"] == 32 and summary["held_out"] == 8
+    assert 0 <= summary["baseline_R@1"] <= 1 and summary["model_R@1"] == events(out, "done")[-1]["R@1"]
+    assert "model R@1" in lines[0] and "baseline R@1" in lines[0] and lines[-2].startswith("mean")

@@ -73,8 +73,8 @@ def loss_of_parts(model, batch, outs):
         tasks[m] = replace(parts[0][0], hidden=torch.cat([t.hidden for t, _ in parts]),
                            target=torch.cat([t.target for t, _ in parts]),
                            sample_index=torch.cat([t.sample_index + a for t, a in parts]))
-    loss = model.loss_fn(torch.cat([o.embeddings for o, _ in outs], 1), model.loss_present(batch), tasks=tasks,
-                         task_embeddings=torch.cat([o.task_embeddings for o, _ in outs], 1)).total
+    loss = model.loss(torch.cat([o.embeddings for o, _ in outs], 1), model.loss_present(batch), tasks,
+                      torch.cat([o.task_embeddings for o, _ in outs], 1)).total
     loss.backward()
     return float(loss.detach()), grads(model)
 

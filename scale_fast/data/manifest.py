@@ -243,3 +243,38 @@ def write_manifest(samples: Iterable[dict], directory: str, *, dtype=np.float16)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def manifest_feature_dims(path: str) -> Dict[str, int]:
+    """{modality: row size} of the feature arrays a manifest references (the first product that has
+    the modality decides; ManifestDataset checks every line against the config afterwards)."""
+    path = os.path.join(path, "manifest.jsonl") if os.path.isdir(path) else path
+    root = os.path.dirname(os.path.abspath(path))
+    dims: Dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for raw in f:
+                rec = json.loads(raw) if raw.strip() else {}
+                for m in FEATURE_KEYS:
+                    entry = rec.get(m) if isinstance(rec, dict) else None
+                    if m not in dims and isinstance(entry, dict) and isinstance(entry.get("features"), str):
+                        arr = np.load(os.path.join(root, entry["features"]), mmap_mode="r")
+                        if arr.ndim == 2:
+                            dims[m] = int(arr.shape[1])
+                if len(dims) == len(FEATURE_KEYS):
+                    break
+    except (OSError, ValueError):  # a broken manifest: ManifestDataset reports it with its line and field
+        pass
+    return dims
+
+
+def split_indices(n: int, val_fraction: float, seed: int = 0):
+    """(train, held-out) index lists: a seeded permutation of range(n), the last round(n * val_fraction)
+    held out (at least 1, at most n - 1)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    if n < 2:
+        raise ValueError(f"a held-out split needs at least 2 products, got {n}")
+    perm = np.random.default_rng([seed, 4242]).permutation(n)
+    k = min(n - 1, max(1, int(round(n * val_fraction))))
+    return sorted(perm[: n - k].tolist()), sorted(perm[n - k:].tolist())

@@ -70,6 +70,18 @@ class SCALEConfig:
     mfp_loss: str = "mse"             # "mse" or "nce"
     mam_loss: str = "mse"             # "mse" or "nce"
     tasks: Tuple[str, ...] = ("mlm", "mem", "mrp", "mfp", "mam")
+    positional_rows: Tuple[str, ...] = ()  # feature modalities whose row k means the same in every product
+                                      # (a descriptor split into fixed rows): their CLS input is a projection of
+                                      # the concatenated rows, not of the rows' mean (docs/data_format.md)
+    contrastive_inputs: str = "clean" # "clean": contrastive CLS from the unmasked inputs (one extra encoder
+                                      # pass); "masked": from the masked inputs, one pass (SCALE's released code)
+
+    # -- masked-task weights in the total: contrastive + sum of weight * task loss (SCALE: all 1)
+    mlm_weight: float = 1.0
+    mem_weight: float = 1.0
+    mrp_weight: float = 1.0
+    mfp_weight: float = 1.0
+    mam_weight: float = 1.0
 
     # -- loss (passed to scale_fast.SCALELoss)
     logit_scale: float = 1 / 0.07
@@ -84,6 +96,7 @@ class SCALEConfig:
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
+        self.positional_rows = tuple(self.positional_rows)
         for name, value, choices in (
             ("missing", self.missing, MISSING_MODES),
             ("attention", self.attention, ATTENTION_BACKENDS),
@@ -93,12 +106,20 @@ class SCALEConfig:
             ("mrp_loss", self.mrp_loss, ("mse", "kl")),
             ("mfp_loss", self.mfp_loss, ("mse", "nce")),
             ("mam_loss", self.mam_loss, ("mse", "nce")),
+            ("contrastive_inputs", self.contrastive_inputs, ("clean", "masked")),
         ):
             if value not in choices:
                 raise ValueError(f"SCALEConfig.{name} must be one of {choices}, got {value!r}")
         bad = set(self.tasks) - {"mlm", "mem", "mrp", "mfp", "mam"}
         if bad:
             raise ValueError(f"SCALEConfig.tasks has unknown tasks {sorted(bad)}")
+        bad = set(self.positional_rows) - set(FEATURE_MODALITIES)
+        if bad:
+            raise ValueError(f"SCALEConfig.positional_rows takes feature modalities {FEATURE_MODALITIES}, got {sorted(bad)}")
+        for t in ("mlm", "mem", "mrp", "mfp", "mam"):
+            w = getattr(self, f"{t}_weight")
+            if not (isinstance(w, (int, float)) and w >= 0):
+                raise ValueError(f"SCALEConfig.{t}_weight must be a number >= 0, got {w!r}")
         if self.box_dim not in (4, 5):
             raise ValueError(f"SCALEConfig.box_dim must be 4 or 5, got {self.box_dim}")
         if self.hidden_size % self.encoder_heads or self.jct_hidden_size % self.jct_heads:
@@ -119,7 +140,9 @@ class SCALEConfig:
         CLS carries the tokens from step 0, like SCALE's feature CLS), pooler="linear" and
         harmonize_warmup_steps=60 (the first 60 steps with weights 1): with S' from random
         encoders, the un-detached weights of a not-yet-informative modality are driven to 0
-        (that lowers the loss) and the modality never learns.
+        (that lowers the loss) and the modality never learns.  The masked tasks are weighted
+        0.1 (SCALE: 1): at 1 their losses are 2-3x the contrastive term and steer the encoders
+        away from retrieval (measured in the README, Model and pretraining).
         """
         base = dict(
             hidden_size=64, encoder_layers=1, encoder_heads=2,
@@ -127,6 +150,7 @@ class SCALEConfig:
             mlp_ratio=2.0, dropout=0.0, embed_dim=64, pooler="linear", token_cls="mean", harmonize_warmup_steps=60,
             text_vocab_size=512, table_vocab_size=512, pad_token_id=0, mask_token_id=1,
             num_special_tokens=4, num_region_classes=32, audio_feature_dim=128,
+            mlm_weight=0.1, mem_weight=0.1, mrp_weight=0.1, mfp_weight=0.1, mam_weight=0.1,
         )
         base.update(overrides)
         return cls(**base)
@@ -142,9 +166,13 @@ class SCALEConfig:
     def feature_dim(self, modality: str) -> int:
         return getattr(self, f"{modality}_feature_dim")
 
+    def task_weight(self, task: str) -> float:
+        return float(getattr(self, f"{task}_weight"))
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["tasks"] = list(self.tasks)
+        d["positional_rows"] = list(self.positional_rows)
         return d
 
     @classmethod

@@ -4,7 +4,10 @@ Text and table: token + position (+ property/value type) embeddings, and a learn
 CLS vector at position 0.  Image, video and audio: a linear projection of the
 features (+ the projected box for image regions) and learned positions; the CLS is,
 as in SCALE's released code, the projected mean of the sample's valid features
-(plus a learned CLS offset), or a learned vector with cls_mode="learned".
+(plus a learned CLS offset), or a learned vector with cls_mode="learned".  With
+positional=True (rows whose position carries meaning, e.g. one descriptor cut into
+fixed rows) the CLS is instead a projection of the concatenated rows: a mean would
+mix columns that mean different things.
 
 Every encoder returns [B, 1 + L, H] and the [B, 1 + L] mask of its real tokens.
 With drop=True the padding tokens are removed inside the stack (packed).
@@ -77,9 +80,12 @@ class TokenEncoder(_Encoder):
 
 class FeatureEncoder(_Encoder):
     def __init__(self, feature_dim: int, dim: int, length: int, depth: int, heads: int, *, box_dim: int = 0,
-                 mlp_ratio: float = 4.0, dropout: float = 0.0, attention: str = "auto", cls_mode: str = "mean"):
+                 mlp_ratio: float = 4.0, dropout: float = 0.0, attention: str = "auto", cls_mode: str = "mean",
+                 positional: bool = False):
         super().__init__()
         self.proj = nn.Linear(feature_dim, dim)
+        # positional rows: CLS input = W [row_1; ...; row_{length-1}] (absent rows as zeros)
+        self.rows_proj = nn.Linear((length - 1) * feature_dim, dim) if positional else None
         self.box = nn.Linear(box_dim, dim) if box_dim else None
         self.position = _init_embedding(nn.Embedding(length, dim))
         self._build_stack(dim, length, depth, heads, mlp_ratio, dropout, attention, cls_mode)
@@ -99,7 +105,11 @@ class FeatureEncoder(_Encoder):
             x = self.proj(feats)
             if self.box is not None and boxes is not None:
                 x = x + self.box(boxes.to(x.dtype))
-        if self.cls_mode == "mean":
+        if self.rows_proj is not None:
+            rows = feats.masked_fill(~valid[..., None], 0.0)
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, self.length - 1 - L)).reshape(B, -1)
+            cls = self.rows_proj(rows.to(x.dtype)) + self.cls.to(x.dtype)
+        elif self.cls_mode == "mean":
             w = valid.to(feats.dtype)[..., None]
             mean = (feats * w).sum(1) / w.sum(1).clamp(min=1)
             cls = self.proj(mean) + self.cls.to(x.dtype)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -45,6 +45,18 @@ class SCALEOutput:
     tasks: Dict[str, MaskedTask]
 
 
+def unmask(batch, masks: Dict[str, object]):
+    """The batch before masking: every masked position gets its target back (the masks hold the
+    original token ids and feature rows), so this is exact for any masking scheme."""
+    changes = {}
+    for m, rows in masks.items():
+        name = f"{m}_ids" if m in ("text", "table") else f"{m}_feats"
+        values = getattr(batch, name).clone()
+        values[rows.sample, rows.position] = rows.target.to(values.dtype)
+        changes[name] = values
+    return replace(batch, **changes)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` atomically: a temp file in the same folder, fsync, os.replace, fsync the folder."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -83,7 +95,11 @@ class SCALEModel(nn.Module):
     forward(batch, masks=None) -> SCALEOutput: encoders -> CLS -> contrastive
         embeddings; all tokens -> JCT -> masked-task rows; and, with masks, the SCALE
         loss (contrastive weights from the encoders' CLS, task weights from the JCT's
-        CLS) in out.loss.total.
+        CLS) in out.loss.total = contrastive term + sum of config.<task>_weight * task
+        loss.  `batch` is the masked batch; with contrastive_inputs="clean" the
+        contrastive embeddings come from a second encoder pass over the original
+        inputs (restored from the masks' targets), so [MASK] tokens and zeroed rows
+        never reach the contrastive CLS; "masked" is SCALE's single pass.
     encode(batch) -> (embeddings [M, B, D], present [M, B]): the encoders only.
     """
 
@@ -96,13 +112,14 @@ class SCALEModel(nn.Module):
             "text": TokenEncoder(c.text_vocab_size, H, c.text_len, c.encoder_layers, c.encoder_heads,
                                  pad_token_id=c.pad_token_id, cls_mode=c.token_cls, **common),
             "image": FeatureEncoder(c.image_feature_dim, H, c.image_len, c.encoder_layers, c.encoder_heads,
-                                    box_dim=c.box_dim, cls_mode=c.cls_mode, **common),
+                                    box_dim=c.box_dim, cls_mode=c.cls_mode,
+                                    positional="image" in c.positional_rows, **common),
             "table": TokenEncoder(c.table_vocab_size, H, c.table_len, c.encoder_layers, c.encoder_heads,
                                   num_types=2, pad_token_id=c.pad_token_id, cls_mode=c.token_cls, **common),
             "video": FeatureEncoder(c.video_feature_dim, H, c.video_len, c.encoder_layers, c.encoder_heads,
-                                    cls_mode=c.cls_mode, **common),
+                                    cls_mode=c.cls_mode, positional="video" in c.positional_rows, **common),
             "audio": FeatureEncoder(c.audio_feature_dim, H, c.audio_len, c.encoder_layers, c.encoder_heads,
-                                    cls_mode=c.cls_mode, **common),
+                                    cls_mode=c.cls_mode, positional="audio" in c.positional_rows, **common),
         })
         act = nn.ReLU() if c.pooler == "relu" else nn.Identity()
         self.projections = nn.ModuleDict({m: nn.Sequential(nn.Linear(H, c.embed_dim), act) for m in MODALITIES})
@@ -184,10 +201,23 @@ class SCALEModel(nn.Module):
         return emb, batch.present
 
     # ------------------------------------------------------------------ pretraining
+    def task_weights(self, device=None) -> torch.Tensor:
+        """[M] the masked-task weights in MODALITIES order (config.<task>_weight)."""
+        return torch.tensor([self.config.task_weight(MODALITY_TASK[m]) for m in MODALITIES], device=device)
+
+    def loss(self, embeddings, present, tasks: Dict[str, MaskedTask], task_embeddings) -> SCALELossOutput:
+        """The SCALE loss (self.loss_fn) with total = contrastive term + sum of the weighted task losses."""
+        loss = self.loss_fn(embeddings, present, tasks=tasks, task_embeddings=task_embeddings)
+        contrastive = loss.contrastive.sum() / loss.active.triu(1).sum().clamp(min=1).to(loss.contrastive.dtype)
+        weights = self.task_weights(loss.masked.device).to(loss.masked.dtype)
+        return replace(loss, total=contrastive + (weights * loss.masked).sum())
+
     def forward(self, batch, masks: Optional[dict] = None, *, compute_loss: bool = True,
                 missing: Optional[str] = None) -> SCALEOutput:
         missing = missing or self.config.missing
         tokens, keeps, emb = self._encode_all(batch, missing)
+        if masks and self.config.contrastive_inputs == "clean":
+            _, _, emb = self._encode_all(unmask(batch, masks), missing)
         present = self.loss_present(batch)
         jct = self.jct([self.to_jct(t) for t in tokens], keeps, batch.present, missing=missing)
         tasks: Dict[str, MaskedTask] = {}
@@ -215,7 +245,7 @@ class SCALEModel(nn.Module):
                                   sample_index=rows.sample)
         loss = None
         if compute_loss and masks is not None:
-            loss = self.loss_fn(emb, present, tasks={m: t for m, t in tasks.items()}, task_embeddings=jct.cls)
+            loss = self.loss(emb, present, tasks, jct.cls)
         return SCALEOutput(loss, emb, present, jct.cls, tasks)
 
     # ------------------------------------------------------------------ persistence
