@@ -983,7 +983,7 @@ def run_command(args, argv: List[str]) -> int:
             return result["exit_status"]
     pairs = result.pop("pairs", None)
     if pairs:
-        print(pair_table({"held-out": {**result, "pairs": pairs}}))
+        print(pair_table({"model": {**result, "pairs": pairs}}))
     print(json.dumps(result, indent=None))  # the last line: machine-readable
     return 0
 

@@ -234,7 +234,7 @@ def test_task_weights_reach_the_total():
     torch.manual_seed(9)
     batch, masks = make_batch(small_config(), n=10, seed=9)
     weights = {"mlm_weight": 0.5, "mem_weight": 0.0, "mrp_weight": 2.0, "mfp_weight": 1.0, "mam_weight": 0.25}
-    base = SCALEModel(small_config(**{name: 1.0 for name in weights}))  # SCALE's unweighted sum
+    base = SCALEModel(small_config(**{k: 1.0 for k in weights}))  # SCALE's sum (the tiny default weighs 0.1)
     model = SCALEModel(small_config(**weights))
     model.load_state_dict(base.state_dict())
     a, b = base(batch, masks).loss, model(batch, masks).loss

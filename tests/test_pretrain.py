@@ -127,7 +127,7 @@ def test_epochs_keep_best_and_early_stopping(tmp_path, small_manifest, capsys):
     assert main(["eval", str(out / "best"), "--data", str(small_manifest), "--val-fraction", "0.2"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(printed.splitlines()[-1])["R@1"] == pytest.approx(best["R@1"])
-    assert "text->image" in printed and "held-out R@1" in printed  # the per-pair table
+    assert "text->image" in printed and "model R@1" in printed  # the per-pair table
     # no learning (lr 1e-30 rounds to no update): R@1 never improves, so patience 2 stops 2 evaluations after the first
     out = run(tmp_path, "stop", "--data", str(small_manifest), "--epochs", "5", "--eval-every", "1",
               "--patience", "2", "--lr", "1e-30", steps=None)
