@@ -496,8 +496,8 @@ def test_linear_ce_many_blocks(monkeypatch, threads, soft, nthreads):
     """7 rows per chunk (ragged last chunk), row-parallel fused pass."""
     import importlib
 
-    mod = importlib.import_module("scale_fast.backends.cpp.linear_ce")
-    monkeypatch.setattr(mod, "CHUNK_BYTES", 7 * 101 * 4)
+    driver = importlib.import_module("scale_fast.backends._lce_driver")
+    monkeypatch.setattr(driver, "HOST_CHUNK_BYTES", 7 * 101 * 4)
     threads(nthreads)
     for k, reduction in enumerate(("mean", "sum", "none")):
         for scale_kind in (None, "rows"):

@@ -228,9 +228,9 @@ def test_many_small_chunks(monkeypatch, backend, soft):
     """The shared chunk loop with tiny chunks (ragged last chunk), every reduction and gradient."""
     if backend not in BACKENDS:
         pytest.skip(f"backend {backend} not available")
-    import scale_fast.backends.torch.linear_ce as torch_lce
+    import scale_fast.backends._lce_driver as driver
 
-    monkeypatch.setattr(torch_lce, "CHUNK_BYTES", 7 * 101 * 4)  # torch: 7 rows per chunk
+    monkeypatch.setattr(driver, "HOST_CHUNK_BYTES", 7 * 101 * 4)  # torch: 7 rows per chunk
     monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", str(5 * 101 * 4 / 2 ** 20))  # triton: 5 rows per chunk
     N, H, K = (23, 16, 101) if is_slow(backend) else (53, 33, 101)
     for reduction in REDUCTIONS:

@@ -82,6 +82,28 @@ class Engine:
     gemm_context: Callable = contextlib.nullcontext
 
 
+# CPU backends: upper bound of one chunk's [rows, K] logits buffer (the chunk is Liger's size
+# below it).  The GEMMs dominate the time; taller chunks run them a little faster (d weight is
+# read and written once per chunk).
+HOST_CHUNK_BYTES = 48 * 2 ** 20
+
+
+def host_engine(row_pass: Callable) -> Engine:
+    """The Engine of a CPU backend: chunks under HOST_CHUNK_BYTES (read at every call), GEMMs in
+    the accumulation dtype, kept rows counted on the host (free there) so ignored rows are skipped."""
+    return Engine(row_pass=row_pass,
+                  rows_per_chunk=lambda n, k, h, device: chunk_rows(n, k, h, HOST_CHUNK_BYTES),
+                  operand_dtype=lambda dtype, device: accumulation_dtype(dtype),
+                  host_count=True)
+
+
+def contract_op(engine: Engine) -> Callable:
+    """The backend contract's linear_cross_entropy (scale_fast/_dispatch.py) on `engine`."""
+    def linear_cross_entropy(hidden, weight, target, bias, scale, ignore_index, reduction):
+        return LinearCrossEntropy.apply(engine, hidden, weight, bias, scale, target, int(ignore_index), reduction)
+    return linear_cross_entropy
+
+
 _OUT_DTYPE_MM: dict = {}
 
 

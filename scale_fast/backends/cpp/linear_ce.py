@@ -10,14 +10,9 @@ ignored rows skipped entirely.
 """
 from __future__ import annotations
 
-import torch
-
-from ..._normalize import accumulation_dtype
-from .._lce_driver import Engine, LinearCrossEntropy, chunk_rows
+from .._lce_driver import contract_op, host_engine
 from . import _build
 
-# Upper bound of one chunk's [rows, K] logits buffer (the chunk is Liger's size below it).
-CHUNK_BYTES = 48 * 2 ** 20
 
 
 def _ext():
@@ -34,15 +29,5 @@ def row_pass(x, g, *, bias, scale, target, ignore_index, lse_in, coef, loss, lse
     _ext().lce_rows(x, bias, scale, target, ignore_index, lse_in, coef, loss, lse, dscale, dtarget)
 
 
-def _rows_per_chunk(n: int, k: int, h: int, device: torch.device) -> int:
-    return chunk_rows(n, k, h, CHUNK_BYTES)
-
-
-ENGINE = Engine(row_pass=row_pass, rows_per_chunk=_rows_per_chunk,
-                operand_dtype=lambda dtype, device: accumulation_dtype(dtype),
-                host_count=True)
-
-
-def linear_cross_entropy(hidden, weight, target, bias, scale, ignore_index, reduction):
-    """Backend contract in _dispatch.py."""
-    return LinearCrossEntropy.apply(ENGINE, hidden, weight, bias, scale, target, ignore_index, reduction)
+ENGINE = host_engine(row_pass)
+linear_cross_entropy = contract_op(ENGINE)  # backend contract in _dispatch.py

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .._lce_driver import Engine, LinearCrossEntropy, chunk_rows
-from .scores import accumulation_dtype
+from .._lce_driver import contract_op, host_engine
 
-# Upper bound of one chunk's float32 [rows, K] logits buffer.  The GEMMs dominate the time;
-# taller chunks run them a little faster (d weight is read and written once per chunk).
-CHUNK_BYTES = 48 * 2 ** 20
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -70,15 +66,5 @@ def row_pass(x, g, *, bias, scale, target, ignore_index, lse_in, coef, loss, lse
         x.scatter_add_(1, col, -(lw * f)[:, None])
 
 
-def _rows_per_chunk(n: int, k: int, h: int, device: torch.device) -> int:
-    return chunk_rows(n, k, h, CHUNK_BYTES)
-
-
-ENGINE = Engine(row_pass=row_pass, rows_per_chunk=_rows_per_chunk,
-                operand_dtype=lambda dtype, device: accumulation_dtype(dtype),
-                host_count=True)
-
-
-def linear_cross_entropy(hidden, weight, target, bias, scale, ignore_index, reduction):
-    """Backend contract in _dispatch.py."""
-    return LinearCrossEntropy.apply(ENGINE, hidden, weight, bias, scale, target, ignore_index, reduction)
+ENGINE = host_engine(row_pass)
+linear_cross_entropy = contract_op(ENGINE)  # backend contract in _dispatch.py
