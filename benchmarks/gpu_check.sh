@@ -14,7 +14,7 @@
 # Shapes a bench script does not take as flags (--dim/--modalities, --rows/--vocab) are run only when
 # the script defines them; otherwise steps.txt says so.
 #
-# Peers: from a local wheel folder, SCALE_FAST_WHEELS (default ../shared/wheels when it exists), with
+# Peers: from a local wheel folder named by SCALE_FAST_WHEELS (e.g. a folder carried to the GPU machine), with
 # pip --no-index --no-deps, else by name from the index, --no-deps (nothing may pull another torch or
 # triton).  Files in $OUT: gpu_check.log (all output), steps.txt (one line
 # per step: name, exit code, seconds), the benchmark tables (*.md, *.csv), kernel_report.txt.
@@ -79,7 +79,6 @@ python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '
 
 # ---- peers and the package (fast; nothing here may replace torch or triton)
 WHEELS=${SCALE_FAST_WHEELS:-}
-[ -z "$WHEELS" ] && [ -d ../shared/wheels ] && WHEELS=../shared/wheels
 install_peers() {
     if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps "$WHEELS"/*.whl
