@@ -28,7 +28,12 @@ def _case(backend, seed, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("backend,seed", backend_cases(8, 3))
 def test_siglip_matches_reference(backend, seed, dtype):
-    present, e, w, s, b = _case(backend, seed, dtype)
+    check_against_reference(backend, seed, dtype, *_case(backend, seed, dtype))
+
+
+def check_against_reference(backend, seed, dtype, present, e, w, s, b):
+    """The backend's siglip pair losses and the gradients of every input (embeddings, logit_scale,
+    logit_bias, weights) against the float64 reference; absent rows get exactly 0 gradient."""
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
     e_dev, s_dev, b_dev = dev_leaf(e), dev_leaf(torch.tensor(s, dtype=pdt)), dev_leaf(torch.tensor(b, dtype=pdt))
     w_dev = None if w is None else dev_leaf(w.to(pdt))
