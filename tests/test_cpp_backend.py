@@ -538,6 +538,23 @@ def test_siglip_many_tiles(tiny_tiles):
 
 
 @needs_cpp
+def test_siglip_kernels_deterministic(tiny_tiles):
+    """For a given thread count the siglip kernels give bitwise the same results, call after call."""
+    ext = sf.backends.cpp.extension()
+    gen = torch_gen(2200)
+    q = torch.nn.functional.normalize(torch.randn(70, 19, generator=gen), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(90, 19, generator=gen), dim=1)
+    rs, pos = torch.rand(70, generator=gen) * 20, torch.randperm(90, generator=gen)[:70]
+
+    def run():
+        return [ext.siglip_forward(q, k, rs, pos, -3.0, 16)] + list(ext.siglip_backward(q, k, rs, pos, -3.0, 0.5, 16))
+
+    first = run()
+    for _ in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(run(), first))
+
+
+@needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_siglip_row_range_partition(tiny_tiles, dtype):
     """The row_range form (the process-group path): the partial losses of a partition of the batch sum
