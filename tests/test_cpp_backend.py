@@ -515,8 +515,8 @@ def test_siglip_runs_on_cpp(monkeypatch):
 def test_siglip_many_tiles(tiny_tiles):
     """16-row tiles on 1 and 2 threads (ragged tiles, positives in every tile), B=1, odd D, absent
     modalities with NaN rows, a pair with one common sample, negative row weights, logits far in
-    both tails of the softplus (|s w| + |bias| up to ~250): float64 and float32 against the float64
-    reference, values and the gradients of embeddings, logit_scale, logit_bias and weights."""
+    both tails of the softplus (|s w| + |bias| up to ~250): float64, float32 and bfloat16 against the
+    float64 reference, values and the gradients of embeddings, logit_scale, logit_bias and weights."""
     from conftest import case_rng, make_embeddings, make_present
     from test_siglip import check_against_reference
 
@@ -531,7 +531,7 @@ def test_siglip_many_tiles(tiny_tiles):
     for k, (M, B, D, pattern, weighted, s, b) in enumerate(cases):
         present = make_present(case_rng("cpp-siglip", k), M, B, pattern)
         gen = torch_gen(2000 + k)
-        for dtype in (torch.float64, torch.float32):
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
             e = make_embeddings(gen, present, D, fill="nan", dtype=dtype)
             w = torch.rand(B, M, M, generator=gen, dtype=torch.float64) * 2.0 - 0.5 if weighted else None
             check_against_reference("cpp", k, dtype, present, e, w, s, b)
