@@ -43,9 +43,9 @@ sums) or O(M) integers (sizes, counts), plus, for an "nce" task, its target feat
 embeddings, present, losses; +1 per batch-mode Gram sum and per "nce" task) and one in backward
 per differentiable one (embeddings, losses, Gram sums, "nce" targets).
 
-The contrastive op runs on a backend whose record declares its ``row_range`` form (today the
-torch backend; scale_fast/_dispatch.py falls back to it); scores and the masked tasks keep
-their backend.  The distributed path is eager-only (not wrapped in custom ops for
+The contrastive op runs on a backend whose record declares its ``row_range`` form (torch;
+triton for ntxent / clip; cpp for siglip; otherwise scale_fast/_dispatch.py falls back to
+torch); scores and the masked tasks keep their backend.  The distributed path is eager-only (not wrapped in custom ops for
 torch.compile).
 """
 from __future__ import annotations

@@ -429,6 +429,9 @@ def test_tile_gemm_through_aten():
         cross_aten = ext.cross_backward(a, b, rs[:35].contiguous(), lse_aten[:35].contiguous(),
                                         lse_aten[35:].contiguous(), 0.5, 16)
         _contrastive_case(1400, M=3, B=40, D=16, pattern="random", form="ntxent", wkind="BMM", scale_kind="tensor")
+        pos = torch.arange(35)
+        siglip_aten = [ext.siglip_forward(a, b, rs[:35].contiguous(), pos, -3.0, 16)] + \
+            list(ext.siglip_backward(a, b, rs[:35].contiguous(), pos, -3.0, 0.5, 16))
     finally:
         ext.set_direct_blas(True)
     lse = ext.ntxent_forward(u, rs, 16)
@@ -437,6 +440,10 @@ def test_tile_gemm_through_aten():
     torch.testing.assert_close(lse, lse_aten, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(du, du_aten, rtol=1e-5, atol=1e-6)
     for x, y in zip(cross, cross_aten):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    siglip = [ext.siglip_forward(a, b, rs[:35].contiguous(), pos, -3.0, 16)] + \
+        list(ext.siglip_backward(a, b, rs[:35].contiguous(), pos, -3.0, 0.5, 16))
+    for x, y in zip(siglip, siglip_aten):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
@@ -461,6 +468,129 @@ def test_info_nce_task_dtypes():
         for g, r in zip(torch.autograd.grad(out, leaves), ref_g):
             assert g.dtype == dtype
             assert float((g.double() - r).norm() / r.norm()) <= max(tol, 1e-4 if dtype == torch.float32 else tol)
+
+
+# --------------------------------------------------------------------------- #
+# siglip kernels
+# --------------------------------------------------------------------------- #
+class _CountingExtension:
+    """The compiled module, recording the calls of its siglip kernels."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.ext, name)
+        if not name.startswith("siglip"):
+            return fn
+
+        def counted(*args, **kw):
+            self.calls.append(name)
+            return fn(*args, **kw)
+
+        return counted
+
+
+@needs_cpp
+def test_siglip_runs_on_cpp(monkeypatch):
+    """backend="cpp" and "auto" on CPU run siglip (and its row_range form) on the compiled kernels, no fallback."""
+    import importlib
+
+    monkeypatch.delenv("SCALE_FAST_BACKEND", raising=False)
+    e = torch.randn(3, 9, 5, generator=torch_gen(5))
+    for backend, why in (("cpp", "backend='cpp' requested"), ("auto", "backend='auto' prefers cpp on cpu")):
+        assert sf.explain_backend("siglip", e, backend=backend) == f"siglip[cpu, float32, M=3] -> cpp: {why}"
+    assert sf.explain_backend("siglip", e, backend="cpp", row_range=True).endswith("-> cpp: backend='cpp' requested")
+    assert _dispatch.get_op("cpp", "siglip", e) is sf.backends.cpp.siglip
+    assert _dispatch.get_op("cpp", "siglip", e, row_range=True) is sf.backends.cpp.siglip
+    kernels = importlib.import_module("scale_fast.backends.cpp.contrastive")
+    spy = _CountingExtension(kernels._ext())
+    monkeypatch.setattr(kernels, "_ext", lambda: spy)
+    e.requires_grad_()
+    sf.multi_pair_info_nce(e, logit_bias=-2.0, form="siglip", backend="cpp").sum().backward()
+    assert spy.calls == ["siglip_forward"] * 3 + ["siglip_backward"] * 3  # the 3 pairs of M = 3
+
+
+@needs_cpp
+def test_siglip_many_tiles(tiny_tiles):
+    """16-row tiles on 1 and 2 threads (ragged tiles, positives in every tile), B=1, odd D, absent
+    modalities with NaN rows, a pair with one common sample, negative row weights, logits far in
+    both tails of the softplus (|s w| + |bias| up to ~250): float64, float32 and bfloat16 against the
+    float64 reference, values and the gradients of embeddings, logit_scale, logit_bias and weights."""
+    from conftest import case_rng, make_embeddings, make_present
+    from test_siglip import check_against_reference
+
+    cases = [  # (M, B, D, present pattern, weights, logit_scale, logit_bias)
+        (3, 1, 7, "all", False, 10.0, -10.0),
+        (2, 17, 33, "all", True, 1 / 0.07, -10.0),
+        (3, 50, 9, "mixed", True, 100.0, 5.0),
+        (4, 101, 16, "absent_modality", False, 30.0, -30.0),
+        (3, 70, 65, "n1", True, 2.5, 0.0),
+        (3, 40, 8, "sparse", True, 1.0, 1.5),
+    ]
+    for k, (M, B, D, pattern, weighted, s, b) in enumerate(cases):
+        present = make_present(case_rng("cpp-siglip", k), M, B, pattern)
+        gen = torch_gen(2000 + k)
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            e = make_embeddings(gen, present, D, fill="nan", dtype=dtype)
+            w = torch.rand(B, M, M, generator=gen, dtype=torch.float64) * 2.0 - 0.5 if weighted else None
+            check_against_reference("cpp", k, dtype, present, e, w, s, b)
+
+
+@needs_cpp
+def test_siglip_kernels_deterministic(tiny_tiles):
+    """For a given thread count the siglip kernels give bitwise the same results, call after call."""
+    ext = sf.backends.cpp.extension()
+    gen = torch_gen(2200)
+    q = torch.nn.functional.normalize(torch.randn(70, 19, generator=gen), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(90, 19, generator=gen), dim=1)
+    rs, pos = torch.rand(70, generator=gen) * 20, torch.randperm(90, generator=gen)[:70]
+
+    def run():
+        return [ext.siglip_forward(q, k, rs, pos, -3.0, 16)] + list(ext.siglip_backward(q, k, rs, pos, -3.0, 0.5, 16))
+
+    first = run()
+    for _ in range(3):
+        assert all(torch.equal(x, y) for x, y in zip(run(), first))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_siglip_row_range_partition(tiny_tiles, dtype):
+    """The row_range form (the process-group path): the partial losses of a partition of the batch sum
+    to the full loss and gradients; in float64 both equal the torch backend's."""
+    from conftest import make_embeddings
+    from scale_fast.backends.cpp import siglip as cpp_siglip
+    from scale_fast.backends.torch import siglip as torch_siglip
+
+    M, B, D = 3, 37, 11
+    gen = torch_gen(2100)
+    present = torch.rand(M, B, generator=gen) < 0.7
+    present[:, 0] = True
+    e = make_embeddings(gen, present, D, fill="nan", dtype=dtype).requires_grad_()
+    w = (torch.rand(B, M, M, generator=gen, dtype=dtype) + 0.5).requires_grad_()
+    s = torch.tensor(12.0, dtype=dtype, requires_grad=True)
+    b = torch.tensor(-4.0, dtype=dtype, requires_grad=True)
+    coef = torch.randn(M, M, generator=gen, dtype=dtype)
+    leaves = [e, w, s, b]
+
+    def run(op, ranges):
+        if ranges is None:
+            out = op(e, present, s, b, w)
+        else:
+            out = sum(op(e, present, s, b, w[lo:hi], (lo, hi)) for lo, hi in ranges)
+        return out, torch.autograd.grad((out * coef).sum(), leaves)
+
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    full, g_full = run(cpp_siglip, None)
+    parts, g_parts = run(cpp_siglip, [(0, 16), (16, 17), (17, 37)])  # one range inside a 16-row tile
+    wants = [(full, g_full)]
+    if dtype == torch.float64:
+        wants.append(run(torch_siglip, None))
+    for want, g_want in wants:
+        torch.testing.assert_close(parts, want, **tol)
+        for name, x, y in zip(("embeddings", "weights", "logit_scale", "logit_bias"), g_parts, g_want):
+            torch.testing.assert_close(x, y, **tol, msg=lambda m: f"d {name}: {m}")
 
 
 # --------------------------------------------------------------------------- #

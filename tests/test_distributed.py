@@ -40,6 +40,9 @@ CASES = [
     ("sample-siglip", "sample", "siglip", torch.float64, True, False, True),
 ]
 SIZES = {2: [3, 6], 3: [4, 1, 5]}
+SIGLIP = [c[0] for c in CASES].index("sample-siglip")
+# the compiled backend's siglip op has its row_range form: the siglip case also runs there when it is built
+EXTRA = [(SIGLIP, "cpp")] if "cpp" in sf.available_backends() else []
 
 
 # --------------------------------------------------------------------------- inputs
@@ -92,7 +95,8 @@ def local_slice(case, rank):
     return case["present"][:, lo:lo + n], case["e"][:, lo:lo + n], case["te"][:, lo:lo + n], tasks, rows
 
 
-def run_loss(present, e, te, raw_tasks, logit_scale, mode, form, harmonize, detach, with_te, group=None):
+def run_loss(present, e, te, raw_tasks, logit_scale, mode, form, harmonize, detach, with_te, group=None,
+             backend="torch"):
     """scale_loss with fresh leaves; returns (output, {name: grad})."""
     leaves = {"e": e.clone().requires_grad_(), "logit_scale": logit_scale.clone().requires_grad_()}
     if with_te:
@@ -113,7 +117,7 @@ def run_loss(present, e, te, raw_tasks, logit_scale, mode, form, harmonize, deta
         tasks[m] = sf.MaskedTask(t["kind"], h, target, weight=W, bias=b, sample_index=t["sample_index"])
     out = sf.scale_loss(leaves["e"], present, logit_scale=leaves["logit_scale"], tasks=tasks,
                         task_embeddings=leaves.get("te"), mode=mode, form=form, harmonize=harmonize,
-                        detach_weights=detach, backend="torch", process_group=group,
+                        detach_weights=detach, backend=backend, process_group=group,
                         logit_bias=leaves.get("logit_bias"))
     out.total.backward()
     return out, {k: (torch.zeros_like(v) if v.grad is None else v.grad) for k, v in leaves.items()}
@@ -129,12 +133,13 @@ def _worker(rank, world, init, outdir):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         results = {}
-        for idx, (name, mode, form, dtype, harmonize, detach, with_te) in enumerate(CASES):
+        for idx, backend in [(i, "torch") for i in range(len(CASES))] + EXTRA:
+            name, mode, form, dtype, harmonize, detach, with_te = CASES[idx]
             case = make_case(idx, SIZES[world], dtype)
             present, e, te, tasks, _ = local_slice(case, rank)
             out, g = run_loss(present, e, te, tasks, case["logit_scale"], mode, form, harmonize, detach, with_te,
-                              group=dist.group.WORLD)
-            results[name] = dict(total=out.total.detach(), contrastive=out.contrastive.detach(),
+                              group=dist.group.WORLD, backend=backend)
+            results[_key(name, backend)] = dict(total=out.total.detach(), contrastive=out.contrastive.detach(),
                                  masked=out.masked.detach(), active=out.active, scores=out.scores.detach(),
                                  weights=out.weights.detach(), grads=g)
         # SCALELoss(process_group=...) is scale_loss(process_group=...)
@@ -160,6 +165,10 @@ def _worker(rank, world, init, outdir):
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _key(name, backend):
+    return name if backend == "torch" else f"{name}-{backend}"
 
 
 def _free_port() -> int:
@@ -190,14 +199,15 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp(min=1e-30)) if b.norm() > 0 else float(a.norm())
 
 
-def _check(results, world, idx):
+def _check(results, world, idx, backend="torch"):
+    """The ranks' results of case idx on `backend` against one process on the torch backend."""
     name, mode, form, dtype, harmonize, detach, with_te = CASES[idx]
     case = make_case(idx, SIZES[world], dtype)
     ref, ref_g = run_loss(case["present"], case["e"], case["te"],
                           {m: dict(t) for m, t in case["tasks"].items()}, case["logit_scale"],
                           mode, form, harmonize, detach, with_te)
     for rank, res in enumerate(results):
-        r = res[name]
+        r = res[_key(name, backend)]
         for key in ("total", "contrastive", "masked"):
             torch.testing.assert_close(r[key].double(), getattr(ref, key).detach().double(),
                                        rtol=LOSS_RTOL, atol=1e-7, msg=lambda s: f"{name} rank {rank} {key}: {s}")
@@ -223,7 +233,7 @@ def _check(results, world, idx):
     for key in REPLICATED:
         if key not in ref_g:
             continue
-        mean = sum(res[name]["grads"][key].double() for res in results) / world
+        mean = sum(res[_key(name, backend)]["grads"][key].double() for res in results) / world
         assert _rel(mean, ref_g[key]) < GRAD_RTOL, (name, key, _rel(mean, ref_g[key]))
 
 
@@ -235,6 +245,13 @@ def test_two_ranks_match_single_process(ranks2, idx):
 @pytest.mark.parametrize("idx", range(len(CASES)), ids=[c[0] for c in CASES])
 def test_three_ranks_match_single_process(ranks3, idx):
     _check(ranks3, 3, idx)
+
+
+@pytest.mark.skipif(not EXTRA, reason="backend 'cpp' not built")
+@pytest.mark.parametrize("world", [2, 3])
+def test_cpp_siglip_ranks_match_single_process(request, world):
+    """backend="cpp" under a process group: its siglip op's row_range form on every rank."""
+    _check(request.getfixturevalue(f"ranks{world}"), world, SIGLIP, backend="cpp")
 
 
 def test_module_passes_process_group(ranks2):

@@ -8,7 +8,8 @@ backend unavailable: "auto" then uses the torch backend, and backend="cpp" raise
 ValueError with the reason.
 
 Ops (backend contracts in scale_fast/_dispatch.py): ``contrastive`` (all-pairs NT-Xent /
-CLIP with row weights, logit-scale gradient, absent samples), ``linear_cross_entropy``
+CLIP with row weights, logit-scale gradient, absent samples), ``siglip`` (the sigmoid form,
+with logit-bias gradient and the row_range form of the process-group path), ``linear_cross_entropy``
 (masked-token linear cross-entropy, class ids or probabilities, row scales, bias),
 ``info_nce`` (the "nce" masked task) and ``scores`` (per-sample Gram in C++, the
 [B, M, M] softmax / harmonisation shared, scale_fast/backends/_scores.py).
@@ -25,7 +26,7 @@ import torch
 
 from .._capability import Capability
 from . import _build
-from .contrastive import contrastive, info_nce
+from .contrastive import contrastive, info_nce, siglip
 from .linear_ce import linear_cross_entropy
 from .scores import scores
 
@@ -50,12 +51,13 @@ CAPABILITY = Capability(
     module=__name__,
     devices=("cpu",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    ops=("scores", "contrastive", "info_nce", "linear_cross_entropy"),
+    ops=("scores", "contrastive", "siglip", "info_nce", "linear_cross_entropy"),
+    row_range_ops=("siglip",),  # its row-block form needs only the siglip kernels
     preferred_on=("cpu",),
     is_available=is_available,
     unavailable_reason=unavailable_reason,
 )
 
 
-__all__ = ["CAPABILITY", "contrastive", "linear_cross_entropy", "info_nce", "scores", "is_available",
+__all__ = ["CAPABILITY", "contrastive", "siglip", "linear_cross_entropy", "info_nce", "scores", "is_available",
            "unavailable_reason", "extension"]

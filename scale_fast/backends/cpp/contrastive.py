@@ -1,10 +1,11 @@
-"""The cpp backend's pair kernels for the contrastive losses (docs/contract.md §4).
+"""The cpp backend's pair kernels for the contrastive losses (docs/contract.md §4): NT-Xent, CLIP, SigLIP.
 
 The all-pairs driver, the pair forms and the info-NCE Functions are shared
 (scale_fast/backends/_allpairs.py); each pair's tile loops run in C++: NT-Xent forms only the Gram tiles R <= C, the
 log-sum-exp uses the fixed shift |s w_r| when 2 max|s w| <= 60 (float32; 600 float64) and
 an online max otherwise, and the weight gradient is normalised by p_sum (see the torch
-backend).  The positive-logit terms and the O(n) bookkeeping stay in torch.
+backend).  The positive-logit terms and the O(n) bookkeeping stay in torch.  SigLIP's
+sigmoid loss runs whole in C++ (csrc/siglip.cpp), the positives included.
 """
 from __future__ import annotations
 
@@ -67,13 +68,34 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos, coef):
     return da, db, c * (dot_p / p_sum - pos).sum(0)
 
 
-KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward)
-FORMS = pair_forms(KERNELS)  # no row-block kernels: row_range is left to the torch backend
+def siglip_forward(q, k, rs, pos, bias):
+    """sum_r sum_c softplus(-y_rc (rs_r q_r . k_c + bias)) of the rows q against every row of k."""
+    return _ext().siglip_forward(q, k, rs, pos, float(bias), TILE)
+
+
+def siglip_backward(q, k, rs, pos, bias, coef):
+    """(dq, dk, d_rs, d_bias) of coef * siglip_forward's sum."""
+    return tuple(_ext().siglip_backward(q, k, rs, pos, float(bias), float(coef), TILE))
+
+
+# No row-block InfoNCE kernels: contrastive's row_range is left to the torch backend; the
+# SigLIP form's row_range needs only the siglip kernels (each query row against every key).
+KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward,
+                      siglip_forward=siglip_forward, siglip_backward=siglip_backward)
+FORMS = pair_forms(KERNELS)
 
 
 def contrastive(e, present, logit_scale, row_weights, form):
     """[M, M] pair losses of every active pair i < j from raw embeddings e (backend contract in _dispatch.py)."""
     return all_pairs(FORMS, e, present, logit_scale, row_weights, form)
+
+
+def siglip(e, present, logit_scale, logit_bias, row_weights, row_range=None):
+    """[M, M] sigmoid (SigLIP) pair losses (backend contract in _dispatch.py).
+
+    row_range=(start, stop): only the rows of samples start..stop-1 (see scale_fast/backends/_allpairs.py).
+    """
+    return all_pairs(FORMS, e, present, logit_scale, row_weights, "siglip", row_range, logit_bias)
 
 
 def info_nce(a, b, row_weights, scale):

@@ -2,6 +2,7 @@
 // through torch.utils.cpp_extension.load (ninja + pybind11) from the files of this folder:
 //   common.h         shared helpers (BLAS tile GEMM, AVX2 exp, thread slots, checks)
 //   contrastive.cpp  NT-Xent and cross-modal InfoNCE tiles
+//   siglip.cpp       SigLIP's sigmoid-loss tiles
 //   linear_ce.cpp    the fused linear cross-entropy sweep
 //   scores.cpp       per-sample Gram matrices
 //   bindings.cpp     this module
@@ -11,12 +12,16 @@
 //   ntxent_backward(u, rs, lse, coef, tile)             -> (du[2n,D], dot_p[2n], p_sum[2n])
 //   cross_forward(a[n,D], b[n,D], rs[n], both, tile)    -> (lse_rows[n], lse_cols[n] or None)
 //   cross_backward(a, b, rs, lse_r, lse_c?, coef, tile) -> (da, db, dot_p[dirs,n], p_sum[dirs,n])
+//   siglip_forward(q[R,D], k[C,D], rs[R], pos[R], bias, tile)       -> sum (0-dim)
+//   siglip_backward(q, k, rs, pos, bias, coef, tile)                -> (dq, dk, d_rs[R], d_bias (0-dim))
 //   lce_rows(x[R,K], ...)                                -> see lce_rows in linear_ce.cpp (in place)
 //   sample_gram_forward(e[M,B,D], present[M,B])          -> (G[B,M,M], inv[M,B])
 //   sample_gram_backward(e, present, inv, grad[B,M,M])   -> de[M,B,D]
 // where rs[r] = logit_scale * w_r, lse are log-sum-exp of the rows' logits (self excluded
 // for NT-Xent), dot_p[r] = sum_c P[r,c] G[r,c] and p_sum[r] = sum_c P[r,c] (P = softmax of
 // row r, G the Gram matrix), so that d loss / d rs can be formed as in the torch backend.
+// The siglip sum is sum_r sum_c softplus(-y_rc (rs_r q_r . k_c + bias)), y_rc = +1 where
+// c == pos[r] (int64) and -1 elsewhere; its backward gives the gradients of coef * sum.
 #include <torch/csrc/utils/pybind.h>
 
 #include "common.h"
@@ -41,7 +46,7 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace sf;
-  m.doc() = "scale_fast compiled CPU kernels (fused contrastive and linear cross-entropy)";
+  m.doc() = "scale_fast compiled CPU kernels (fused contrastive, SigLIP and linear cross-entropy)";
   m.def("ntxent_forward", &ntxent_forward, "NT-Xent row log-sum-exp (self excluded)", pybind11::arg("u"),
         pybind11::arg("rs"), pybind11::arg("tile"));
   m.def("ntxent_backward", &ntxent_backward, "NT-Xent gradient of the LSE terms: (du, dot_p, p_sum)",
@@ -50,6 +55,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("rs"), pybind11::arg("both"), pybind11::arg("tile"));
   m.def("cross_backward", &cross_backward, "cross-modal InfoNCE gradient of the LSE terms: (da, db, dot_p, p_sum)",
         pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("rs"), pybind11::arg("lse_r"), pybind11::arg("lse_c"),
+        pybind11::arg("coef"), pybind11::arg("tile"));
+  m.def("siglip_forward", &siglip_forward, "SigLIP sigmoid-loss sum of rows q against every row of k",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("rs"), pybind11::arg("pos"), pybind11::arg("bias"),
+        pybind11::arg("tile"));
+  m.def("siglip_backward", &siglip_backward, "SigLIP gradient of coef * sum: (dq, dk, d_rs, d_bias)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("rs"), pybind11::arg("pos"), pybind11::arg("bias"),
         pybind11::arg("coef"), pybind11::arg("tile"));
   m.def("lce_rows", &lce_rows, "linear cross-entropy row pass in place on a block of logits",
         pybind11::arg("x"), pybind11::arg("bias"), pybind11::arg("scale"), pybind11::arg("target"),

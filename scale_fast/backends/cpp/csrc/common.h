@@ -1,6 +1,6 @@
-// Shared by the compiled CPU kernels (contrastive.cpp, linear_ce.cpp, scores.cpp, bindings.cpp):
-// the BLAS tile GEMM, the AVX2 exp / horizontal reductions, thread-local slots, argument
-// checks, and the declarations of the entry points that bindings.cpp exposes.
+// Shared by the compiled CPU kernels (contrastive.cpp, siglip.cpp, linear_ce.cpp, scores.cpp, bindings.cpp):
+// the BLAS tile GEMM, the AVX2 exp / horizontal reductions, thread-local slots, the tile list,
+// argument checks, and the declarations of the entry points that bindings.cpp exposes.
 //
 // Arithmetic is in the accumulation dtype of the caller: float32 (float32 / bf16 / fp16
 // inputs, converted by the Python side) or float64.  exp() of float32 uses an AVX2+FMA
@@ -189,6 +189,24 @@ inline float fwd_row<float>(const float* g, int64_t n, float a, float b, const f
 }
 #endif
 
+// One [nr, nc] tile of a row space against a column space, rows r0.. and columns c0..;
+// diag: the tile on the diagonal of a triangular (self-similarity) sweep.
+struct TileTask {
+  int64_t r0, nr, c0, nc;
+  bool diag;
+};
+
+// The tiles of an [nx, ny] logit matrix, row-block major (every tile, or c0 >= r0 when triangular).
+inline std::vector<TileTask> make_tasks(int64_t nx, int64_t ny, int64_t tile, bool triangular) {
+  std::vector<TileTask> tasks;
+  for (int64_t r0 = 0; r0 < nx; r0 += tile) {
+    for (int64_t c0 = triangular ? r0 : 0; c0 < ny; c0 += tile) {
+      tasks.push_back({r0, std::min(tile, nx - r0), c0, std::min(tile, ny - c0), triangular && c0 == r0});
+    }
+  }
+  return tasks;
+}
+
 inline void check_2d(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " must be float32 or float64");
@@ -208,6 +226,10 @@ std::vector<Tensor> ntxent_backward(const Tensor& u, const Tensor& rs, const Ten
 std::vector<Tensor> cross_forward(const Tensor& a, const Tensor& b, const Tensor& rs, bool both, int64_t tile);
 std::vector<Tensor> cross_backward(const Tensor& a, const Tensor& b, const Tensor& rs, const Tensor& lse_r,
                                    const c10::optional<Tensor>& lse_c, double coef, int64_t tile);
+Tensor siglip_forward(const Tensor& q, const Tensor& k, const Tensor& rs, const Tensor& pos, double bias,
+                      int64_t tile);
+std::vector<Tensor> siglip_backward(const Tensor& q, const Tensor& k, const Tensor& rs, const Tensor& pos, double bias,
+                                    double coef, int64_t tile);
 void lce_rows(Tensor x, const c10::optional<Tensor>& bias, const c10::optional<Tensor>& scale, const Tensor& target,
               int64_t ignore_index, const c10::optional<Tensor>& lse_in, const c10::optional<Tensor>& coef,
               const c10::optional<Tensor>& loss, const c10::optional<Tensor>& lse,

@@ -121,22 +121,7 @@ inline void bwd_row<float>(float* g, int64_t n, float a, float l, float ca, cons
 // tile (R, C) pairs rows R of space X with rows C of space Y; the tile G = X[R] Y[C]^T
 // gives the row-direction terms of R and, when `cols`, the column-direction terms of C.
 // NT-Xent: X = Y = u, tiles R <= C, diagonal tiles exclude c == r and give rows only.
-// CLIP: X = a, Y = b, every tile, columns when both directions are wanted.
-struct TileTask {
-  int64_t r0, nr, c0, nc;
-  bool diag;
-};
-
-std::vector<TileTask> make_tasks(int64_t nx, int64_t ny, int64_t tile, bool triangular) {
-  std::vector<TileTask> tasks;
-  for (int64_t r0 = 0; r0 < nx; r0 += tile) {
-    for (int64_t c0 = triangular ? r0 : 0; c0 < ny; c0 += tile) {
-      tasks.push_back({r0, std::min(tile, nx - r0), c0, std::min(tile, ny - c0), triangular && c0 == r0});
-    }
-  }
-  return tasks;
-}
-
+// CLIP: X = a, Y = b, every tile, columns when both directions are wanted.  (TileTask, make_tasks: common.h)
 template <typename T>
 constexpr T fixed_shift_range() {
   // Largest |logit| range for which exp(x - bound) neither under- nor overflows.
