@@ -10,7 +10,9 @@
 # Rows (bf16, fwd+bwd, each against the peers that apply and torch.mm's rate, OOM / cannot-fit rows say
 # so): CLIP M=2 D=512 at B = 8k, 32k, 64k and the SCALE NT-Xent M=5 loss with S' weights
 # (benchmarks/bench_contrastive.py: naive, OpenCLIP ClipLoss, Inf-CL); linear cross-entropy at
-# N=16384, K=21128, H=768 (benchmarks/bench_linear_ce.py: Liger, Cut CE, F.linear + cross_entropy).
+# N=16384, K=21128, H=768 (benchmarks/bench_linear_ce.py: Liger, Cut CE, F.linear + cross_entropy);
+# after the tests, when at least 100 s are left, the sigmoid (SigLIP) loss at B = 8k, 32k
+# (bench_contrastive.py --form siglip: naive, OpenCLIP SigLipLoss).
 # Shapes a bench script does not take as flags (--dim/--modalities, --rows/--vocab) are run only when
 # the script defines them; otherwise steps.txt says so.
 #
@@ -125,6 +127,12 @@ if [ "$DRY" = 1 ]; then
     step tests 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_contrastive.py -k "row_range and triton"
 else
     step tests 150 python3 -m pytest -q --maxfail=20 -p no:cacheprovider $TESTS -k triton -W ignore
+fi
+if [ "$(left)" -gt 100 ]; then  # the sigmoid loss at M=2 (OpenCLIP SigLipLoss, naive) and M=5, when time is left
+    SIG_B=$([ "$DRY" = 1 ] && echo 64 || echo 8192,32768)
+    step bench_siglip 60 python3 "$C" "${BENCH[@]}" --form siglip --batches "$SIG_B" --budget-s 45
+else
+    echo "bench_siglip rc=skipped (only $(left)s left)" | tee -a "$STEPS"
 fi
 if [ "$(left)" -gt 40 ]; then
     step kernel_report 60 bash -c "TRITON_INTERPRET=0 python3 benchmarks/kernel_report.py --quick --arch sm_90a > '$OUT/kernel_report.txt' 2>&1; rc=\$?; tail -20 '$OUT/kernel_report.txt'; exit \$rc"

@@ -115,6 +115,56 @@ def _contrastive_grad(ctx, grad):
 contrastive.register_autograd(_contrastive_grad, setup_context=_contrastive_setup)
 
 
+# --- siglip (the sigmoid pair loss, form="siglip") ---------------------------------------------
+
+def _siglip_run(backend):
+    def run(z, present, logit_scale, logit_bias, row_weights):
+        return get_op(backend, "siglip", z)(z, present, logit_scale, logit_bias, row_weights)
+    return run
+
+
+@torch.library.custom_op("scale_fast::siglip", mutates_args=())
+def siglip(z: Tensor, present: Tensor, logit_scale: Tensor, logit_bias: Tensor, row_weights: Optional[Tensor],
+           backend: str) -> Tensor:
+    with torch.no_grad():
+        out = _siglip_run(backend)(z, present, logit_scale, logit_bias, row_weights)
+        return out.clone(memory_format=torch.contiguous_format)
+
+
+@siglip.register_fake
+def _(z, present, logit_scale, logit_bias, row_weights, backend):
+    return z.new_empty((z.shape[0], z.shape[0]), dtype=accumulation_dtype(z.dtype))
+
+
+@torch.library.custom_op("scale_fast::siglip_backward", mutates_args=())
+def siglip_backward(grad: Tensor, z: Tensor, present: Tensor, logit_scale: Tensor, logit_bias: Tensor,
+                    row_weights: Optional[Tensor], backend: str) -> list[Tensor]:
+    return _grads_by_recompute(_siglip_run(backend), [z, present, logit_scale, logit_bias, row_weights],
+                               [True, False, True, True, True], [grad])
+
+
+@siglip_backward.register_fake
+def _(grad, z, present, logit_scale, logit_bias, row_weights, backend):
+    return [_dense_like(z), _dense_like(logit_scale), _dense_like(logit_bias),
+            torch.empty(0, device=z.device) if row_weights is None else _dense_like(row_weights)]
+
+
+def _siglip_setup(ctx, inputs, output):
+    z, present, logit_scale, logit_bias, row_weights, backend = inputs
+    ctx.save_for_backward(z, present, logit_scale, logit_bias, row_weights)
+    ctx.backend = backend
+    ctx.has_weights = row_weights is not None
+
+
+def _siglip_grad(ctx, grad):
+    z, present, logit_scale, logit_bias, row_weights = ctx.saved_tensors
+    dz, dscale, dbias, dweights = siglip_backward(grad, z, present, logit_scale, logit_bias, row_weights, ctx.backend)
+    return dz, None, dscale, dbias, (dweights if ctx.has_weights else None), None
+
+
+siglip.register_autograd(_siglip_grad, setup_context=_siglip_setup)
+
+
 # --- linear cross-entropy --------------------------------------------------------------------
 
 def _lce_run(backend, ignore_index, reduction):
@@ -267,13 +317,13 @@ def _scores_grad(ctx, grad_s, grad_s_prime, grad_active):
 scores.register_autograd(_scores_grad, setup_context=_scores_setup)
 
 
-_CUSTOM_OPS = {"contrastive": contrastive, "linear_cross_entropy": linear_cross_entropy, "info_nce": info_nce,
-               "scores": scores}
+_CUSTOM_OPS = {"contrastive": contrastive, "siglip": siglip, "linear_cross_entropy": linear_cross_entropy,
+               "info_nce": info_nce, "scores": scores}
 
 
 def run_op(backend: str, name: str, *args):
     """Run backend op `name` (a resolved backend, see scale_fast/_dispatch.py); under torch.compile
     through its custom op (one graph node)."""
-    if torch.compiler.is_compiling() and name in _CUSTOM_OPS:  # "siglip" has no custom op: traced eagerly
+    if torch.compiler.is_compiling() and name in _CUSTOM_OPS:
         return _CUSTOM_OPS[name](*args, backend)
     return get_op(backend, name, *args)(*args)

@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import assert_grad_close, assert_value_close, torch_gen
+from reference import ref_scale_loss
 
 from scale_fast import bench, cli
+from scale_fast.bench import naive
+from scale_fast.bench.contrastive import import_open_clip_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +62,59 @@ def test_bench_mismatch_is_not_timed():
     op.impls = lambda device: [bench.Impl("wrong", "peer", lambda inp: (lambda: 2.0 * inp["emb"].sum()))]
     (rec,) = bench.run_op(op, "cpu", "quick", [16], reps=1, warmup=0, log=lambda s: None)
     assert rec["status"] == "MISMATCH" and "time ms" not in rec
+
+
+@pytest.mark.parametrize("M", [2, 5])
+def test_siglip_rows_agree_with_the_reference(M):
+    """The siglip ops at a quick size: every row that runs agrees with the float64 reference; OpenCLIP's
+    SigLipLoss (M=2) runs when open_clip's loss module imports, else it is listed with the reason."""
+    op = bench.all_ops()[f"contrastive_siglip_m{M}"]
+    rows = bench.run_op(op, "cpu", "quick", [96], reps=1, warmup=0, timed=False, log=lambda s: None)
+    by = {r["impl"]: r for r in rows}
+    assert by["scale_fast torch"]["status"] == by["naive torch"]["status"] == "ok"
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r
+        if r["status"] == "ok":   # float32 rows against the float64 reference
+            assert r["loss rel err"] < 1e-5 and r["grad rel err"] < 1e-4, r
+        else:
+            assert r["reason"]
+    peers = {name: r for name, r in by.items() if r["kind"] == "peer"}
+    assert list(peers) == (["OpenCLIP SigLipLoss"] if M == 2 else [])
+    if M == 2:
+        try:
+            import_open_clip_loss("SigLipLoss")
+        except ImportError as exc:
+            assert peers["OpenCLIP SigLipLoss"]["reason"] == str(exc)
+        else:
+            assert peers["OpenCLIP SigLipLoss"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("M", [2, 5])
+def test_naive_siglip_equals_the_reference(M):
+    """The naive baseline, and the row-chunked reference of the sizes where it does not fit, against
+    tests/reference.py in float64: loss and embedding gradient (M=5: S' weights, absent samples)."""
+    gen = torch_gen(70 + M)
+    B, D, s, b, harmonize = 41, 12, 10.0, -10.0, M > 2
+    present = torch.rand(M, B, generator=gen) < (0.6 if harmonize else 2.0)
+    present[0] |= ~present.any(0)
+    e = torch.randn(M, B, D, generator=gen, dtype=torch.float64)
+    e_ref = e.clone().requires_grad_()
+    ref = ref_scale_loss(e_ref, present, s, form="siglip", logit_bias=b, harmonize=harmonize)["total"]
+    (g_ref,) = torch.autograd.grad(ref, e_ref)
+
+    def materialized(x):
+        w = naive.scores_sample(naive.normalize(x, present), present) if harmonize else None
+        return naive.contrastive(x, present, form="siglip", weights=w, logit_scale=s, logit_bias=b)
+
+    def chunked(x):   # 16-row chunks: three per pair
+        return naive.contrastive_chunked(x, present, form="siglip", harmonize=harmonize, logit_scale=s, logit_bias=b,
+                                         chunk_rows=16)
+    for fn in (materialized, chunked):
+        x = e.clone().requires_grad_()
+        out = fn(x)
+        (g,) = torch.autograd.grad(out, x)
+        assert_value_close(out, ref, 1e-12, 1e-12, fn.__name__)
+        assert_grad_close(g, g_ref, 1e-10, name=f"d embeddings ({fn.__name__})")
 
 
 def test_fresh_process_peak_measures_one_call():

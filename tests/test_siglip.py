@@ -1,7 +1,6 @@
 """form="siglip" (docs/contract.md §4): every backend against the float64 reference and OpenCLIP's SigLipLoss."""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import scale_fast as sf
+from scale_fast.bench.contrastive import import_open_clip_loss
 from conftest import (DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad, assert_value_close, backend_cases,
                       case_rng, dev_leaf, grads, make_embeddings, make_present, ref_leaf, sizes, torch_gen)
 from reference import RefTask, ref_pair_losses, ref_scale_loss
@@ -60,18 +60,10 @@ def check_against_reference(backend, seed, dtype, present, e, w, s, b):
 
 def _open_clip_siglip():
     """open_clip.loss.SigLipLoss (its loss module alone when open_clip's __init__ needs torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open_clip_torch not installed")
     try:
-        from open_clip.loss import SigLipLoss
-    except ImportError:
-        path = spec.submodule_search_locations[0] + "/loss.py"
-        loader = importlib.util.spec_from_file_location("open_clip_loss_only", path)
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
-        SigLipLoss = module.SigLipLoss
-    return SigLipLoss()
+        return import_open_clip_loss("SigLipLoss")()
+    except ImportError as exc:
+        pytest.skip(f"open_clip_torch: {exc}")
 
 
 def _openclip_formula(a, b, s, bias):

@@ -1,5 +1,6 @@
-"""Contrastive ops: ntxent and clip forms, M=2 (plain pair loss) and M=5 (SCALE: S' harmonized,
-modalities missing), against the naive materialized loss, OpenCLIP's ClipLoss and Inf-CL."""
+"""Contrastive ops: ntxent, clip and siglip forms, M=2 (plain pair loss) and M=5 (SCALE: S'
+harmonized, modalities missing), against the naive materialized loss, OpenCLIP's ClipLoss and
+SigLipLoss, and Inf-CL."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,6 +10,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from ..functional import SIGLIP_LOGIT_BIAS, SIGLIP_LOGIT_SCALE   # OpenCLIP's SigLIP initialisation
 from . import naive
 from .op import Impl, Op, cuda_peer, low_precision, memory_limit, scale_fast_impls
 
@@ -21,12 +23,11 @@ def dims(tier: str, device: str) -> int:
     return 64 if tier == "quick" else (512 if device.startswith("cuda") else 256)
 
 
-def import_clip_loss():
-    """open_clip.loss.ClipLoss; when open_clip's __init__ fails (it imports its model zoo),
-    its loss module alone."""
+def import_open_clip_loss(name: str = "ClipLoss"):
+    """open_clip.loss.<name> (ClipLoss, SigLipLoss); when open_clip's __init__ fails (it imports
+    its model zoo), its loss module alone."""
     try:
-        from open_clip.loss import ClipLoss
-        return ClipLoss
+        import open_clip.loss as mod
     except Exception as exc:  # noqa: BLE001
         spec = importlib.util.find_spec("open_clip")
         if spec is None or not spec.submodule_search_locations:
@@ -35,11 +36,14 @@ def import_clip_loss():
         s2 = importlib.util.spec_from_file_location("open_clip_loss_only", path)
         mod = importlib.util.module_from_spec(s2)
         s2.loader.exec_module(mod)
-        return mod.ClipLoss
+    return getattr(mod, name)
 
 
 def contrastive_op(form: str, M: int) -> Op:
     harmonize = M > 2
+    siglip = form == "siglip"
+    scale = SIGLIP_LOGIT_SCALE if siglip else LOGIT_SCALE
+    bias = {"logit_bias": SIGLIP_LOGIT_BIAS} if siglip else {}   # only siglip takes a bias
 
     def make_inputs(B, device, tier):
         g = torch.Generator().manual_seed(1234 + B)
@@ -56,14 +60,14 @@ def contrastive_op(form: str, M: int) -> Op:
         def build(inp):
             e, p = inp["emb"], inp["present"]
             if harmonize:
-                return lambda: sf.scale_loss(e, p, logit_scale=LOGIT_SCALE, form=form, backend=be).total
-            return lambda: sf.multi_pair_info_nce(e, p, logit_scale=LOGIT_SCALE, form=form, backend=be).sum()
+                return lambda: sf.scale_loss(e, p, logit_scale=scale, form=form, backend=be, **bias).total
+            return lambda: sf.multi_pair_info_nce(e, p, logit_scale=scale, form=form, backend=be, **bias).sum()
         return build
 
     def naive_fn(inp):
         e, p = inp["emb"], inp["present"]
         w = naive.scores_sample(naive.normalize(e, p), p) if harmonize else None
-        return naive.contrastive(e, p, form=form, weights=w)
+        return naive.contrastive(e, p, form=form, weights=w, logit_scale=scale, **bias)
 
     def naive_bytes(inp, elem_bytes):
         return naive.contrastive_bytes(inp["present"], elem_bytes, form)
@@ -72,18 +76,19 @@ def contrastive_op(form: str, M: int) -> Op:
         """The naive loss where it fits in memory, else the row-chunked one."""
         if naive_bytes(inp, inp["emb"].element_size()) <= memory_limit(inp["emb"].device.type):
             return naive_fn(inp)
-        return naive.contrastive_chunked(inp["emb"], inp["present"], form=form, harmonize=harmonize)
+        return naive.contrastive_chunked(inp["emb"], inp["present"], form=form, harmonize=harmonize,
+                                         logit_scale=scale, **bias)
 
     def naive_fits(inp, device):
         need, limit = naive_bytes(inp, inp["emb"].element_size()), memory_limit(device)
         return None if need <= limit else f"needs ~{need / 2**30:.1f} GiB > limit {limit / 2**30:.1f} GiB"
 
     def impls(device) -> List[Impl]:
-        out = scale_fast_impls(device, sf_build)
+        out = scale_fast_impls(device, sf_build, op="siglip" if siglip else "contrastive")
         out.append(Impl("naive torch", "naive", lambda inp: (lambda: naive_fn(inp)), fits=naive_fits))
         if form == "clip" and M == 2:
             try:
-                crit = import_clip_loss()()
+                crit = import_open_clip_loss("ClipLoss")()
 
                 def build_oc(inp):
                     e = inp["emb"]
@@ -102,6 +107,17 @@ def contrastive_op(form: str, M: int) -> Op:
                     return 0.5 * (cal_inf_loss(LOGIT_SCALE * a, b) + cal_inf_loss(LOGIT_SCALE * b, a))
                 return f
             out.append(Impl("Inf-CL cal_inf_loss", "peer", None if why else build_ic, skip=why))
+        if siglip and M == 2:
+            try:
+                crit_sig = import_open_clip_loss("SigLipLoss")()
+
+                def build_os(inp):   # normalized features, the exponentiated scale, the bias
+                    e = inp["emb"]
+                    return lambda: crit_sig(F.normalize(e[0], dim=-1), F.normalize(e[1], dim=-1), scale,
+                                            SIGLIP_LOGIT_BIAS)
+                out.append(Impl("OpenCLIP SigLipLoss", "peer", build_os))
+            except ImportError as exc:
+                out.append(Impl("OpenCLIP SigLipLoss", "peer", skip=str(exc)))
         return out
 
     def flops(inp):
@@ -117,6 +133,8 @@ def contrastive_op(form: str, M: int) -> Op:
         big = naive_bytes(inp, 8) > F64_REFERENCE_BYTES
         return torch.float32 if big else torch.float64
 
+    logits = (f"logit scale {SIGLIP_LOGIT_SCALE:g}, bias {SIGLIP_LOGIT_BIAS:g} (OpenCLIP's SigLIP init)" if siglip
+              else "logit scale 1/0.07")
     what = (f"`sf.scale_loss(...).total` (form {form}, S' harmonized, sample mode, modalities missing at rates "
             f"{PRESENT_RATES})" if harmonize else
             f"`sf.multi_pair_info_nce(..., form='{form}')` (all present, no weights)")
@@ -127,10 +145,9 @@ def contrastive_op(form: str, M: int) -> Op:
         ref_dtype=ref_dtype,
         describe=lambda tier, device: f"{what}, D={dims(tier, device)}, "
                                       f"{str(low_precision(device)).replace('torch.', '')}, fwd+bwd (gradient of the "
-                                      "embeddings); logit scale 1/0.07; useful FLOPs Σ over pairs 6(2n)²D (ntxent) or "
-                                      "6n²D (clip)")
+                                      f"embeddings); {logits}; useful FLOPs Σ over pairs 6(2n)²D (ntxent) or "
+                                      "6n²D (clip, siglip)")
 
 
 def ops() -> List[Op]:
-    return [contrastive_op("ntxent", 2), contrastive_op("clip", 2), contrastive_op("ntxent", 5),
-            contrastive_op("clip", 5)]
+    return [contrastive_op(form, M) for M in (2, 5) for form in ("ntxent", "clip", "siglip")]

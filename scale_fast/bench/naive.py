@@ -1,8 +1,9 @@
 """Naive, materialized PyTorch baselines of the benchmarked ops (docs/contract.md §3-§5).
 
 What a user would write: every pair's whole logits matrix built, the diagonal masked,
-``F.cross_entropy`` applied; S' in plain torch (gradients flow through it).  They compute in
-the dtype of their inputs (cross-entropy of low-precision logits in float32, as the peers
+``F.cross_entropy`` applied (form "siglip": ``F.logsigmoid`` of the labelled logits, as
+OpenCLIP's SigLipLoss); S' in plain torch (gradients flow through it).  They compute in
+the dtype of their inputs (the loss of low-precision logits in float32, as the CE peers
 do) and are deliberately memory-hungry.  ``contrastive_chunked`` computes the same loss with
 bounded memory (row chunks recomputed in backward through checkpointing): the reference
 where the materialized one does not fit; it is never timed.
@@ -19,10 +20,22 @@ LOGIT_SCALE = 1 / 0.07
 _FILL = -1.0e4   # finite "minus infinity" of the masked softmax (|S| <= 1)
 
 
+def _float(logits):
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+
+
 def _ce(logits, target, reduction="mean"):
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    return F.cross_entropy(logits, target, reduction=reduction)
+    return F.cross_entropy(_float(logits), target, reduction=reduction)
+
+
+def _sigmoid_sum(logits, r0: int = 0):
+    """-Σ log σ(y · logits) of a row block whose rows are r0, r0+1, ...: y = +1 on the
+    positives (column r0 + row), -1 elsewhere; the [rows, n] labels materialized."""
+    logits = _float(logits)
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    labels[rows, rows + r0] = 1.0
+    return -F.logsigmoid(labels * logits).sum()
 
 
 def normalize(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -62,12 +75,15 @@ def _pairs(z, present, weights):
             yield z[i, V], z[j, V], None if weights is None else weights[V, i, j]
 
 
-def contrastive(e, present, *, form: str, weights=None, logit_scale=LOGIT_SCALE):
+def contrastive(e, present, *, form: str, weights=None, logit_scale=LOGIT_SCALE, logit_bias=0.0):
     """Mean over active pairs of the pair losses, every pair's logits materialized."""
     losses = []
     for a, b, w in _pairs(normalize(e, present), present, weights):
         n = a.shape[0]
-        if form == "ntxent":
+        if form == "siglip":
+            scale = logit_scale if w is None else logit_scale * w[:, None]
+            loss = _sigmoid_sum((a @ b.t()) * scale + logit_bias) / n
+        elif form == "ntxent":
             u = torch.cat([a, b])
             scale = logit_scale if w is None else logit_scale * torch.cat([w, w])[:, None]
             logits = ((u @ u.t()) * scale).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=u.device),
@@ -94,7 +110,13 @@ def _clip_rows(b, w, r0: int, logit_scale: float, chunk):
     return _ce((chunk @ b.t()) * (logit_scale * w[r])[:, None], r, "sum")
 
 
-def contrastive_chunked(e, present, *, form: str, harmonize: bool, logit_scale=LOGIT_SCALE, chunk_rows=2048):
+def _siglip_rows(b, w, r0: int, logit_scale: float, logit_bias: float, chunk):
+    r = torch.arange(r0, r0 + chunk.shape[0], device=b.device)
+    return _sigmoid_sum((chunk @ b.t()) * (logit_scale * w[r])[:, None] + logit_bias, r0)
+
+
+def contrastive_chunked(e, present, *, form: str, harmonize: bool, logit_scale=LOGIT_SCALE, logit_bias=0.0,
+                        chunk_rows=2048):
     """contrastive(e, present, form, weights=S' or None) in row chunks: memory O(chunk x 2n)."""
     z = normalize(e, present)
     weights = scores_sample(z, present) if harmonize else None
@@ -102,7 +124,10 @@ def contrastive_chunked(e, present, *, form: str, harmonize: bool, logit_scale=L
     for a, b, w in _pairs(z, present, weights):
         n = a.shape[0]
         w = torch.ones(n, dtype=z.dtype, device=z.device) if w is None else w
-        if form == "ntxent":
+        if form == "siglip":
+            loss = sum(checkpoint(_siglip_rows, b, w, r0, logit_scale, logit_bias, a[r0:r0 + chunk_rows],
+                                  use_reentrant=False) for r0 in range(0, n, chunk_rows)) / n
+        elif form == "ntxent":
             u, wr = torch.cat([a, b]), torch.cat([w, w])
             loss = sum(checkpoint(_ntxent_rows, u, wr, r0, n, logit_scale, u[r0:r0 + chunk_rows],
                                   use_reentrant=False) for r0 in range(0, 2 * n, chunk_rows)) / (2 * n)
@@ -115,11 +140,12 @@ def contrastive_chunked(e, present, *, form: str, harmonize: bool, logit_scale=L
 
 def contrastive_bytes(present: torch.Tensor, elem_bytes: int, form: str) -> int:
     """Rough peak extra memory of the naive fwd+bwd: per pair the graph keeps about 2.25
-    (ntxent) or 4 (clip: two matrices) logits-sized buffers; backward needs ~3 more
-    transiently for the largest pair."""
+    (ntxent), 4 (clip: two matrices) or 4.5 (siglip: labels, labelled logits, logsigmoid's
+    buffer, the unweighted logits under S' weights) logits-sized buffers; backward needs ~3
+    (siglip ~2) more transiently for the largest pair."""
     sq = [(2 * n) ** 2 if form == "ntxent" else n * n for n in pair_sizes(present)]
-    kept = 2.25 if form == "ntxent" else 4.0
-    return int(elem_bytes * (kept * sum(sq) + 3.0 * max(sq))) if sq else 0
+    kept, transient = {"ntxent": (2.25, 3.0), "clip": (4.0, 3.0), "siglip": (4.5, 2.0)}[form]
+    return int(elem_bytes * (kept * sum(sq) + transient * max(sq))) if sq else 0
 
 
 def linear_ce(hidden, weight, target, row_scale=None):

@@ -60,20 +60,26 @@ def cuda_peer(module: str, pip: str, device: str) -> Optional[str]:
     return None
 
 
-def scale_fast_impls(device: str, build_for: Callable[[str], Callable], backends=None) -> List[Impl]:
-    """One Impl per scale_fast backend, with the reason when one cannot run on `device`."""
+def scale_fast_impls(device: str, build_for: Callable[[str], Callable], backends=None,
+                     op: Optional[str] = None) -> List[Impl]:
+    """One Impl per scale_fast backend, with the reason when one cannot run on `device`, or lacks
+    the backend op `op` (the dispatcher would run the torch backend's code under its name)."""
     import scale_fast as sf
+    from scale_fast._dispatch import capability
 
     out = []
     unavailable = sf.available_backends(with_reasons=True)
     for be in backends or sf.backend_names():
         name = f"scale_fast {be}"
+        lacks = op and capability(be).lacks(op, torch.device(device))
         if unavailable[be]:
             out.append(Impl(name, "scale_fast", skip=f"backend not available here: {unavailable[be]}"))
         elif be == "triton" and not device.startswith("cuda"):
             out.append(Impl(name, "scale_fast", skip="CUDA only (TRITON_INTERPRET emulation is not a measurement)"))
         elif be == "cpp" and device.startswith("cuda"):
             out.append(Impl(name, "scale_fast", skip="CPU tensors only"))
+        elif lacks:
+            out.append(Impl(name, "scale_fast", skip=f"{lacks} (the torch backend's code would run)"))
         else:
             out.append(Impl(name, "scale_fast", build_for(be)))
     return out
