@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from . import __version__
 from ._dispatch import BACKENDS, resolve_backend
@@ -300,12 +301,15 @@ class Prefetcher:
             self.thread = threading.Thread(target=self._run, daemon=True)
             self.thread.start()
 
+    def collate(self, position: int):
+        # samples read one at a time into the batch's buffers (no list of samples held)
+        return collate(Subset(self.dataset, self.order.indices(position)), self.config)
+
     def _run(self):
         position = self.position
         try:
             while not self._stop.is_set():
-                idx = self.order.indices(position)
-                batch = collate([self.dataset[i] for i in idx], self.config)
+                batch = self.collate(position)
                 position += self.order.batch_size  # the global batch (all ranks' shards)
                 while not self._stop.is_set():
                     try:
@@ -318,7 +322,7 @@ class Prefetcher:
 
     def next(self):
         if self.thread is None:
-            batch = collate([self.dataset[i] for i in self.order.indices(self.position)], self.config)
+            batch = self.collate(self.position)
             self.position += self.order.batch_size
             return batch
         item = self.queue.get()
@@ -385,7 +389,7 @@ class HeldOut:
     def __init__(self, dataset, config: SCALEConfig, size: int, seed: int, batch_size: int = 250):
         n = min(size, len(dataset))
         self.size = n
-        self.batches = [collate([dataset[i] for i in range(s, min(n, s + batch_size))], config)
+        self.batches = [collate(Subset(dataset, range(s, min(n, s + batch_size))), config)
                         for s in range(0, n, batch_size)]
         first = self.batches[0] if self.batches else None
         self.masked = None if first is None else mask_batch(first, config, step_generator(seed, 2**31 - 1))
@@ -646,7 +650,9 @@ class Trainer:
     def train_step(self, batch):
         """Mask, forward, backward and update on one collated batch; returns (model output, loss, tokens)."""
         args, config = self.args, self.config
-        batch, masks = mask_batch(batch, config, step_generator(args.seed, self.step, self.rank))
+        # the features are masked in place (plain step) or per micro-batch (cached step): never copied whole
+        batch, masks = mask_batch(batch, config, step_generator(args.seed, self.step, self.rank),
+                                  features="defer" if args.micro_batch else "in_place")
         n_tokens = count_tokens(batch)
         batch = batch.to(self.device, non_blocking=True)
         masks = {m: r.to(self.device) for m, r in masks.items()}
@@ -656,7 +662,7 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         if args.micro_batch:
-            out = cached_step(self.model, batch, masks, args.micro_batch, autocast=self.autocast)
+            out = cached_step(self.model, batch, masks, args.micro_batch, autocast=self.autocast, features_masked=False)
             if self.world > 1:
                 average_gradients(self.model.parameters())
         else:
