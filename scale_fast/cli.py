@@ -289,10 +289,13 @@ class DataOrder:
 
 
 class Prefetcher:
-    """Collates the batches of steps start, start+1, ... in a background thread (a few ahead)."""
+    """Collates the batches of steps start, start+1, ... in a background thread (a few ahead);
+    next() -> (batch, its dataset indices).  features=False: batches without their feature rows
+    (the cached step reads each micro-batch's again from the dataset)."""
 
-    def __init__(self, dataset, order: DataOrder, config: SCALEConfig, start_position: int, depth: int = 3):
-        self.dataset, self.order, self.config = dataset, order, config
+    def __init__(self, dataset, order: DataOrder, config: SCALEConfig, start_position: int, depth: int = 3,
+                 features: bool = True):
+        self.dataset, self.order, self.config, self.features = dataset, order, config, features
         self.queue: "queue.Queue" = queue.Queue(maxsize=max(depth, 1))
         self.position = start_position
         self._stop = threading.Event()
@@ -303,7 +306,8 @@ class Prefetcher:
 
     def collate(self, position: int):
         # samples read one at a time into the batch's buffers (no list of samples held)
-        return collate(Subset(self.dataset, self.order.indices(position)), self.config)
+        indices = self.order.indices(position)
+        return collate(Subset(self.dataset, indices), self.config, features=self.features), indices
 
     def _run(self):
         position = self.position
@@ -647,8 +651,9 @@ class Trainer:
         self.signals = StopSignals()
 
     # ------------------------------------------------------------------ pieces of a step
-    def train_step(self, batch):
-        """Mask, forward, backward and update on one collated batch; returns (model output, loss, tokens)."""
+    def train_step(self, batch, indices: List[int]):
+        """Mask, forward, backward and update on one collated batch (of the dataset's `indices`);
+        returns (model output, loss, tokens)."""
         args, config = self.args, self.config
         # the features are masked in place (plain step) or per micro-batch (cached step): never copied whole
         batch, masks = mask_batch(batch, config, step_generator(args.seed, self.step, self.rank),
@@ -662,7 +667,11 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         if args.micro_batch:
-            out = cached_step(self.model, batch, masks, args.micro_batch, autocast=self.autocast, features_masked=False)
+            lengths = {m: batch.valid(m).shape[1] for m in MODALITIES}
+
+            def features(start: int, stop: int):  # the batch holds no feature rows: the micro-batch's, read again
+                return collate(Subset(self.train_set, indices[start:stop]), config, lengths=lengths).to(self.device)
+            out = cached_step(self.model, batch, masks, args.micro_batch, autocast=self.autocast, features=features)
             if self.world > 1:
                 average_gradients(self.model.parameters())
         else:
@@ -772,7 +781,8 @@ class Trainer:
 
             self.progress = tqdm(total=args.steps, initial=self.step, desc="pretrain", unit="step",
                                  dynamic_ncols=True, file=sys.stderr)
-        prefetch = (Prefetcher(self.train_set, self.order, self.config, self.position, depth=args.prefetch)
+        prefetch = (Prefetcher(self.train_set, self.order, self.config, self.position, depth=args.prefetch,
+                               features=not args.micro_batch)
                     if self.step < args.steps else None)
         self.t_start = time.perf_counter()
         window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
@@ -781,7 +791,7 @@ class Trainer:
         try:
             stop = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
             while self.step < stop:
-                out, loss_value, n_tokens = self.train_step(prefetch.next())
+                out, loss_value, n_tokens = self.train_step(*prefetch.next())
                 window_samples += args.batch_size
                 window_tokens += n_tokens
                 if self.step % args.log_every == 0 or self.step == args.steps:

@@ -156,6 +156,24 @@ def test_collate_reads_each_sample_once_and_pads_exactly(n):
         assert torch.equal(getattr(b, name), getattr(b2, name))
 
 
+def test_collate_without_features_and_to_given_lengths():
+    """features=False keeps everything but the feature rows; lengths= pads a part as its batch was."""
+    cfg = SCALEConfig.tiny(mrp_loss="kl")
+    data = SyntheticProducts(12, seed=8, region_classes=True, config=cfg)
+    full = collate([data[i] for i in range(12)], cfg)
+    bare = collate([data[i] for i in range(12)], cfg, features=False)
+    for f in ("image_feats", "video_feats", "audio_feats", "image_classes"):
+        assert getattr(bare, f).shape == getattr(full, f).shape[:2] + (0,)
+    for f in ("present", "text_ids", "table_ids", "table_spans", "image_boxes", "image_valid", "audio_valid"):
+        assert torch.equal(getattr(bare, f), getattr(full, f))
+    lengths = {m: full.valid(m).shape[1] for m in MODALITIES}
+    part = collate([data[i] for i in range(5, 8)], cfg, lengths=lengths)
+    for f in ("image_feats", "image_boxes", "image_classes", "video_feats", "audio_feats", "text_ids", "table_valid"):
+        assert torch.equal(getattr(part, f), getattr(full, f)[5:8])
+    with pytest.raises(ValueError, match="lengths"):
+        collate([data[i] for i in range(12)], cfg, lengths={**lengths, "image": 1})
+
+
 def test_feature_masking_modes_agree():
     cfg = SCALEConfig.tiny()
     data = SyntheticProducts(30, seed=7)

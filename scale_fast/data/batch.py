@@ -112,17 +112,21 @@ class _Rows:
     the rest of the allocation.  So a batch's features exist once, never also as a list of samples.
     """
 
-    def __init__(self, B: int, max_len: int, dim: Optional[int]):
-        self.B, self.max_len, self.dim = B, max_len, dim
+    def __init__(self, B: int, max_len: int, dim: Optional[int], keep: bool = True):
+        self.B, self.max_len, self.dim, self.keep = B, max_len, dim, keep
         self.flat: Optional[np.ndarray] = None
         self.spans: List[tuple] = []          # (sample, first packed row, rows)
         self.used = 0
+        self.seen = False                     # some sample had rows (kept or not)
 
     def add(self, b: int, rows: Optional[np.ndarray], n: int) -> None:
         """Sample b's n rows: `rows` fill their first columns (None: zeros)."""
         if rows is not None:
+            self.seen = True
             if self.dim is None:
                 self.dim = int(rows.shape[1])
+            if not self.keep:
+                return
             if self.flat is None:
                 self.flat = np.zeros(self.B * self.max_len * self.dim, dtype=np.float32)
             packed = self.flat[: (self.used + n) * self.dim].reshape(-1, self.dim)
@@ -132,6 +136,8 @@ class _Rows:
 
     def padded(self, L: int, default_dim: int) -> np.ndarray:
         F = self.dim if self.dim is not None else default_dim
+        if not self.keep:
+            return np.zeros((self.B, L, 0), dtype=np.float32)
         if self.flat is None:
             return np.zeros((self.B, L, F), dtype=np.float32)
         flat, self.flat = self.flat, None
@@ -151,7 +157,8 @@ class _Rows:
 
 
 def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
-            dtype: torch.dtype = torch.float32) -> Batch:
+            dtype: torch.dtype = torch.float32, lengths: Optional[Dict[str, int]] = None,
+            features: bool = True) -> Batch:
     """Pad a list of samples into a Batch (longer sequences are truncated to the config's lengths).
 
     Each modality is padded to the longest sample of the batch (at least 1).
@@ -159,6 +166,9 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
     are SCALEConfig()'s and the feature sizes are read from the samples.
     `samples` is read once, in order: a lazy sequence (e.g. torch.utils.data.Subset of a dataset)
     has one sample at a time in memory, copied into the batch's buffers as it is read.
+    lengths: {modality: L} pads to exactly these instead (each at least the batch's longest), e.g. a
+    micro-batch padded as the whole batch was.  features=False: the feature rows (image, video and
+    audio features, region classes) are left out, as [B, L, 0] tensors; everything else is as usual.
     """
     cfg = config or SCALEConfig()
     maxlen = _max_lengths(cfg)
@@ -168,10 +178,18 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
     present = torch.zeros(len(MODALITIES), B, dtype=torch.bool)
     feature_index = {"image": 1, "video": 3, "audio": 4}
     dims: Dict[str, set] = {m: set() for m in FEATURE_MODALITIES}
-    feats = {m: _Rows(B, maxlen[m], cfg.feature_dim(m) if config is not None else None) for m in FEATURE_MODALITIES}
+    feats = {m: _Rows(B, maxlen[m], cfg.feature_dim(m) if config is not None else None, keep=features)
+             for m in FEATURE_MODALITIES}
     boxes = _Rows(B, maxlen["image"], cfg.box_dim if config is not None else None)
-    classes = _Rows(B, maxlen["image"], cfg.num_region_classes if config is not None else None)
-    lengths = {m: [0] * B for m in FEATURE_MODALITIES}
+    classes = _Rows(B, maxlen["image"], cfg.num_region_classes if config is not None else None, keep=features)
+    rows_of = {m: [0] * B for m in FEATURE_MODALITIES}
+
+    def padded_length(m: str, longest: int) -> int:
+        if lengths is None:
+            return max(1, longest)
+        if lengths[m] < longest:
+            raise ValueError(f"collate: lengths[{m!r}] = {lengths[m]} is below the batch's longest {m} ({longest})")
+        return lengths[m]
     texts, flat, ids = [], [], []
 
     for b, s in enumerate(samples):
@@ -204,7 +222,7 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
             arr = arr[: maxlen[m]]
             n = len(arr)
             feats[m].add(b, arr, n)
-            lengths[m][b] = n
+            rows_of[m][b] = n
             present[feature_index[m], b] = True
             if m == "image":
                 bx = e.get("boxes") if isinstance(e, dict) else None
@@ -222,7 +240,7 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
             raise ValueError(f"collate: {m} features have size {sorted(dims[m])}, the config expects {cfg.feature_dim(m)}")
 
     # text
-    Lt = max([1] + [len(t) for t in texts if t is not None])
+    Lt = padded_length("text", max([0] + [len(t) for t in texts if t is not None]))
     text_ids = np.full((B, Lt), cfg.pad_token_id, dtype=np.int64)
     text_valid = np.zeros((B, Lt), dtype=bool)
     for b, t in enumerate(texts):
@@ -232,7 +250,7 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
             present[0, b] = True
 
     # table
-    Lb = max([1] + [len(f[0]) for f in flat if f is not None])
+    Lb = padded_length("table", max([0] + [len(f[0]) for f in flat if f is not None]))
     table_ids = np.full((B, Lb), cfg.pad_token_id, dtype=np.int64)
     table_types = np.zeros((B, Lb), dtype=np.int64)
     table_spans = np.full((B, Lb), -1, dtype=np.int64)
@@ -250,15 +268,15 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
     # features
     image_classes = None
     for m in FEATURE_MODALITIES:
-        L = max([1] + lengths[m])
+        L = padded_length(m, max(rows_of[m]))
         valid = np.zeros((B, L), dtype=bool)
-        for b, n in enumerate(lengths[m]):
+        for b, n in enumerate(rows_of[m]):
             valid[b, :n] = True
         out[f"{m}_feats"] = feats[m].padded(L, cfg.feature_dim(m))
         out[f"{m}_valid"] = valid
         if m == "image":
             out["image_boxes"] = boxes.padded(L, cfg.box_dim)
-            if classes.flat is not None:
+            if classes.seen:
                 image_classes = classes.padded(L, cfg.num_region_classes)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
     for k in ("image_feats", "image_boxes", "video_feats", "audio_feats"):
