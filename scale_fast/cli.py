@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from . import __version__
 from ._dispatch import BACKENDS, resolve_backend
@@ -288,10 +289,13 @@ class DataOrder:
 
 
 class Prefetcher:
-    """Collates the batches of steps start, start+1, ... in a background thread (a few ahead)."""
+    """Collates the batches of steps start, start+1, ... in a background thread (a few ahead);
+    next() -> (batch, its dataset indices).  features=False: batches without their feature rows
+    (the cached step reads each micro-batch's again from the dataset)."""
 
-    def __init__(self, dataset, order: DataOrder, config: SCALEConfig, start_position: int, depth: int = 3):
-        self.dataset, self.order, self.config = dataset, order, config
+    def __init__(self, dataset, order: DataOrder, config: SCALEConfig, start_position: int, depth: int = 3,
+                 features: bool = True):
+        self.dataset, self.order, self.config, self.features = dataset, order, config, features
         self.queue: "queue.Queue" = queue.Queue(maxsize=max(depth, 1))
         self.position = start_position
         self._stop = threading.Event()
@@ -300,12 +304,16 @@ class Prefetcher:
             self.thread = threading.Thread(target=self._run, daemon=True)
             self.thread.start()
 
+    def collate(self, position: int):
+        # samples read one at a time into the batch's buffers (no list of samples held)
+        indices = self.order.indices(position)
+        return collate(Subset(self.dataset, indices), self.config, features=self.features), indices
+
     def _run(self):
         position = self.position
         try:
             while not self._stop.is_set():
-                idx = self.order.indices(position)
-                batch = collate([self.dataset[i] for i in idx], self.config)
+                batch = self.collate(position)
                 position += self.order.batch_size  # the global batch (all ranks' shards)
                 while not self._stop.is_set():
                     try:
@@ -318,7 +326,7 @@ class Prefetcher:
 
     def next(self):
         if self.thread is None:
-            batch = collate([self.dataset[i] for i in self.order.indices(self.position)], self.config)
+            batch = self.collate(self.position)
             self.position += self.order.batch_size
             return batch
         item = self.queue.get()
@@ -385,7 +393,7 @@ class HeldOut:
     def __init__(self, dataset, config: SCALEConfig, size: int, seed: int, batch_size: int = 250):
         n = min(size, len(dataset))
         self.size = n
-        self.batches = [collate([dataset[i] for i in range(s, min(n, s + batch_size))], config)
+        self.batches = [collate(Subset(dataset, range(s, min(n, s + batch_size))), config)
                         for s in range(0, n, batch_size)]
         first = self.batches[0] if self.batches else None
         self.masked = None if first is None else mask_batch(first, config, step_generator(seed, 2**31 - 1))
@@ -643,10 +651,13 @@ class Trainer:
         self.signals = StopSignals()
 
     # ------------------------------------------------------------------ pieces of a step
-    def train_step(self, batch):
-        """Mask, forward, backward and update on one collated batch; returns (model output, loss, tokens)."""
+    def train_step(self, batch, indices: List[int]):
+        """Mask, forward, backward and update on one collated batch (of the dataset's `indices`);
+        returns (model output, loss, tokens)."""
         args, config = self.args, self.config
-        batch, masks = mask_batch(batch, config, step_generator(args.seed, self.step, self.rank))
+        # the features are masked in place (plain step) or per micro-batch (cached step): never copied whole
+        batch, masks = mask_batch(batch, config, step_generator(args.seed, self.step, self.rank),
+                                  features="defer" if args.micro_batch else "in_place")
         n_tokens = count_tokens(batch)
         batch = batch.to(self.device, non_blocking=True)
         masks = {m: r.to(self.device) for m, r in masks.items()}
@@ -656,7 +667,11 @@ class Trainer:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         if args.micro_batch:
-            out = cached_step(self.model, batch, masks, args.micro_batch, autocast=self.autocast)
+            lengths = {m: batch.valid(m).shape[1] for m in MODALITIES}
+
+            def features(start: int, stop: int):  # the batch holds no feature rows: the micro-batch's, read again
+                return collate(Subset(self.train_set, indices[start:stop]), config, lengths=lengths).to(self.device)
+            out = cached_step(self.model, batch, masks, args.micro_batch, autocast=self.autocast, features=features)
             if self.world > 1:
                 average_gradients(self.model.parameters())
         else:
@@ -766,7 +781,8 @@ class Trainer:
 
             self.progress = tqdm(total=args.steps, initial=self.step, desc="pretrain", unit="step",
                                  dynamic_ncols=True, file=sys.stderr)
-        prefetch = (Prefetcher(self.train_set, self.order, self.config, self.position, depth=args.prefetch)
+        prefetch = (Prefetcher(self.train_set, self.order, self.config, self.position, depth=args.prefetch,
+                               features=not args.micro_batch)
                     if self.step < args.steps else None)
         self.t_start = time.perf_counter()
         window_t, window_samples, window_tokens = time.perf_counter(), 0, 0
@@ -775,7 +791,7 @@ class Trainer:
         try:
             stop = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
             while self.step < stop:
-                out, loss_value, n_tokens = self.train_step(prefetch.next())
+                out, loss_value, n_tokens = self.train_step(*prefetch.next())
                 window_samples += args.batch_size
                 window_tokens += n_tokens
                 if self.step % args.log_every == 0 or self.step == args.steps:

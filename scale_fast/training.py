@@ -29,7 +29,8 @@ from typing import Callable, ContextManager, Dict, List, Optional
 
 import torch
 
-from .data.batch import Batch, MaskedRows
+from .data.batch import Batch, MaskedRows, mask_features
+from .model.config import FEATURE_MODALITIES
 from .model.scale_model import SCALEModel, SCALEOutput
 from .types import SCALELossOutput
 
@@ -51,6 +52,10 @@ def batch_rows(batch: Batch, masks: Dict[str, MaskedRows], start: int, stop: int
     return replace(batch, **changes), part
 
 
+# what `collate(..., features=False)` leaves out
+FEATURE_FIELDS = ("image_feats", "video_feats", "audio_feats", "image_classes")
+
+
 def _rng_state(device: torch.device):
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -63,12 +68,22 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 
 def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], micro_batch: int, *,
-                autocast: Callable[[], ContextManager] = nullcontext) -> SCALEOutput:
+                autocast: Callable[[], ContextManager] = nullcontext,
+                features_masked: bool = True,
+                features: Optional[Callable[[int, int], Batch]] = None) -> SCALEOutput:
     """Forward and backward of one step on `batch`, the model running `micro_batch` samples at a time.
 
     Accumulates into the parameters' .grad exactly what `model(batch, masks).loss.total.backward()`
     would (dropout drawn per micro-batch); returns the full batch's SCALEOutput, detached from the
     model (its `tasks` empty: the hidden rows are not kept).  `autocast` is entered around every model and loss call (e.g. bf16 autocast).
+    features_masked=False: `batch` comes from `mask_batch(..., features="defer")` (clean feature
+    rows); each micro-batch's masked rows are zeroed when it is encoded, so the batch's features
+    are held once, never as a second, masked copy.
+    features(start, stop): the samples [start, stop) with their feature rows (image, video and
+    audio features, region classes), padded as `batch` is, for a `batch` collated without them
+    (`collate(..., features=False)`, then `mask_batch(..., features="defer")`): e.g. the micro-batch
+    collated again from the dataset, twice per step (passes 1 and 2), so that the features of the
+    full batch never exist at once.  The masked rows' targets are read from them.
     """
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive int, got {micro_batch!r}")
@@ -79,18 +94,44 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
     embeddings: List[torch.Tensor] = []
     task_embeddings: List[torch.Tensor] = []
     rows: Dict[str, list] = {m: [] for m in masks}
+    template: Dict[str, object] = {}
+    loaded_rows: Dict[str, List[MaskedRows]] = {m: [] for m in masks}
+    # each micro-batch's masked rows, in the order of pass 1 (their targets are the full batch's, reordered)
+    order = {m: [] for m in masks}
+    for start, stop in spans:
+        for m, r in masks.items():
+            order[m].append(((r.sample >= start) & (r.sample < stop)).nonzero().squeeze(1))
 
-    # pass 1: what the loss needs, without a graph
+    def inputs(start: int, stop: int):
+        part, part_masks = batch_rows(batch, masks, start, stop)
+        if features is not None:
+            loaded = features(start, stop)
+            part = replace(part, **{name: getattr(loaded, name) for name in FEATURE_FIELDS})
+            part_masks = {m: r if m not in FEATURE_MODALITIES else MaskedRows(
+                r.sample, r.position, getattr(part, f"{m}_feats")[r.sample, r.position],
+                None if r.classes is None else part.image_classes[r.sample, r.position])
+                for m, r in part_masks.items()}
+        elif features_masked:
+            return part, part_masks
+        return mask_features(part, part_masks), part_masks
+
+    # pass 1: what the loss needs, without a graph; the task rows' targets are not kept (the
+    # full batch's masks hold them), only their hidden states
     with torch.no_grad():
         for start, stop in spans:
             states.append(_rng_state(device))
-            part, part_masks = batch_rows(batch, masks, start, stop)
+            part, part_masks = inputs(start, stop)
             with autocast():
                 out = model(part, part_masks, compute_loss=False)
+            if features is not None:  # the targets exist only in the micro-batches' rows
+                for m, r in part_masks.items():
+                    loaded_rows[m].append(r)
             embeddings.append(out.embeddings)
             task_embeddings.append(out.task_embeddings)
             for m, task in out.tasks.items():
-                rows[m].append((task, start))
+                template.setdefault(m, task)  # kind, head and target dtype (one micro-batch's rows)
+                rows[m].append((task.hidden, task.sample_index + start))
+            del out, part, part_masks
     end_state = _rng_state(device)
 
     # the full batch's loss on leaf copies: their gradients are the cached ones
@@ -100,11 +141,19 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
     for m, parts in rows.items():
         if not parts:
             continue
-        first = parts[0][0]
-        hidden[m] = torch.cat([t.hidden for t, _ in parts]).requires_grad_()
-        tasks[m] = replace(first, hidden=hidden[m], target=torch.cat([t.target for t, _ in parts]),
-                           sample_index=torch.cat([t.sample_index + s for t, s in parts]))
-    del embeddings, task_embeddings, rows
+        first = template[m]
+        hidden[m] = torch.cat([h for h, _ in parts]).requires_grad_()
+        # the model's target of these rows: the class distributions for "kl", else the masked values
+        if features is not None:
+            source = torch.cat([r.classes if first.kind == "kl" else r.target for r in loaded_rows[m]])
+        else:
+            source = masks[m].classes if first.kind == "kl" else masks[m].target
+            keep = torch.cat(order[m])
+            if not torch.equal(keep, torch.arange(len(keep), device=keep.device)):
+                source = source[keep]  # rows not sorted by sample: pass 1's order
+        tasks[m] = replace(first, hidden=hidden[m], target=source.to(first.target.dtype),
+                           sample_index=torch.cat([i for _, i in parts]))
+    del embeddings, task_embeddings, rows, order, template, loaded_rows
     present = model.loss_present(batch)
     with autocast():
         loss = model.loss(emb, present, tasks, cls)
@@ -114,9 +163,8 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
     offsets = {m: 0 for m in hidden}
     for (start, stop), state in zip(spans, states):
         _set_rng_state(state, device)
-        part, part_masks = batch_rows(batch, masks, start, stop)
         with autocast():
-            out = model(part, part_masks, compute_loss=False)
+            out = model(*inputs(start, stop), compute_loss=False)
         outputs, grads = [], []
         for value, leaf in ((out.embeddings, emb), (out.task_embeddings, cls)):
             if leaf.grad is not None:

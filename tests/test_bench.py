@@ -167,3 +167,37 @@ def test_script_runs(tmp_path):
     md = (tmp_path / "linear_ce_cpu_dryrun.md").read_text()
     assert "| ok |" in md and "command: `python benchmarks/bench_linear_ce.py --dry-run" in md
     assert (tmp_path / "linear_ce_cpu_dryrun.csv").exists()
+
+
+def test_largest_batch_search():
+    from scale_fast.bench.pretrain_memory import largest_batch
+
+    for limit in (1, 127, 128, 129, 700, 1000, 5000):
+        tried = []
+
+        def fits(b):
+            tried.append(b)
+            return b <= limit
+
+        lo, hi = largest_batch(fits, 128, 4096)
+        if limit < 128:
+            assert (lo, hi) == (None, 128)
+            continue
+        assert lo <= limit and fits(lo) and (hi is None or hi > limit)
+        assert hi is None and lo == 4096 if limit >= 4096 else hi - lo <= max(1, lo // 4)
+        assert len(tried) <= 9
+
+
+def test_pretrain_memory_script_runs(tmp_path):
+    """benchmarks/bench_pretrain_memory.py at tiny sizes: fresh `scale-fast pretrain` processes, the table written."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_pretrain_memory.py"), "--start", "2",
+                           "--cap", "2", "--reference-batch", "2", "--micro-batch", "1", "--budget-mib", "100000",
+                           "--out-dir", str(tmp_path), "--backend", "torch", "--set", "jct_layers=1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "pretrain_memory_cpu.md").read_text()
+    assert "command: `python benchmarks/bench_pretrain_memory.py --start 2" in md and "torch 1 thread," in md
+    assert "| --micro-batch 1 | 0 | 2 |" in md and "| plain | 3 | 2 |" in md
+    assert "| 2 | - | 0 |" in md and "| 2 | 1 | 0 |" in md  # every probe listed
+    rows = list(csv.DictReader(open(tmp_path / "pretrain_memory_cpu.csv")))
+    assert len(rows) == 3 and all(int(r["peak"]) > 0 and float(r["s_per_sample"]) > 0 for r in rows)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from scale_fast.data import DataFormatError, ManifestDataset, SyntheticProducts, collate, mask_batch
+from scale_fast.data import DataFormatError, ManifestDataset, SyntheticProducts, collate, mask_batch, mask_features
 from scale_fast.data.manifest import write_manifest
 from scale_fast.model import MODALITIES, SCALEConfig
 
@@ -110,6 +110,90 @@ def test_masking_follows_scale():
     # deterministic in the generator
     _, again = mask_batch(batch, cfg, torch.Generator().manual_seed(0))
     assert torch.equal(again["text"].position, t.position)
+
+
+def padded(arrays, L, F):
+    """Plain padding of per-sample row arrays (None: absent) to [B, L, F]."""
+    out = np.zeros((len(arrays), L, F), np.float32)
+    for b, a in enumerate(arrays):
+        if a is not None:
+            out[b, : len(a), : a.shape[1]] = a
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_collate_reads_each_sample_once_and_pads_exactly(n):
+    """Samples are copied into the batch as they are read (a lazy Subset is read once, in order);
+    the features equal plain padding to the batch's longest sample, also when rows are cut."""
+    from torch.utils.data import Subset
+
+    cfg = SCALEConfig.tiny(image_len=11, audio_len=9, mrp_loss="kl")
+    data = SyntheticProducts(n, seed=6, region_classes=True, config=cfg)
+    reads = []
+
+    class Counted:
+        def __getitem__(self, i):
+            reads.append(i)
+            return data[i]
+
+    b = collate(Subset(Counted(), list(range(n))), cfg)
+    assert reads == list(range(n))
+    samples = [data[i] for i in range(n)]
+    for s in samples[:2]:  # 4-number boxes fill the first 4 of 5 columns
+        if s.get("image"):
+            s["image"]["boxes"] = s["image"]["boxes"][:, :4]
+    b2 = collate(samples, cfg)
+    for m, limit in (("image", 10), ("video", 12), ("audio", 8)):
+        rows = [None if s.get(m) is None else s[m]["features"][:limit] for s in samples]
+        L = max([1] + [len(r) for r in rows if r is not None])
+        assert torch.equal(getattr(b2, f"{m}_feats"), torch.from_numpy(padded(rows, L, cfg.feature_dim(m))))
+        if m == "image":
+            boxes = [None if s.get(m) is None else s[m]["boxes"][:limit] for s in samples]
+            classes = [None if s.get(m) is None else s[m]["classes"][:limit] for s in samples]
+            assert torch.equal(b2.image_boxes, torch.from_numpy(padded(boxes, L, 5)))
+            assert torch.equal(b2.image_classes, torch.from_numpy(padded(classes, L, cfg.num_region_classes)))
+    for name in ("text_ids", "table_ids", "video_feats", "audio_valid", "present"):
+        assert torch.equal(getattr(b, name), getattr(b2, name))
+
+
+def test_collate_without_features_and_to_given_lengths():
+    """features=False keeps everything but the feature rows; lengths= pads a part as its batch was."""
+    cfg = SCALEConfig.tiny(mrp_loss="kl")
+    data = SyntheticProducts(12, seed=8, region_classes=True, config=cfg)
+    full = collate([data[i] for i in range(12)], cfg)
+    bare = collate([data[i] for i in range(12)], cfg, features=False)
+    for f in ("image_feats", "video_feats", "audio_feats", "image_classes"):
+        assert getattr(bare, f).shape == getattr(full, f).shape[:2] + (0,)
+    for f in ("present", "text_ids", "table_ids", "table_spans", "image_boxes", "image_valid", "audio_valid"):
+        assert torch.equal(getattr(bare, f), getattr(full, f))
+    lengths = {m: full.valid(m).shape[1] for m in MODALITIES}
+    part = collate([data[i] for i in range(5, 8)], cfg, lengths=lengths)
+    for f in ("image_feats", "image_boxes", "image_classes", "video_feats", "audio_feats", "text_ids", "table_valid"):
+        assert torch.equal(getattr(part, f), getattr(full, f)[5:8])
+    with pytest.raises(ValueError, match="lengths"):
+        collate([data[i] for i in range(12)], cfg, lengths={**lengths, "image": 1})
+
+
+def test_feature_masking_modes_agree():
+    cfg = SCALEConfig.tiny()
+    data = SyntheticProducts(30, seed=7)
+    batch = collate([data[i] for i in range(30)], cfg)
+    kept = batch.image_feats.clone()
+    copy, masks = mask_batch(batch, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(batch.image_feats, kept)  # "copy" leaves the batch as it was
+    deferred, masks_d = mask_batch(batch, cfg, torch.Generator().manual_seed(3), features="defer")
+    assert torch.equal(deferred.image_feats, kept) and torch.equal(deferred.text_ids, copy.text_ids)
+    late = mask_features(deferred, masks_d)
+    in_place, masks_i = mask_batch(batch, cfg, torch.Generator().manual_seed(3), features="in_place")
+    assert in_place.image_feats.data_ptr() == batch.image_feats.data_ptr()
+    for m in ("image", "video", "audio"):
+        for other in (late, in_place):
+            assert torch.equal(getattr(other, f"{m}_feats"), getattr(copy, f"{m}_feats"))
+        for got in (masks_d, masks_i):
+            assert torch.equal(got[m].target, masks[m].target) and torch.equal(got[m].position, masks[m].position)
+    assert (copy.image_feats != kept).any()
+    with pytest.raises(ValueError, match="features"):
+        mask_batch(batch, cfg, torch.Generator(), features="lazy")
 
 
 def test_manifest_roundtrip_is_lazy(tmp_path):

@@ -103,26 +103,72 @@ def _rows(sample: dict, key: str):
     return value
 
 
-def _feature_dim(m: str, entries, config, cfg) -> int:
-    """The feature size of modality m: the config's, checked against the samples (or the samples' own)."""
-    dims = {int(np.shape(e["features"] if isinstance(e, dict) else e)[1]) for e in entries if e is not None}
-    if config is None:
-        if len(dims) > 1:
-            raise ValueError(f"collate: {m} features of different sizes {sorted(dims)} in one batch")
-        return dims.pop() if dims else cfg.feature_dim(m)
-    want = cfg.feature_dim(m)
-    if dims - {want}:
-        raise ValueError(f"collate: {m} features have size {sorted(dims)}, the config expects {want}")
-    return want
+class _Rows:
+    """The [B, L, F] float32 buffer of one feature modality, filled one sample at a time.
+
+    Rows are appended packed (sample after sample) into one zero-filled allocation of B x max_len
+    rows, of which the pages never written stay out of memory; `padded` spreads them in place to
+    [B, L, F] with L the batch's longest (what padding to the longest sample gives) and returns
+    the rest of the allocation.  So a batch's features exist once, never also as a list of samples.
+    """
+
+    def __init__(self, B: int, max_len: int, dim: Optional[int], keep: bool = True):
+        self.B, self.max_len, self.dim, self.keep = B, max_len, dim, keep
+        self.flat: Optional[np.ndarray] = None
+        self.spans: List[tuple] = []          # (sample, first packed row, rows)
+        self.used = 0
+        self.seen = False                     # some sample had rows (kept or not)
+
+    def add(self, b: int, rows: Optional[np.ndarray], n: int) -> None:
+        """Sample b's n rows: `rows` fill their first columns (None: zeros)."""
+        if rows is not None:
+            self.seen = True
+            if self.dim is None:
+                self.dim = int(rows.shape[1])
+            if not self.keep:
+                return
+            if self.flat is None:
+                self.flat = np.zeros(self.B * self.max_len * self.dim, dtype=np.float32)
+            packed = self.flat[: (self.used + n) * self.dim].reshape(-1, self.dim)
+            packed[self.used: self.used + n, : rows.shape[1]] = rows
+        self.spans.append((b, self.used, n))
+        self.used += n
+
+    def padded(self, L: int, default_dim: int) -> np.ndarray:
+        F = self.dim if self.dim is not None else default_dim
+        if not self.keep:
+            return np.zeros((self.B, L, 0), dtype=np.float32)
+        if self.flat is None:
+            return np.zeros((self.B, L, F), dtype=np.float32)
+        flat, self.flat = self.flat, None
+        out = flat[: self.B * L * F].reshape(self.B, L, F)
+        filled = {b: (start, n) for b, start, n in self.spans}
+        rows = None
+        # last sample first: its slot [b*L, b*L + L) lies at or after every row still unread
+        for b in range(self.B - 1, -1, -1):
+            start, n = filled.get(b, (0, 0))
+            if n:
+                rows = flat[start * F: (start + n) * F].reshape(n, F)
+                out[b, :n] = rows.copy() if start + n > b * L else rows
+            out[b, n:] = 0.0
+        del out, rows
+        flat.resize(self.B * L * F, refcheck=False)  # hands the unused tail back to the allocator
+        return flat.reshape(self.B, L, F)
 
 
 def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
-            dtype: torch.dtype = torch.float32) -> Batch:
+            dtype: torch.dtype = torch.float32, lengths: Optional[Dict[str, int]] = None,
+            features: bool = True) -> Batch:
     """Pad a list of samples into a Batch (longer sequences are truncated to the config's lengths).
 
     Each modality is padded to the longest sample of the batch (at least 1).
     config: supplies the lengths, pad id and feature sizes; without it the lengths and pad id
     are SCALEConfig()'s and the feature sizes are read from the samples.
+    `samples` is read once, in order: a lazy sequence (e.g. torch.utils.data.Subset of a dataset)
+    has one sample at a time in memory, copied into the batch's buffers as it is read.
+    lengths: {modality: L} pads to exactly these instead (each at least the batch's longest), e.g. a
+    micro-batch padded as the whole batch was.  features=False: the feature rows (image, video and
+    audio features, region classes) are left out, as [B, L, 0] tensors; everything else is as usual.
     """
     cfg = config or SCALEConfig()
     maxlen = _max_lengths(cfg)
@@ -130,11 +176,71 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
     if B == 0:
         raise ValueError("collate needs at least one sample")
     present = torch.zeros(len(MODALITIES), B, dtype=torch.bool)
+    feature_index = {"image": 1, "video": 3, "audio": 4}
+    dims: Dict[str, set] = {m: set() for m in FEATURE_MODALITIES}
+    feats = {m: _Rows(B, maxlen[m], cfg.feature_dim(m) if config is not None else None, keep=features)
+             for m in FEATURE_MODALITIES}
+    boxes = _Rows(B, maxlen["image"], cfg.box_dim if config is not None else None)
+    classes = _Rows(B, maxlen["image"], cfg.num_region_classes if config is not None else None, keep=features)
+    rows_of = {m: [0] * B for m in FEATURE_MODALITIES}
+
+    def padded_length(m: str, longest: int) -> int:
+        if lengths is None:
+            return max(1, longest)
+        if lengths[m] < longest:
+            raise ValueError(f"collate: lengths[{m!r}] = {lengths[m]} is below the batch's longest {m} ({longest})")
+        return lengths[m]
+    texts, flat, ids = [], [], []
+
+    for b, s in enumerate(samples):
+        ids.append(s.get("id"))
+        t = _rows(s, "text")
+        texts.append(None if t is None else np.asarray(t, dtype=np.int64)[: maxlen["text"]])
+        # table: property and value spans flattened
+        pairs = _rows(s, "table")
+        if pairs is None:
+            flat.append(None)
+        else:
+            tids, types, spans = [], [], []
+            for k, (prop, val) in enumerate(pairs):
+                for kind, part in ((TABLE_PROPERTY, prop), (TABLE_VALUE, val)):
+                    part = np.asarray(part, dtype=np.int64).reshape(-1)
+                    tids.append(part)
+                    types.append(np.full(len(part), kind, dtype=np.int64))
+                    spans.append(np.full(len(part), 2 * k + kind, dtype=np.int64))
+            tids = np.concatenate(tids)[: maxlen["table"]]
+            flat.append((tids, np.concatenate(types)[: len(tids)], np.concatenate(spans)[: len(tids)]))
+        for m in FEATURE_MODALITIES:
+            e = _rows(s, m)
+            if e is None:
+                continue
+            arr = e["features"] if isinstance(e, dict) else e
+            dim = int(np.shape(arr)[1])
+            dims[m].add(dim)
+            if feats[m].dim is not None and dim != feats[m].dim:
+                continue  # reported below, with every size seen
+            arr = arr[: maxlen[m]]
+            n = len(arr)
+            feats[m].add(b, arr, n)
+            rows_of[m][b] = n
+            present[feature_index[m], b] = True
+            if m == "image":
+                bx = e.get("boxes") if isinstance(e, dict) else None
+                if bx is not None:  # 4-number boxes fill the first 4 of 5 columns (area 0)
+                    bx = np.asarray(bx[:n])
+                    bx = bx[:, : boxes.dim] if boxes.dim is not None else bx
+                boxes.add(b, bx, n)
+                cl = e.get("classes") if isinstance(e, dict) else None
+                classes.add(b, None if cl is None else cl[:n], n)
+
+    for m in FEATURE_MODALITIES:
+        if config is None and len(dims[m]) > 1:
+            raise ValueError(f"collate: {m} features of different sizes {sorted(dims[m])} in one batch")
+        if config is not None and dims[m] - {cfg.feature_dim(m)}:
+            raise ValueError(f"collate: {m} features have size {sorted(dims[m])}, the config expects {cfg.feature_dim(m)}")
 
     # text
-    texts = [_rows(s, "text") for s in samples]
-    texts = [None if t is None else np.asarray(t, dtype=np.int64)[: maxlen["text"]] for t in texts]
-    Lt = max([1] + [len(t) for t in texts if t is not None])
+    Lt = padded_length("text", max([0] + [len(t) for t in texts if t is not None]))
     text_ids = np.full((B, Lt), cfg.pad_token_id, dtype=np.int64)
     text_valid = np.zeros((B, Lt), dtype=bool)
     for b, t in enumerate(texts):
@@ -143,23 +249,8 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
             text_valid[b, : len(t)] = True
             present[0, b] = True
 
-    # table: property and value spans flattened
-    flat = []
-    for s in samples:
-        pairs = _rows(s, "table")
-        if pairs is None:
-            flat.append(None)
-            continue
-        ids, types, spans = [], [], []
-        for k, (prop, val) in enumerate(pairs):
-            for kind, part in ((TABLE_PROPERTY, prop), (TABLE_VALUE, val)):
-                part = np.asarray(part, dtype=np.int64).reshape(-1)
-                ids.append(part)
-                types.append(np.full(len(part), kind, dtype=np.int64))
-                spans.append(np.full(len(part), 2 * k + kind, dtype=np.int64))
-        ids = np.concatenate(ids)[: maxlen["table"]]
-        flat.append((ids, np.concatenate(types)[: len(ids)], np.concatenate(spans)[: len(ids)]))
-    Lb = max([1] + [len(f[0]) for f in flat if f is not None])
+    # table
+    Lb = padded_length("table", max([0] + [len(f[0]) for f in flat if f is not None]))
     table_ids = np.full((B, Lb), cfg.pad_token_id, dtype=np.int64)
     table_types = np.zeros((B, Lb), dtype=np.int64)
     table_spans = np.full((B, Lb), -1, dtype=np.int64)
@@ -175,56 +266,23 @@ def collate(samples: Sequence[dict], config: Optional[SCALEConfig] = None, *,
                table_spans=table_spans, table_valid=table_valid)
 
     # features
-    np_dtype = np.float32
     image_classes = None
-    for m_index, m in ((1, "image"), (3, "video"), (4, "audio")):
-        entries = [_rows(s, m) for s in samples]
-        F_dim = _feature_dim(m, entries, config, cfg)
-        feats = []
-        for e in entries:
-            if e is None:
-                feats.append(None)
-            else:
-                arr = e["features"] if isinstance(e, dict) else e
-                feats.append(arr[: maxlen[m]])
-        L = max([1] + [len(f) for f in feats if f is not None])
-        buf = np.zeros((B, L, F_dim), dtype=np_dtype)
+    for m in FEATURE_MODALITIES:
+        L = padded_length(m, max(rows_of[m]))
         valid = np.zeros((B, L), dtype=bool)
-        for b, f in enumerate(feats):
-            if f is not None:
-                buf[b, : len(f)] = f
-                valid[b, : len(f)] = True
-                present[m_index, b] = True
-        out[f"{m}_feats"] = buf
+        for b, n in enumerate(rows_of[m]):
+            valid[b, :n] = True
+        out[f"{m}_feats"] = feats[m].padded(L, cfg.feature_dim(m))
         out[f"{m}_valid"] = valid
         if m == "image":
-            box_dim = cfg.box_dim
-            if config is None:
-                box_dim = next((np.shape(e["boxes"])[1] for e in entries
-                                if isinstance(e, dict) and e.get("boxes") is not None), cfg.box_dim)
-            boxes = np.zeros((B, L, box_dim), dtype=np_dtype)
-            has_classes = [e is not None and isinstance(e, dict) and e.get("classes") is not None for e in entries]
-            if any(has_classes):
-                k = cfg.num_region_classes
-                if config is None:
-                    k = next(np.shape(e["classes"])[1] for e, h in zip(entries, has_classes) if h)
-                image_classes = np.zeros((B, L, k), dtype=np_dtype)
-            for b, e in enumerate(entries):
-                if e is None:
-                    continue
-                n = len(feats[b])
-                bx = e.get("boxes") if isinstance(e, dict) else None
-                if bx is not None:  # 4-number boxes fill the first 4 of 5 columns (area 0)
-                    bx = np.asarray(bx[:n])[:, :box_dim]
-                    boxes[b, :n, : bx.shape[1]] = bx
-                if image_classes is not None and has_classes[b]:
-                    image_classes[b, :n] = e["classes"][:n]
-            out["image_boxes"] = boxes
+            out["image_boxes"] = boxes.padded(L, cfg.box_dim)
+            if classes.seen:
+                image_classes = classes.padded(L, cfg.num_region_classes)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
     for k in ("image_feats", "image_boxes", "video_feats", "audio_feats"):
         tensors[k] = tensors[k].to(dtype)
     return Batch(present=present, image_classes=None if image_classes is None else torch.from_numpy(image_classes).to(dtype),
-                 ids=[s.get("id") for s in samples], **tensors)
+                 ids=ids, **tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +315,10 @@ def _bernoulli(shape, p: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(shape, generator=generator) < p
 
 
-def mask_batch(batch: Batch, config: SCALEConfig, generator: torch.Generator) -> tuple:
+FEATURE_MASKING = ("copy", "in_place", "defer")
+
+
+def mask_batch(batch: Batch, config: SCALEConfig, generator: torch.Generator, *, features: str = "copy") -> tuple:
     """SCALE's masking of a CPU batch -> (masked Batch, {modality: MaskedRows}).
 
     MLM (text): each real token with probability mask_prob; of those 80% -> [MASK],
@@ -268,7 +329,14 @@ def mask_batch(batch: Batch, config: SCALEConfig, generator: torch.Generator) ->
     features (and the region class distributions when the batch has them).
     Only samples that hold a modality get rows for it.  Tasks not in config.tasks
     are skipped.  Deterministic given the generator's state.
+
+    features: how the zeroed feature rows are made (the features are most of a batch's bytes):
+    "copy" (new tensors; `batch` untouched), "in_place" (in `batch`'s own buffers), "defer"
+    (left as they are: `mask_features` zeroes them later, e.g. one micro-batch at a time).
+    The masks and token ids are the same in every case.
     """
+    if features not in FEATURE_MASKING:
+        raise ValueError(f"features must be one of {FEATURE_MASKING}, got {features!r}")
     p = config.mask_prob
     masks: Dict[str, MaskedRows] = {}
     changes = {}
@@ -310,10 +378,26 @@ def mask_batch(batch: Batch, config: SCALEConfig, generator: torch.Generator) ->
         classes = None
         if m == "image" and batch.image_classes is not None:
             classes = batch.image_classes[b, pos].clone()
-        masks[m] = MaskedRows(b, pos, feats[b, pos].clone(), classes)
-        changes[f"{m}_feats"] = feats.masked_fill(chosen[..., None], 0.0)
+        masks[m] = MaskedRows(b, pos, feats[b, pos], classes)  # advanced indexing: already a copy
+        if features == "copy":
+            changes[f"{m}_feats"] = feats.masked_fill(chosen[..., None], 0.0)
+        elif features == "in_place":
+            feats.masked_fill_(chosen[..., None], 0.0)
 
     return replace(batch, **changes), masks
+
+
+def mask_features(batch: Batch, masks: Dict[str, MaskedRows]) -> Batch:
+    """The batch with its masked feature rows zeroed (new tensors for the masked modalities only):
+    what `mask_batch(..., features="copy")` gives, from one made with features="defer" or any
+    slice of one (e.g. `scale_fast.training.batch_rows`)."""
+    changes = {}
+    for m, rows in masks.items():
+        if m in FEATURE_MODALITIES:
+            feats = getattr(batch, f"{m}_feats").clone()
+            feats[rows.sample, rows.position] = 0.0
+            changes[f"{m}_feats"] = feats
+    return replace(batch, **changes)
 
 
 class MaskingCollator:
