@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--start", type=int, default=128, help="first batch of every search")
-    p.add_argument("--cap", type=int, default=2048, help="largest batch tried")
+    p.add_argument("--cap", type=int, default=4096, help="largest batch tried")
     p.add_argument("--time-batch", type=int, nargs="*", default=[256], help="batches at which the steps are timed")
     p.add_argument("--reps", type=int, default=3, help="timed repeats per step")
     p.add_argument("--reference-batch", type=int, default=128, help="plain batch whose peak is the budget")

@@ -129,7 +129,7 @@ def largest_batch(fits: Callable[[int], bool], start: int, cap: int) -> Tuple[Op
     return lo, hi
 
 
-def run(*, micro_batch: int = 32, threads: int = 1, start: int = 128, cap: int = 2048,
+def run(*, micro_batch: int = 32, threads: int = 1, start: int = 128, cap: int = 4096,
         budget_mib: Optional[float] = None, reference_batch: int = 128, extra: Sequence[str] = (),
         time_batches: Sequence[int] = (256,), reps: int = 3, log=None) -> Dict[str, object]:
     """The search for plain and --micro-batch, each with --prefetch 3 (the default) and 0, then the
