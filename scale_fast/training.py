@@ -71,21 +71,18 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], micro_batch: int, *,
                 autocast: Callable[[], ContextManager] = nullcontext,
-                features_masked: bool = True,
                 features: Optional[Callable[[int, int], Batch]] = None) -> SCALEOutput:
     """Forward and backward of one step on `batch`, the model running `micro_batch` samples at a time.
 
     Accumulates into the parameters' .grad exactly what `model(batch, masks).loss.total.backward()`
     would (dropout drawn per micro-batch); returns the full batch's SCALEOutput, detached from the
     model (its `tasks` empty: the hidden rows are not kept).  `autocast` is entered around every model and loss call (e.g. bf16 autocast).
-    features_masked=False: `batch` comes from `mask_batch(..., features="defer")` (clean feature
-    rows); each micro-batch's masked rows are zeroed when it is encoded, so the batch's features
-    are held once, never as a second, masked copy.
     features(start, stop): the samples [start, stop) with their feature rows (image, video and
     audio features, region classes), padded as `batch` is, for a `batch` collated without them
     (`collate(..., features=False)`, then `mask_batch(..., features="defer")`): e.g. the micro-batch
     collated again from the dataset, twice per step (passes 1 and 2), so that the features of the
-    full batch never exist at once.  The masked rows' targets are read from them.
+    full batch never exist at once.  The masked rows' targets are read from them, and their
+    feature rows zeroed.  (Without it, `mask_batch(..., features="in_place")` holds the features once.)
     """
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive int, got {micro_batch!r}")
@@ -108,9 +105,8 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
                 r.sample, r.position, getattr(part, f"{m}_feats")[r.sample, r.position],
                 None if r.classes is None else part.image_classes[r.sample, r.position])
                 for m, r in part_masks.items()}
-        elif features_masked:
-            return part, part_masks
-        return mask_features(part, part_masks), part_masks
+            part = mask_features(part, part_masks)
+        return part, part_masks
 
     # pass 1: what the loss needs, without a graph: the task rows' hidden states, and their
     # targets only where the full batch's masks lack them (`features`: read per micro-batch)
