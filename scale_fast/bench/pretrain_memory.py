@@ -190,7 +190,7 @@ def _mib(v) -> str:
 def text(result: Dict[str, object], command: str) -> str:
     """The markdown report: the largest batch per mode, the second pass's cost per sample, every probe."""
     mb, budget = result["micro_batch"], result["budget"]
-    flags = " ".join(pretrain_flags(0, None, None, result["threads"], result["extra"])[3:]).replace("--batch-size 0 ", "")
+    flags = " ".join(pretrain_flags(0, None, None, result["threads"], result["extra"])[3:])  # after --batch-size
     method = (f"every probe a fresh process: `scale-fast pretrain --batch-size B {flags} [--micro-batch K] "
               "[--prefetch N]` (tiny model, synthetic data), peak = its VmHWM at exit (default allocator); budget = "
               f"the peak of plain batch {result['reference_batch']} with the default --prefetch 3 (this run); "
