@@ -178,11 +178,13 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help=f"early stopping: stop after this many evaluations without a better held-out R@1 (--data default {DEFAULT_PATIENCE}, synthetic 0: off)")
     p.add_argument("--batch-size", type=int_at_least(1), default=64)
     p.add_argument("--prefetch", type=int_at_least(0), default=3, metavar="N",
-                   help="batches collated ahead in a background thread (default 3; 0: none, the least memory)")
+                   help="batches collated ahead in a background thread (default 3; 0: none, the least memory; "
+                        "with --micro-batch the batches are held without their features, so a few ahead cost little)")
     p.add_argument("--micro-batch", type=int_at_least(1), default=None, metavar="K",
                    help="run the model K samples at a time (exact gradient caching, scale_fast/training.py): "
-                        "the contrastive batch stays --batch-size, memory is that of K samples (default: off; "
-                        "with --resume: the checkpoint's)")
+                        "the contrastive batch stays --batch-size; activations and input features are those of K "
+                        "samples (each micro-batch's features are read from the dataset when it runs, twice a step) "
+                        "(default: off; with --resume: the checkpoint's)")
     p.add_argument("--lr", type=float_at_least(0.0, strict=True), default=2e-3)
     p.add_argument("--weight-decay", type=float_at_least(0.0), default=0.01)
     p.add_argument("--warmup", type=int_at_least(0), default=20, help="linear warmup steps, then cosine decay to 10%%")

@@ -14,8 +14,10 @@ samples at a time:
 
 The parameter gradients are those of one step on the full batch (whose dropout draws are the
 micro-batches'); the loss is the full batch's, so weights, normalisers and every pair's negatives
-span the full batch.  Peak memory is that of the model on one micro-batch plus O(B) cached rows.
-Cost: one extra forward pass of the model (pass 1).
+span the full batch.  Peak memory is that of the model on one micro-batch plus O(B) cached rows;
+with `features=` the inputs too are one micro-batch's (the batch is held without its feature rows,
+each micro-batch's are read when it runs).  Cost: one extra forward pass of the model (pass 1),
+and with `features=` two reads of each micro-batch's features.
 
 Under torch.distributed (the model's loss holding a process group) the loss of pass 2 is the
 global batch's, every rank runs its own micro-batches, and `average_gradients` then averages the
@@ -69,21 +71,18 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], micro_batch: int, *,
                 autocast: Callable[[], ContextManager] = nullcontext,
-                features_masked: bool = True,
                 features: Optional[Callable[[int, int], Batch]] = None) -> SCALEOutput:
     """Forward and backward of one step on `batch`, the model running `micro_batch` samples at a time.
 
     Accumulates into the parameters' .grad exactly what `model(batch, masks).loss.total.backward()`
     would (dropout drawn per micro-batch); returns the full batch's SCALEOutput, detached from the
     model (its `tasks` empty: the hidden rows are not kept).  `autocast` is entered around every model and loss call (e.g. bf16 autocast).
-    features_masked=False: `batch` comes from `mask_batch(..., features="defer")` (clean feature
-    rows); each micro-batch's masked rows are zeroed when it is encoded, so the batch's features
-    are held once, never as a second, masked copy.
     features(start, stop): the samples [start, stop) with their feature rows (image, video and
     audio features, region classes), padded as `batch` is, for a `batch` collated without them
     (`collate(..., features=False)`, then `mask_batch(..., features="defer")`): e.g. the micro-batch
     collated again from the dataset, twice per step (passes 1 and 2), so that the features of the
-    full batch never exist at once.  The masked rows' targets are read from them.
+    full batch never exist at once.  The masked rows' targets are read from them, and their
+    feature rows zeroed.  (Without it, `mask_batch(..., features="in_place")` holds the features once.)
     """
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise ValueError(f"micro_batch must be a positive int, got {micro_batch!r}")
@@ -95,12 +94,7 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
     task_embeddings: List[torch.Tensor] = []
     rows: Dict[str, list] = {m: [] for m in masks}
     template: Dict[str, object] = {}
-    loaded_rows: Dict[str, List[MaskedRows]] = {m: [] for m in masks}
-    # each micro-batch's masked rows, in the order of pass 1 (their targets are the full batch's, reordered)
-    order = {m: [] for m in masks}
-    for start, stop in spans:
-        for m, r in masks.items():
-            order[m].append(((r.sample >= start) & (r.sample < stop)).nonzero().squeeze(1))
+    targets: Dict[str, List[torch.Tensor]] = {m: [] for m in masks}  # with `features`: each micro-batch's
 
     def inputs(start: int, stop: int):
         part, part_masks = batch_rows(batch, masks, start, stop)
@@ -111,26 +105,24 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
                 r.sample, r.position, getattr(part, f"{m}_feats")[r.sample, r.position],
                 None if r.classes is None else part.image_classes[r.sample, r.position])
                 for m, r in part_masks.items()}
-        elif features_masked:
-            return part, part_masks
-        return mask_features(part, part_masks), part_masks
+            part = mask_features(part, part_masks)
+        return part, part_masks
 
-    # pass 1: what the loss needs, without a graph; the task rows' targets are not kept (the
-    # full batch's masks hold them), only their hidden states
+    # pass 1: what the loss needs, without a graph: the task rows' hidden states, and their
+    # targets only where the full batch's masks lack them (`features`: read per micro-batch)
     with torch.no_grad():
         for start, stop in spans:
             states.append(_rng_state(device))
             part, part_masks = inputs(start, stop)
             with autocast():
                 out = model(part, part_masks, compute_loss=False)
-            if features is not None:  # the targets exist only in the micro-batches' rows
-                for m, r in part_masks.items():
-                    loaded_rows[m].append(r)
             embeddings.append(out.embeddings)
             task_embeddings.append(out.task_embeddings)
             for m, task in out.tasks.items():
                 template.setdefault(m, task)  # kind, head and target dtype (one micro-batch's rows)
                 rows[m].append((task.hidden, task.sample_index + start))
+                if features is not None:  # the model's target: class distributions for "kl", else the masked values
+                    targets[m].append(part_masks[m].classes if task.kind == "kl" else part_masks[m].target)
             del out, part, part_masks
     end_state = _rng_state(device)
 
@@ -143,17 +135,16 @@ def cached_step(model: SCALEModel, batch: Batch, masks: Dict[str, MaskedRows], m
             continue
         first = template[m]
         hidden[m] = torch.cat([h for h, _ in parts]).requires_grad_()
-        # the model's target of these rows: the class distributions for "kl", else the masked values
         if features is not None:
-            source = torch.cat([r.classes if first.kind == "kl" else r.target for r in loaded_rows[m]])
-        else:
+            source = torch.cat(targets[m])
+        else:  # the model's target of these rows, in pass 1's order (micro-batch after micro-batch)
             source = masks[m].classes if first.kind == "kl" else masks[m].target
-            keep = torch.cat(order[m])
+            keep = torch.cat([((masks[m].sample >= a) & (masks[m].sample < b)).nonzero().squeeze(1) for a, b in spans])
             if not torch.equal(keep, torch.arange(len(keep), device=keep.device)):
-                source = source[keep]  # rows not sorted by sample: pass 1's order
+                source = source[keep]  # rows not sorted by sample
         tasks[m] = replace(first, hidden=hidden[m], target=source.to(first.target.dtype),
                            sample_index=torch.cat([i for _, i in parts]))
-    del embeddings, task_embeddings, rows, order, template, loaded_rows
+    del embeddings, task_embeddings, rows, template, targets
     present = model.loss_present(batch)
     with autocast():
         loss = model.loss(emb, present, tasks, cls)

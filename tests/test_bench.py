@@ -192,12 +192,13 @@ def test_pretrain_memory_script_runs(tmp_path):
     """benchmarks/bench_pretrain_memory.py at tiny sizes: fresh `scale-fast pretrain` processes, the table written."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_pretrain_memory.py"), "--start", "2",
                            "--cap", "2", "--reference-batch", "2", "--micro-batch", "1", "--budget-mib", "100000",
-                           "--out-dir", str(tmp_path), "--backend", "torch", "--set", "jct_layers=1"],
+                           "--time-batch", "3", "--reps", "1", "--out-dir", str(tmp_path), "--backend", "torch", "--set", "jct_layers=1"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     md = (tmp_path / "pretrain_memory_cpu.md").read_text()
     assert "command: `python benchmarks/bench_pretrain_memory.py --start 2" in md and "torch 1 thread," in md
-    assert "| --micro-batch 1 | 0 | 2 |" in md and "| plain | 3 | 2 |" in md
+    assert "| --micro-batch 1 | 0 | 2 |" in md and "| --micro-batch 1 | 3 | 2 |" in md and "| plain | 3 | 2 |" in md
     assert "| 2 | - | 0 |" in md and "| 2 | 1 | 0 |" in md  # every probe listed
+    assert "| 3 | cached_step, K=1, features read again (--micro-batch) |" in md  # the timed steps
     rows = list(csv.DictReader(open(tmp_path / "pretrain_memory_cpu.csv")))
-    assert len(rows) == 3 and all(int(r["peak"]) > 0 and float(r["s_per_sample"]) > 0 for r in rows)
+    assert len(rows) == 4 and all(int(r["peak"]) > 0 and float(r["s_per_sample"]) > 0 for r in rows)

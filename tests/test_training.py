@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.data import Subset
 
 from scale_fast.data import SyntheticProducts, collate, mask_batch
 from scale_fast.model import SCALEConfig, SCALEModel
@@ -113,42 +114,29 @@ def test_cached_step_without_dropout_equals_ordinary_step():
     assert_same(cached(model, batch, masks, 4, seed=0), direct(model, batch, masks, seed=0))
 
 
-def test_cached_step_masks_deferred_features_per_micro_batch():
-    """features_masked=False (clean feature rows, masked per micro-batch): the same step, bit for bit;
-    also with masked rows not sorted by sample."""
+def test_cached_step_reads_features_per_micro_batch():
+    """features= (a batch collated without its feature rows, each micro-batch's read again from the
+    dataset): the same step, bit for bit; also with masked rows not sorted by sample."""
     cfg = config()
     model, batch, masks = make(cfg, 10)
     data = SyntheticProducts(10, seed=0, config=cfg)
-    clean, masks_d = mask_batch(collate([data[i] for i in range(10)], cfg), cfg, torch.Generator().manual_seed(0),
-                                features="defer")
-    clean = replace(clean, **{f.name: getattr(clean, f.name).double() for f in fields(clean)
-                              if isinstance(getattr(clean, f.name), torch.Tensor) and getattr(clean, f.name).is_floating_point()})
-    assert not torch.equal(clean.image_feats, batch.image_feats)
     want = cached(model, batch, masks, 3, seed=4)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(4)
-    out = cached_step(model, clean, masks, 3, features_masked=False)
-    got = (float(out.loss.total), grads(model))
-    assert got[0] == want[0] and got[1].keys() == want[1].keys()
-    assert all(torch.equal(got[1][n], want[1][n]) for n in want[1])
-    # the batch without feature rows, each micro-batch's read again from the dataset (padded as the batch)
-    from torch.utils.data import Subset
-
     bare, masks_b = mask_batch(collate([data[i] for i in range(10)], cfg, features=False), cfg,
                                torch.Generator().manual_seed(0), features="defer")
     assert bare.image_feats.shape[-1] == 0 and torch.equal(masks_b["text"].target, masks["text"].target)
-    lengths = {m: clean.valid(m).shape[1] for m in ("text", "image", "table", "video", "audio")}
+    lengths = {m: batch.valid(m).shape[1] for m in ("text", "image", "table", "video", "audio")}
     reads = []
 
     def features(start, stop):
         reads.append((start, stop))
-        part = collate(Subset(data, range(start, stop)), cfg, lengths=lengths, dtype=torch.float64)
-        return part
+        return collate(Subset(data, range(start, stop)), cfg, lengths=lengths, dtype=torch.float64)
 
     model.zero_grad(set_to_none=True)
     torch.manual_seed(4)
     out = cached_step(model, bare, masks_b, 3, features=features)
-    assert float(out.loss.total) == want[0] and all(torch.equal(grads(model)[n], want[1][n]) for n in want[1])
+    got = grads(model)
+    assert float(out.loss.total) == want[0] and got.keys() == want[1].keys()
+    assert all(torch.equal(got[n], want[1][n]) for n in want[1])
     assert reads == [(0, 3), (3, 6), (6, 9), (9, 10)] * 2  # passes 1 and 2
     flipped = {m: replace(r, sample=r.sample.flip(0), position=r.position.flip(0), target=r.target.flip(0),
                           classes=None if r.classes is None else r.classes.flip(0)) for m, r in masks.items()}

@@ -10,6 +10,8 @@ One system, used by `scale-fast bench` and by the scripts of benchmarks/:
 - ``runner.py``   one op's implementations over its sizes, records per row;
 - ``report.py``   header (machine, versions, date, command, threads, load), tables, CSV, plots;
 - ``command.py``  `scale-fast bench` and ``tables()``, the engine the scripts share.
+- ``pretrain_memory.py``  the largest batch `scale-fast pretrain` fits in a peak-RSS budget, with
+  and without ``--micro-batch`` (fresh processes), and the cached step's cost per sample.
 
 Peers (OpenCLIP, Inf-CL, Liger-Kernel, Cut Cross-Entropy, xformers, torch's
 F.linear_cross_entropy) are optional: one that is missing is listed as skipped with the reason.

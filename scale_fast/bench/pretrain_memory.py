@@ -6,8 +6,10 @@ Every probe is a fresh process running `scale-fast pretrain --steps 2` (tiny mod
 is read at its end.  The budget is the peak of the reference run (plain batch 128, default
 flags) measured first in the same run, or a fixed number of MiB.  For each mode the batch doubles
 from `start` while the peak stays within the budget, then bisects between the last batch that fits
-and the first that does not (to a quarter of the former).  Time per sample is that of step 2 (the
-log's throughput; step 1 pays one-off set-up) of the probes that ran the same batch in both modes.
+and the first that does not (to a quarter of the former).  The cost of the cached step is timed in
+the benchmark process, side by side on the same batch: the plain fwd+bwd, `cached_step` on the
+collated batch (the extra forward pass) and `cached_step` reading each micro-batch's features again
+from the dataset (what `--micro-batch` runs), wall and CPU time, median of the repeats.
 
     python benchmarks/bench_pretrain_memory.py            # writes benchmarks/results/pretrain_memory_cpu.md
 """
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import report
+from . import measure, report
 
 # the probe: the CLI as the console script runs it, then its own high-water mark
 _CHILD = ("import sys\n"
@@ -69,6 +71,44 @@ def probe(flags: Sequence[str], timeout: float = 900) -> Dict[str, object]:
             "s_per_sample": None if not last or not last.get("samples_per_s") else 1.0 / last["samples_per_s"]}
 
 
+def step_times(batch: int, micro_batch: int, *, reps: int = 3) -> Dict[str, float]:
+    """Milliseconds per sample (wall and CPU, median of `reps` after one warm-up) of one training step's
+    forward and backward on the tiny model and a synthetic batch: plain, cached with the batch's
+    features held, cached reading each micro-batch's features from the dataset (--micro-batch)."""
+    import torch
+    from torch.utils.data import Subset
+
+    from ..data import SyntheticProducts, collate, mask_batch
+    from ..model import MODALITIES, SCALEConfig, SCALEModel
+    from ..training import cached_step
+
+    cfg = SCALEConfig.tiny()
+    torch.manual_seed(0)
+    model = SCALEModel(cfg)
+    data = SyntheticProducts(batch, seed=0, config=cfg)
+    masked, masks = mask_batch(collate(Subset(data, range(batch)), cfg), cfg, torch.Generator().manual_seed(0))
+    bare, bare_masks = mask_batch(collate(Subset(data, range(batch)), cfg, features=False), cfg,
+                                  torch.Generator().manual_seed(0), features="defer")
+    lengths = {m: masked.valid(m).shape[1] for m in MODALITIES}
+
+    def read(start: int, stop: int):
+        return collate(Subset(data, range(start, stop)), cfg, lengths=lengths)
+
+    def plain():
+        model(masked, masks).loss.total.backward()
+
+    steps = {"plain": plain,
+             "cached": lambda: cached_step(model, masked, masks, micro_batch),
+             "cached_reread": lambda: cached_step(model, bare, bare_masks, micro_batch, features=read)}
+    out: Dict[str, float] = {}
+    for name, fn in steps.items():
+        model.zero_grad(set_to_none=True)
+        t = measure.time_ms(fn, "cpu", reps=reps, warmup=1)
+        for kind in ("wall", "cpu"):
+            out[f"{name}_{kind}"] = sorted(t[kind])[len(t[kind]) // 2] / batch
+    return out
+
+
 def largest_batch(fits: Callable[[int], bool], start: int, cap: int) -> Tuple[Optional[int], Optional[int]]:
     """(largest batch found to fit, smallest found not to): doubling from `start` up to `cap`, then
     bisection until the gap is at most a quarter of the batch that fits."""
@@ -91,9 +131,9 @@ def largest_batch(fits: Callable[[int], bool], start: int, cap: int) -> Tuple[Op
 
 def run(*, micro_batch: int = 32, threads: int = 1, start: int = 128, cap: int = 4096,
         budget_mib: Optional[float] = None, reference_batch: int = 128, extra: Sequence[str] = (),
-        log=None) -> Dict[str, object]:
-    """The search for plain (--prefetch 3, the default, and 0) and --micro-batch (--prefetch 0);
-    returns {budget, reference, modes: [...], probes: [...], info}."""
+        time_batches: Sequence[int] = (256,), reps: int = 3, log=None) -> Dict[str, object]:
+    """The search for plain and --micro-batch, each with --prefetch 3 (the default) and 0, then the
+    step times at `time_batches`; returns {budget, modes: [...], probes: [...], times: [...], info}."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     info = report.machine_info("cpu")
     info["torch_threads"] = threads
@@ -116,7 +156,7 @@ def run(*, micro_batch: int = 32, threads: int = 1, start: int = 128, cap: int =
     else:
         budget = reference["peak"]
     modes = []
-    for mb, prefetch in ((None, None), (None, 0), (micro_batch, 0)):
+    for mb, prefetch in ((None, None), (None, 0), (micro_batch, None), (micro_batch, 0)):
         seen: Dict[int, dict] = {}
         if mb is None and prefetch is None and reference_batch == start:
             seen[start] = reference
@@ -130,10 +170,17 @@ def run(*, micro_batch: int = 32, threads: int = 1, start: int = 128, cap: int =
         modes.append({"micro_batch": mb, "prefetch": 3 if prefetch is None else prefetch, "largest": lo,
                       "largest_peak": seen[lo]["peak"] if lo else None, "first_over": hi,
                       "first_over_peak": seen[hi]["peak"] if hi in seen else None})
+    import torch
+
+    torch.set_num_threads(threads)
+    times = []
+    for b in time_batches:
+        log(f"step times at batch {b}, --micro-batch {micro_batch}")
+        times.append({"batch": b, "load": os.getloadavg()[0], **step_times(b, micro_batch, reps=reps)})
     info["loadavg_end"] = report.loadavg()
     info["wall_s"] = round(time.time() - t0)
     return {"budget": budget, "reference_batch": reference_batch, "micro_batch": micro_batch, "threads": threads,
-            "modes": modes, "probes": probes, "info": info, "extra": list(extra)}
+            "cap": cap, "modes": modes, "probes": probes, "times": times, "info": info, "extra": list(extra)}
 
 
 def _mib(v) -> str:
@@ -143,7 +190,7 @@ def _mib(v) -> str:
 def text(result: Dict[str, object], command: str) -> str:
     """The markdown report: the largest batch per mode, the second pass's cost per sample, every probe."""
     mb, budget = result["micro_batch"], result["budget"]
-    flags = " ".join(pretrain_flags(0, None, None, result["threads"], result["extra"])[3:]).replace("--batch-size 0 ", "")
+    flags = " ".join(pretrain_flags(0, None, None, result["threads"], result["extra"])[3:])  # after --batch-size
     method = (f"every probe a fresh process: `scale-fast pretrain --batch-size B {flags} [--micro-batch K] "
               "[--prefetch N]` (tiny model, synthetic data), peak = its VmHWM at exit (default allocator); budget = "
               f"the peak of plain batch {result['reference_batch']} with the default --prefetch 3 (this run); "
@@ -157,21 +204,24 @@ def text(result: Dict[str, object], command: str) -> str:
         base = plain.get(m["prefetch"])
         rows.append({"mode": "plain" if m["micro_batch"] is None else f"--micro-batch {m['micro_batch']}",
                      "--prefetch": m["prefetch"], "largest batch": m["largest"] or "-",
-                     "its peak MiB": _mib(m["largest_peak"]), "first over": m["first_over"] or "-",
+                     "its peak MiB": _mib(m["largest_peak"]), "first over": m["first_over"] or f"none up to {result['cap']}",
                      "its peak MiB ": _mib(m["first_over_peak"]),
                      "× plain (same --prefetch)": (f"{m['largest'] / base:.1f}" if m["largest"] and base else "-"),
                      "× plain (--prefetch 3)": (f"{m['largest'] / plain[3]:.1f}" if m["largest"] and plain.get(3) else "-")})
     out += [report.md_table(list(rows[0]), rows), ""]
-    # the second pass: cached vs plain at the same batch (same --prefetch 0)
-    by = {}
-    for p in result["probes"]:
-        if p["s_per_sample"] is not None and p["prefetch"] == 0:
-            by.setdefault(p["batch"], {})[p["micro_batch"]] = p["s_per_sample"]
-    trows = [{"batch": b, "plain ms/sample": f"{v[None] * 1e3:.2f}", f"--micro-batch {mb} ms/sample": f"{v[mb] * 1e3:.2f}",
-              "× plain": f"{v[mb] / v[None]:.2f}"} for b, v in sorted(by.items()) if None in v and mb in v]
+    # the cost of the cached step: side by side in this process, the same batch
+    trows = []
+    for t in result.get("times", []):
+        for name, label in (("plain", "plain fwd+bwd"), ("cached", f"cached_step, K={mb}, features held"),
+                            ("cached_reread", f"cached_step, K={mb}, features read again (--micro-batch)")):
+            trows.append({"batch": t["batch"], "step": label, "wall ms/sample": f"{t[name + '_wall']:.2f}",
+                          "CPU ms/sample": f"{t[name + '_cpu']:.2f}",
+                          "CPU × plain": f"{t[name + '_cpu'] / t['plain_cpu']:.2f}", "load": f"{t['load']:.1f}"})
     if trows:
-        out += [f"Cost of the cached step (step 2's wall time per sample, --prefetch 0, both modes at the same batch; "
-                "the extra forward pass of --micro-batch included):", "", report.md_table(list(trows[0]), trows), ""]
+        out += ["Cost of the cached step (one training step's forward and backward on the same synthetic batch, in "
+                "this process, median of the repeats; CPU time is what the load of other jobs does not inflate): the "
+                "extra forward pass of pass 1, and the features read again from the dataset in both passes:", "",
+                report.md_table(list(trows[0]), trows), ""]
     prows = [{"batch": p["batch"], "--micro-batch": p["micro_batch"] or "-", "--prefetch": p["prefetch"],
               "peak MiB": _mib(p["peak"]) if p["peak"] is not None else "failed",
               "within budget": "yes" if p["peak"] is not None and p["peak"] <= budget else "no",
