@@ -24,6 +24,13 @@ def normalize_rows(x: torch.Tensor):
     return x * inv[..., None], inv, norm > EPS
 
 
+def normalize_rows_(x: torch.Tensor):
+    """normalize_rows(x) in place: x becomes u (same values, no second buffer)."""
+    norm = torch.linalg.vector_norm(x, dim=-1)
+    inv = 1.0 / norm.clamp(min=EPS)
+    return x.mul_(inv[..., None]), inv, norm > EPS
+
+
 # Rows per block in normalize_rows_backward: its temporaries stay ~1 MiB instead of the
 # size of du, whose freed copies the allocator would keep resident.
 ROWS_PER_BLOCK = 1024

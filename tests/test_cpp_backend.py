@@ -372,9 +372,10 @@ def test_contrastive_dtypes(form, dtype):
         assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+@pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
 def tiny_tiles(request, monkeypatch, threads):
-    """16-row tiles (many ragged tiles from small inputs), on 1 and on 2 intra-op threads."""
+    """16-row tiles (many ragged tiles from small inputs), on 1, 2 and 3 intra-op threads (the backward's
+    panels: one, an even and an odd count)."""
     import importlib
 
     monkeypatch.setattr(importlib.import_module("scale_fast.backends.cpp.contrastive"), "TILE", 16)
@@ -384,7 +385,7 @@ def tiny_tiles(request, monkeypatch, threads):
 @needs_cpp
 @pytest.mark.parametrize("form", ["ntxent", "clip"])
 def test_contrastive_many_tiles(tiny_tiles, form):
-    """Tiny tiles: ragged last tiles, diagonal and off-diagonal tiles, thread-local accumulation."""
+    """Tiny tiles: ragged last tiles, diagonal and off-diagonal tiles, thread-local sums, backward rounds."""
     for k, (B, pattern, wkind) in enumerate([(17, "random", "BMM"), (50, "mixed", "MM"), (101, "all", None)]):
         _contrastive_case(1200 + k, M=3, B=B, D=33, pattern=pattern, form=form, wkind=wkind, scale_kind="tensor")
         _contrastive_case(1210 + k, M=3, B=B, D=9, pattern=pattern, form=form, wkind=wkind, scale_kind="tensor",

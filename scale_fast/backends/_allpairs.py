@@ -22,7 +22,8 @@ from typing import Callable, Mapping, Optional, Protocol, Tuple
 
 import torch
 
-from .._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
+from .._normalize import accumulation_dtype, normalize_rows_, normalize_rows_backward
+from ._host_memory import release
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,12 @@ class NTXent:
         self.k = kernels
 
     def forward(self, a, b, rs):
-        loss, lse, pos = self.k.ntxent_forward(torch.cat([a, b]), torch.cat([rs, rs]))
+        loss, lse, pos = self.k.ntxent_forward(joined(a, b), torch.cat([rs, rs]))
         return loss, (lse, pos)
 
     def backward(self, a, b, rs, stats, coef):
         n = a.shape[0]
-        du, d_rs = self.k.ntxent_backward(torch.cat([a, b]), torch.cat([rs, rs]), *stats, coef)
+        du, d_rs = self.k.ntxent_backward(joined(a, b), torch.cat([rs, rs]), *stats, coef)
         return du[:n], du[n:], d_rs[:n] + d_rs[n:]
 
     @staticmethod
@@ -92,7 +93,7 @@ class NTXent:
     def rows_forward(self, a, b, rs, local):
         n = a.shape[0]
         q_idx, pos, self_idx = self._queries(n, local)
-        u = torch.cat([a, b])
+        u = joined(a, b)
         total, lse, pos_dot = self.k.rows_forward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), pos, self_idx)
         return total / (2 * n), (lse, pos_dot)
 
@@ -100,7 +101,7 @@ class NTXent:
         n = a.shape[0]
         q_idx, pos, self_idx = self._queries(n, local)
         lse, pos_dot = stats
-        u = torch.cat([a, b])
+        u = joined(a, b)
         dq, du, d_rs = self.k.rows_backward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), lse, pos, self_idx,
                                             pos_dot, coef / (2 * n))
         du.index_add_(0, q_idx, dq)
@@ -173,9 +174,30 @@ def pair_forms(kernels: PairKernels) -> Mapping[str, PairForm]:
     return forms
 
 
-def gather_unit_rows(e, m, rows, acc):
-    """(u, inv, projected): the rows `rows` of modality m, normalised (all are present); u is contiguous."""
-    return normalize_rows(e[m].index_select(0, rows).to(acc))
+def joined(a, b):
+    """[a; b] as one [2n, D] tensor: the buffer a and b are the halves of (see gather_pair), else a copy."""
+    n = a.shape[0]
+    base = a._base
+    if (base is not None and b._base is base and base.shape[0] == 2 * n and a.data_ptr() == base.data_ptr()
+            and b.data_ptr() == base[n:].data_ptr()):
+        return base
+    return torch.cat([a, b])
+
+
+def gather_pair(e, i, j, rows, acc):
+    """The rows `rows` of modalities i and j, normalised (all are present), gathered straight into
+    the two halves of one [2n, D] buffer, so that NT-Xent's [a; b] needs no copy:
+    ((a, inv_a, projected_a), (b, inv_b, projected_b))."""
+    n = rows.numel()
+    u = torch.empty(2 * n, e.shape[-1], dtype=acc, device=e.device)
+    out = []
+    for m, half in ((i, u[:n]), (j, u[n:])):
+        if e.dtype == acc:
+            torch.index_select(e[m], 0, rows, out=half)
+        else:
+            half.copy_(e[m].index_select(0, rows))
+        out.append(normalize_rows_(half))
+    return out
 
 
 def pair_row_scale(s, row_weights, rows, i, j, acc):
@@ -196,6 +218,7 @@ class _AllPairs(torch.autograd.Function):
         extra = () if bias is None else (bias.detach().to(acc),)  # the forms that take a logit bias
         out = torch.zeros(M, M, dtype=acc, device=e.device)
         pairs = []
+        release(e.device)  # what the caller's earlier steps freed (the scores' chunks)
         for i in range(M):
             for j in range(i + 1, M):
                 rows = torch.nonzero(present[i] & present[j]).squeeze(1)
@@ -206,13 +229,15 @@ class _AllPairs(torch.autograd.Function):
                     local = torch.nonzero((rows >= row_range[0]) & (rows < row_range[1])).squeeze(1)
                     if local.numel() == 0:
                         continue
-                a, b = gather_unit_rows(e, i, rows, acc)[0], gather_unit_rows(e, j, rows, acc)[0]
+                (a, _, _), (b, _, _) = gather_pair(e, i, j, rows, acc)
                 if local is None:
                     out[i, j], stats = pair.forward(a, b, pair_row_scale(s, row_weights, rows, i, j, acc), *extra)
                 else:
                     rs = pair_row_scale(s, row_weights, rows.index_select(0, local) - row_range[0], i, j, acc)
                     out[i, j], stats = pair.rows_forward(a, b, rs, local, *extra)
                 pairs.append((i, j, rows, local, stats))
+                del a, b
+                release(e.device)  # this pair's [2n, D] buffer and tile scratch are free
         ctx.save_for_backward(e, scale, row_weights, bias)
         ctx.pair, ctx.pairs, ctx.row_range = pair, pairs, row_range
         return out
@@ -233,8 +258,7 @@ class _AllPairs(torch.autograd.Function):
         for i, j, rows, local, stats in ctx.pairs:
             if not used[i][j]:  # this pair's loss is not used: its gradient is exactly 0
                 continue
-            a, inv_a, proj_a = gather_unit_rows(e, i, rows, acc)
-            b, inv_b, proj_b = gather_unit_rows(e, j, rows, acc)
+            (a, inv_a, proj_a), (b, inv_b, proj_b) = gather_pair(e, i, j, rows, acc)
             if local is None:
                 w_rows = rows
                 rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
@@ -249,6 +273,8 @@ class _AllPairs(torch.autograd.Function):
             de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
             de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
             d_rows[w_rows, i, j] = d_rs
+            del a, b, da, db, grads
+            release(e.device)
         dweights = dscale = None
         if ctx.needs_input_grad[4]:
             dweights = (d_rows * s).to(row_weights.dtype)

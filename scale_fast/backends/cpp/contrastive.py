@@ -41,8 +41,8 @@ def ntxent_backward(u, rs, lse, pos, coef):
     c = float(coef) / n2
     du, dot_p, p_sum = _ext().ntxent_backward(u, rs, lse, c, TILE)
     both = (c * (rs[:n] + rs[n:]))[:, None]
-    du[:n].sub_(both * u[n:])
-    du[n:].sub_(both * u[:n])
+    du[:n].addcmul_(both, u[n:], value=-1)  # in place: no [n, D] temporary
+    du[n:].addcmul_(both, u[:n], value=-1)
     return du, c * (dot_p / p_sum - pos.repeat(2))
 
 
@@ -63,8 +63,8 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos, coef):
     c = float(coef) / (n * directions)
     da, db, dot_p, p_sum = _ext().cross_backward(a, b, rs, lse_r, lse_c, c, TILE)
     k = (directions * c * rs)[:, None]
-    da.sub_(k * b)
-    db.sub_(k * a)
+    da.addcmul_(k, b, value=-1)
+    db.addcmul_(k, a, value=-1)
     return da, db, c * (dot_p / p_sum - pos).sum(0)
 
 

@@ -12,11 +12,12 @@ import torch
 from ..._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
 from .._scores import scores as shared_scores
 
-SAMPLES_PER_CHUNK = 4096
-# Backward holds about four [M, chunk, D] temporaries next to two [M, B, D] gradients (its
-# own and the contrastive loss's, which autograd adds up): smaller chunks keep that peak
-# low.  Every sample's gradient is computed alone, so the chunk size does not change it.
-SAMPLES_PER_BACKWARD_CHUNK = 1024
+# Forward and backward hold about four [M, chunk, D] temporaries (backward next to two
+# [M, B, D] gradients: its own and the contrastive loss's, which autograd adds up): small
+# chunks keep that peak low, and keep them below the sizes the C allocator would keep
+# resident after they are freed.  Every sample is computed alone, so the chunk size does
+# not change a value.
+SAMPLES_PER_CHUNK = 1024
 
 
 def _chunks(n: int, size: int = SAMPLES_PER_CHUNK):
@@ -55,7 +56,7 @@ class _Gram(torch.autograd.Function):
         acc = accumulation_dtype(e.dtype)
         sym = (grad + grad.transpose(-1, -2)).to(acc)
         de = torch.empty(e.shape, dtype=e.dtype, device=e.device)
-        for cols in _chunks(e.shape[1], SAMPLES_PER_BACKWARD_CHUNK):
+        for cols in _chunks(e.shape[1]):
             z, inv, projected = _normalized_chunk(e, present, cols, acc)
             if ctx.per_sample:
                 dz = torch.einsum("bmn,nbd->mbd", sym[cols], z)

@@ -3,8 +3,9 @@
 // at::mm where torch exports no BLAS symbols) and everything around the GEMM -- scale, shift,
 // exp, row/column sums, gradient-tile formation -- is fused into ONE pass over the tile while
 // it is in cache (a 256 x 256 float32 tile and its operands fit in L2).  Work is split over
-// tiles with at::parallel_for; gradients and row statistics are accumulated in thread-local
-// buffers and reduced at the end.
+// tiles with at::parallel_for: the forward's row statistics are summed in thread-local [n]
+// buffers and reduced at the end; the backward's tiles run in rounds whose tasks write
+// disjoint rows (make_rounds), so gradients go straight into the results.
 #include "common.h"
 
 namespace sf {
@@ -260,25 +261,72 @@ std::pair<Tensor, Tensor> tiles_forward(const Tensor& X, const Tensor& Y, const 
   return {lse_x, lse_y};
 }
 
+// Backward tiles grouped so that no two threads ever write the same rows: the rows of X (and
+// of Y) are cut into P panels of whole tiles, a "match" (p, q) holds the tiles of rows in
+// panel p against columns in panel q, and a "round" holds matches that touch disjoint panels
+// (a round-robin tournament for NT-Xent, whose tiles write both panels of one space; a Latin
+// square for CLIP, whose tiles write panel p of X and panel q of Y).  Rounds run one after the
+// other, the matches of a round in parallel, each writing its gradient rows and row statistics
+// straight into the results: no per-thread [n, D] buffers, so the memory does not grow with
+// the thread count.  One thread: one match holding every tile in make_tasks' order.
+using Match = std::vector<TileTask>;
+using Round = std::vector<Match>;
+
+std::vector<Round> make_rounds(int64_t n, int64_t tile, bool triangular, int threads) {
+  const int64_t nt = (n + tile - 1) / tile;
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(nt, threads <= 1 ? 1 : 4 * threads));
+  auto first_tile = [&](int64_t p) { return p * nt / P; };
+  auto match = [&](int64_t p, int64_t q) {
+    Match m;
+    for (int64_t r = first_tile(p); r < first_tile(p + 1); ++r) {
+      for (int64_t c = (triangular && p == q) ? r : first_tile(q); c < first_tile(q + 1); ++c) {
+        const int64_t r0 = r * tile, c0 = c * tile;
+        m.push_back({r0, std::min(tile, n - r0), c0, std::min(tile, n - c0), triangular && c == r});
+      }
+    }
+    return m;
+  };
+  std::vector<Round> rounds;
+  if (!triangular) {
+    for (int64_t k = 0; k < P; ++k) {
+      Round round;
+      for (int64_t p = 0; p < P; ++p) round.push_back(match(p, (p + k) % P));
+      rounds.push_back(std::move(round));
+    }
+    return rounds;
+  }
+  // circle method over the panels (a "bye" -1 when P is odd): every pair p < q meets once
+  std::vector<int64_t> seat(P + (P % 2));
+  for (int64_t p = 0; p < static_cast<int64_t>(seat.size()); ++p) seat[p] = p < P ? p : -1;
+  const int64_t S = static_cast<int64_t>(seat.size());
+  for (int64_t k = 0; k + 1 < S; ++k) {
+    Round round;
+    for (int64_t i = 0; i < S / 2; ++i) {
+      const int64_t p = seat[i], q = seat[S - 1 - i];
+      if (p >= 0 && q >= 0) round.push_back(match(std::min(p, q), std::max(p, q)));
+    }
+    if (!round.empty()) rounds.push_back(std::move(round));
+    std::rotate(seat.begin() + 1, seat.end() - 1, seat.end());
+  }
+  Round diagonal;
+  for (int64_t p = 0; p < P; ++p) diagonal.push_back(match(p, p));
+  rounds.push_back(std::move(diagonal));
+  return rounds;
+}
+
 // Backward pass over the tiles: dX (and dY), and per-row dot_p / p_sum of both directions.
 // The gradient tile dG[r, c] = coef (rs_r P[r, c] + rs_c P^T[r, c]) is formed in place of G
-// and multiplied out with two GEMMs into thread-local gradient buffers.
+// and multiplied out with two GEMMs into the gradient rows of its match (see make_rounds).
 template <typename T>
 std::vector<Tensor> tiles_backward(const Tensor& X, const Tensor& Y, const Tensor& rsx, const Tensor& rsy,
                                    const Tensor& lse_x, const Tensor& lse_y, double coef,
-                                   const std::vector<TileTask>& tasks, bool cols, bool same_space, int64_t tile) {
+                                   const std::vector<Round>& rounds, bool cols, bool same_space, int64_t tile) {
   const int64_t nx = X.size(0), ny = Y.size(0), D = X.size(1);
-  const Slots slots;
-  const int nt = slots.count;
   const auto opt = X.options();
-  // thread-local accumulators; thread 0 writes straight into the results
   Tensor dX = at::zeros({nx, D}, opt);
   Tensor dY = same_space ? dX : at::zeros({ny, D}, opt);
-  std::vector<Tensor> dXt(nt), dYt(nt);
-  dXt[0] = dX;
-  dYt[0] = dY;
   const int64_t ncol_space = same_space ? 0 : ny;
-  Tensor stats = at::zeros({nt, 2, nx + ncol_space}, opt);  // [thread, (dot_p, p_sum), rows of X then Y]
+  Tensor stats = at::zeros({2, nx + ncol_space}, opt);  // [(dot_p, p_sum), rows of X then Y]
   const T c = static_cast<T>(coef);
   Tensor crsy = rsy * c;
   const T* prsx = rsx.data_ptr<T>();
@@ -290,67 +338,59 @@ std::vector<Tensor> tiles_backward(const Tensor& X, const Tensor& Y, const Tenso
 
   const T* px = X.data_ptr<T>();
   const T* py = Y.data_ptr<T>();
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    const int tid = slots.id();
-    if (tid > 0 && !dXt[tid].defined()) {
-      dXt[tid] = at::zeros({nx, D}, opt);
-      dYt[tid] = same_space ? dXt[tid] : at::zeros({ny, D}, opt);
-    }
-    T* dx = dXt[tid].data_ptr<T>();
-    T* dy = dYt[tid].data_ptr<T>();
-    std::vector<T> gbuf(tile * tile);
-    T* dp = stats[tid][0].data_ptr<T>();
-    T* ps = stats[tid][1].data_ptr<T>();
-    for (int64_t t = begin; t < end; ++t) {
-      const TileTask& tk = tasks[t];
-      const int64_t nr = tk.nr, nc = tk.nc;
-      const T* xr = px + tk.r0 * D;
-      const T* yc = py + tk.c0 * D;
-      T* g = gbuf.data();
-      gemm_rm<T>(false, true, nr, nc, D, xr, D, yc, D, false, g, nc);
-      const bool do_cols = cols && !tk.diag;
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t row = tk.r0 + r;
-        const T a = prsx[row];
-        T* gr = g + r * nc;
-        T dpr = 0, psr = 0;
-        if (tk.diag) {
-          bwd_row<T>(gr, r, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr, dpr, psr);
-          gr[r] = 0;
-          bwd_row<T>(gr + r + 1, nc - r - 1, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr, dpr,
-                     psr);
-        } else if (do_cols) {
-          bwd_row<T>(gr, nc, a, plx[row], c * a, prsy + tk.c0, ply + tk.c0, pcrsy + tk.c0, dp + yoff + tk.c0,
-                     ps + yoff + tk.c0, dpr, psr);
-        } else {
-          bwd_row<T>(gr, nc, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr, dpr, psr);
-        }
-        dp[row] += dpr;
-        ps[row] += psr;
-      }
-      if (tk.diag) {
-        // dG = A + A^T (both rows of a pair see each other through the same Gram entry)
-        for (int64_t i = 0; i < nr; ++i) {
-          for (int64_t j = i + 1; j < nc; ++j) {
-            const T s = g[i * nc + j] + g[j * nc + i];
-            g[i * nc + j] = s;
-            g[j * nc + i] = s;
+  T* dx = dX.data_ptr<T>();
+  T* dy = dY.data_ptr<T>();
+  T* dp = stats[0].data_ptr<T>();
+  T* ps = stats[1].data_ptr<T>();
+  for (const Round& round : rounds) {
+    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> gbuf(tile * tile);
+      for (int64_t m = begin; m < end; ++m) {
+        for (const TileTask& tk : round[m]) {
+          const int64_t nr = tk.nr, nc = tk.nc;
+          const T* xr = px + tk.r0 * D;
+          const T* yc = py + tk.c0 * D;
+          T* g = gbuf.data();
+          gemm_rm<T>(false, true, nr, nc, D, xr, D, yc, D, false, g, nc);
+          const bool do_cols = cols && !tk.diag;
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t row = tk.r0 + r;
+            const T a = prsx[row];
+            T* gr = g + r * nc;
+            T dpr = 0, psr = 0;
+            if (tk.diag) {
+              bwd_row<T>(gr, r, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr, dpr, psr);
+              gr[r] = 0;
+              bwd_row<T>(gr + r + 1, nc - r - 1, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr,
+                         dpr, psr);
+            } else if (do_cols) {
+              bwd_row<T>(gr, nc, a, plx[row], c * a, prsy + tk.c0, ply + tk.c0, pcrsy + tk.c0, dp + yoff + tk.c0,
+                         ps + yoff + tk.c0, dpr, psr);
+            } else {
+              bwd_row<T>(gr, nc, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr, dpr, psr);
+            }
+            dp[row] += dpr;
+            ps[row] += psr;
+          }
+          if (tk.diag) {
+            // dG = A + A^T (both rows of a pair see each other through the same Gram entry)
+            for (int64_t i = 0; i < nr; ++i) {
+              for (int64_t j = i + 1; j < nc; ++j) {
+                const T s = g[i * nc + j] + g[j * nc + i];
+                g[i * nc + j] = s;
+                g[j * nc + i] = s;
+              }
+            }
+            gemm_rm<T>(false, false, nr, D, nc, g, nc, xr, D, true, dx + tk.r0 * D, D);
+          } else {
+            gemm_rm<T>(false, false, nr, D, nc, g, nc, yc, D, true, dx + tk.r0 * D, D);   // dX[R] += dG Y[C]
+            gemm_rm<T>(true, false, nc, D, nr, g, nc, xr, D, true, dy + tk.c0 * D, D);    // dY[C] += dG^T X[R]
           }
         }
-        gemm_rm<T>(false, false, nr, D, nc, g, nc, xr, D, true, dx + tk.r0 * D, D);
-      } else {
-        gemm_rm<T>(false, false, nr, D, nc, g, nc, yc, D, true, dx + tk.r0 * D, D);   // dX[R] += dG Y[C]
-        gemm_rm<T>(true, false, nc, D, nr, g, nc, xr, D, true, dy + tk.c0 * D, D);    // dY[C] += dG^T X[R]
       }
-    }
-  });
-  for (int t = 1; t < nt; ++t) {
-    if (!dXt[t].defined()) continue;
-    dX.add_(dXt[t]);
-    if (!same_space) dY.add_(dYt[t]);
+    });
   }
-  Tensor st = stats.sum(0);  // [2, nx + ny']
-  return {dX, dY, st};
+  return {dX, dY, stats};
 }
 
 }  // namespace
@@ -374,10 +414,11 @@ std::vector<Tensor> ntxent_backward(const Tensor& u, const Tensor& rs, const Ten
   check_2d(u, "u");
   check_1d(rs, u, u.size(0), "rs");
   check_1d(lse, u, u.size(0), "lse");
-  auto tasks = make_tasks(u.size(0), u.size(0), tile, true);
+  TORCH_CHECK(tile > 0, "tile must be positive");
+  auto rounds = make_rounds(u.size(0), tile, true, Slots().count);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "ntxent_backward", [&] {
-    out = tiles_backward<scalar_t>(u, u, rs, rs, lse, lse, coef, tasks, true, true, tile);
+    out = tiles_backward<scalar_t>(u, u, rs, rs, lse, lse, coef, rounds, true, true, tile);
   });
   return {out[0], out[2][0], out[2][1]};
 }
@@ -406,10 +447,11 @@ std::vector<Tensor> cross_backward(const Tensor& a, const Tensor& b, const Tenso
   check_1d(lse_r, a, n, "lse_r");
   const bool both = lse_c.has_value() && lse_c->defined();
   if (both) check_1d(*lse_c, a, n, "lse_c");
-  auto tasks = make_tasks(n, n, tile, false);
+  TORCH_CHECK(tile > 0, "tile must be positive");
+  auto rounds = make_rounds(n, tile, false, Slots().count);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cross_backward", [&] {
-    out = tiles_backward<scalar_t>(a, b, rs, rs, lse_r, both ? *lse_c : Tensor(), coef, tasks, both, false, tile);
+    out = tiles_backward<scalar_t>(a, b, rs, rs, lse_r, both ? *lse_c : Tensor(), coef, rounds, both, false, tile);
   });
   // stats [2, n + n]: rows of a (direction a->b) then rows of b (direction b->a)
   Tensor st = out[2];
