@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -69,8 +70,12 @@ from .backends._capability import Capability
 
 BACKENDS = ("auto",) + NAMES
 FALLBACK = "torch"  # implements every op on every device and dtype
-_records: Dict[str, Capability] = {}
-_ops: Dict[str, ModuleType] = {}
+# Every backend's record, read at import (its package imports no triton and builds nothing), and
+# the op modules already imported with it: a lookup while torch.compile traces must not import.
+_records: Dict[str, Capability] = {name: importlib.import_module(f"scale_fast.backends.{name}").CAPABILITY
+                                   for name in NAMES}
+_ops: Dict[str, ModuleType] = {name: sys.modules[record.module] for name, record in _records.items()
+                               if record.module in sys.modules}
 # the ops whose first argument is an [M, B, D] embedding tensor (M: the modality count)
 _MODALITY_OPS = ("scores", "contrastive", "siglip")
 

@@ -82,3 +82,21 @@ def test_siglip_compiles():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)
     for got, want in zip(compiled_grads, eager_grads):
         assert (got - want).norm() <= 1e-4 * want.norm()
+
+
+def test_first_call_compiled_with_fullgraph():
+    """A fresh process whose first call of the loss is a fullgraph compile: the backend lookup
+    imports nothing while dynamo traces."""
+    import subprocess
+    import sys
+
+    code = ("import torch, scale_fast as sf\n"
+            "e = torch.randn(3, 8, 16, dtype=torch.float64, requires_grad=True)\n"
+            "p = torch.ones(3, 8, dtype=torch.bool)\n"
+            "f = torch.compile(lambda e, p: sf.scale_loss(e, p, backend='torch').total, fullgraph=True, "
+            "backend='eager')\n"
+            "g = torch.autograd.grad(f(e, p), e)[0]\n"
+            "r = torch.autograd.grad(sf.scale_loss(e, p, backend='torch').total, e)[0]\n"
+            "assert torch.allclose(g, r, rtol=1e-12, atol=1e-14), (g - r).abs().max()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
