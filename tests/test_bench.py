@@ -202,3 +202,20 @@ def test_pretrain_memory_script_runs(tmp_path):
     assert "| 3 | cached_step, K=1, features read again (--micro-batch) |" in md  # the timed steps
     rows = list(csv.DictReader(open(tmp_path / "pretrain_memory_cpu.csv")))
     assert len(rows) == 4 and all(int(r["peak"]) > 0 and float(r["s_per_sample"]) > 0 for r in rows)
+
+
+def test_memory_script_measures_rss_and_allocation(tmp_path):
+    """bench_memory_cpu.py: a fresh process per row, its peak RSS growth and peak allocation hold at
+    least the embedding gradient, and the timing rows give a ratio to naive."""
+    script = ROOT / "benchmarks" / "bench_memory_cpu.py"
+    out = subprocess.run([sys.executable, str(script), "--sizes", "256", "--threads", "1", "--backends", "torch",
+                          "--timing", "64", "--reps", "1", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "contrastive_memory_cpu.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    grad = float(row["of which embedding gradient MiB"])
+    assert grad == 5 * 256 * 256 * 4 / 2 ** 20
+    assert float(row["peak RSS growth MiB"]) >= grad and float(row["peak allocated MiB"]) >= grad
+    text = (tmp_path / "contrastive_memory_cpu.md").read_text()
+    assert "| 256 | torch | 1 |" in text and "ratio to naive" in text
