@@ -15,12 +15,15 @@ against a reference before it is timed (see scale_fast/bench/runner.py).
     python benchmarks/bench_contrastive.py --device cuda   # GPU table
     python benchmarks/bench_contrastive.py --dry-run       # the GPU table's ops, tiny, on CPU
     python benchmarks/bench_contrastive.py --form siglip   # sigmoid loss vs OpenCLIP SigLipLoss and naive
+    python benchmarks/bench_contrastive.py --device cuda --dim 256 --modalities 5   # the SCALE loss at D=256
 """
 from __future__ import annotations
 
 import sys
 
 from _script import parser, run_table, table_args
+
+from scale_fast.bench.contrastive import contrastive_op
 
 CPU_BATCHES = [512, 1024, 2048, 4096, 8192, 16384]
 GPU_BATCHES = [8192, 16384, 32768, 65536]
@@ -34,21 +37,36 @@ def main(argv=None) -> int:
     p.add_argument("--form", choices=["ntxent", "clip", "siglip"], default=None,
                    help="only this form's rows, M=2 (with its peers) and M=5, written to contrastive_<form>_<device> "
                         "(default: the table above)")
+    p.add_argument("--dim", type=int, default=None,
+                   help="embedding width D of every row (default: the table's, 256 on CPU, 512 on CUDA); the table is "
+                        "written to contrastive[_<form>]_d<D>_<device>")
+    p.add_argument("--modalities", type=int, choices=[2, 5], default=None,
+                   help="only the rows with this many modalities (2: the pair loss, 5: the SCALE loss)")
     args = p.parse_args(argv)
+    if args.dim is not None and args.dim < 1:
+        p.error(f"--dim must be a positive integer, got {args.dim}")
     device, table = table_args(args)
     tier = "quick" if args.dry_run else ("cuda" if device.startswith("cuda") else "cpu")
     sizes = [64, 96] if args.dry_run else (args.batches or (CPU_BATCHES if table == "cpu" else GPU_BATCHES))
     if args.form:
-        cases = [(f"contrastive_{args.form}_m2", tier, sizes), (f"contrastive_{args.form}_m5", tier, sizes)]
+        rows = [(args.form, 2), (args.form, 5)]
     elif table == "cpu":
-        cases = [("contrastive_ntxent_m5", tier, sizes)]
+        rows = [("ntxent", 5)]
     else:
-        cases = [("contrastive_clip_m2", tier, sizes), ("contrastive_ntxent_m5", tier, sizes)]
-    name = f"contrastive_{args.form}" if args.form else "contrastive"
-    title = "SCALE contrastive loss fwd+bwd" + (f", form {args.form}" if args.form else "")
+        rows = [("clip", 2), ("ntxent", 5)]
+    rows = [(form, M) for form, M in rows if args.modalities in (None, M)]
+    if not rows:
+        p.error(f"--modalities {args.modalities}: this table has no such rows")
+    # another width: the ops built for it (the registry's are at the tier's width)
+    cases = [(contrastive_op(form, M, args.dim) if args.dim else f"contrastive_{form}_m{M}", tier, sizes)
+             for form, M in rows]
+    name = ("contrastive" + (f"_{args.form}" if args.form else "") + (f"_d{args.dim}" if args.dim else "")
+            + (f"_m{args.modalities}" if args.modalities else ""))
+    title = ("SCALE contrastive loss fwd+bwd" + (f", form {args.form}" if args.form else "")
+             + (f", D={args.dim}" if args.dim else ""))
     return run_table(name, title, cases, args, device, argv=argv,
                      default_budget_s=150 if args.dry_run else (170 if device.startswith("cuda") else 720),
-                     plots=False)
+                     plots=False, fresh_peak=False if args.dim else None)  # fresh processes find ops by name
 
 
 if __name__ == "__main__":

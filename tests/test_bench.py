@@ -219,3 +219,18 @@ def test_memory_script_measures_rss_and_allocation(tmp_path):
     assert float(row["peak RSS growth MiB"]) >= grad and float(row["peak allocated MiB"]) >= grad
     text = (tmp_path / "contrastive_memory_cpu.md").read_text()
     assert "| 256 | torch | 1 |" in text and "ratio to naive" in text
+
+
+def test_contrastive_script_takes_dim_and_modalities(tmp_path):
+    """bench_contrastive.py --dim/--modalities: only the M=5 rows, built at that width (the rows
+    gpu_check.sh takes for the SCALE loss at D=256), each still checked against its reference."""
+    script = ROOT / "benchmarks" / "bench_contrastive.py"
+    out = subprocess.run([sys.executable, str(script), "--dry-run", "--dim", "40", "--modalities", "5",
+                          "--batches", "32", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (md,) = tmp_path.glob("contrastive_d40_m5_*.md")
+    text = md.read_text()
+    assert "contrastive_ntxent_m5_d40" in text and "D=40" in text and "contrastive_clip_m2" not in text
+    with open(md.with_suffix(".csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+    assert rows and all(r["op"] == "contrastive_ntxent_m5_d40" for r in rows)

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import measure, report
+from .op import Op
 from .runner import add_ratios, all_ops, run_op
 
 
@@ -38,11 +39,11 @@ def tables(cases: Sequence[Tuple[str, str, List[int]]], *, device: str, title: s
            reps: int, warmup: int, impl_filter: Optional[set] = None, row_budget_s: Optional[float] = None,
            budget_s: Optional[float] = None, fresh_peak: bool = False, timed: bool = True,
            baseline: Optional[str] = None, note: Optional[str] = None, log=None) -> Dict[str, Any]:
-    """Run cases [(op name, tier, sizes)] (a 4th element overrides `reps` for that case) and build
-    the report: {records, text, info, ops}."""
+    """Run cases [(op name or Op, tier, sizes)] (a 4th element overrides `reps` for that case) and
+    build the report: {records, text, info, ops}."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     measure.pin_malloc()
-    ops = all_ops()
+    ops = dict(all_ops())
     info = report.machine_info(device)
     if note:
         info["note"] = note
@@ -51,15 +52,16 @@ def tables(cases: Sequence[Tuple[str, str, List[int]]], *, device: str, title: s
     records: List[dict] = []
     texts = []
     for name, tier, sizes, *case_reps in cases:
-        op = ops[name]
-        log(f"[{name}] {op.xname} in {list(sizes)}, tier {tier}")
+        op = name if isinstance(name, Op) else ops[name]
+        ops.setdefault(op.name, op)  # an Op built for this table (e.g. another width) is reported too
+        log(f"[{op.name}] {op.xname} in {list(sizes)}, tier {tier}")
         recs = run_op(op, device, tier, sizes, reps=case_reps[0] if case_reps else reps, warmup=warmup, impl_filter=impl_filter,
                       row_budget_s=row_budget_s, deadline=deadline, fresh_peak=fresh_peak, timed=timed, log=log)
         if baseline:
             add_ratios(op, recs, baseline)
         records += recs
         texts.append(report.op_table(op, recs, tier, device))
-        log(f"[{name}] done at {time.time() - t0:.1f} s")
+        log(f"[{op.name}] done at {time.time() - t0:.1f} s")
     info["wall_s"] = round(time.time() - t0, 1)
     info["loadavg_end"] = report.loadavg()
     method = report.method_text(device, fresh_peak)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ def import_open_clip_loss(name: str = "ClipLoss"):
     return getattr(mod, name)
 
 
-def contrastive_op(form: str, M: int) -> Op:
+def contrastive_op(form: str, M: int, dim: Optional[int] = None) -> Op:
+    """Form `form` at M modalities; dim: the embedding width (default: the tier's, see dims)."""
     harmonize = M > 2
     siglip = form == "siglip"
     scale = SIGLIP_LOGIT_SCALE if siglip else LOGIT_SCALE
@@ -47,7 +48,7 @@ def contrastive_op(form: str, M: int) -> Op:
 
     def make_inputs(B, device, tier):
         g = torch.Generator().manual_seed(1234 + B)
-        emb = torch.randn(M, B, dims(tier, device), generator=g)
+        emb = torch.randn(M, B, dim or dims(tier, device), generator=g)
         rates = torch.tensor(PRESENT_RATES[:M] if harmonize else [1.0] * M)[:, None]
         present = torch.rand(M, B, generator=g) < rates
         present[0] |= ~present.any(0)
@@ -139,11 +140,12 @@ def contrastive_op(form: str, M: int) -> Op:
             f"{PRESENT_RATES})" if harmonize else
             f"`sf.multi_pair_info_nce(..., form='{form}')` (all present, no weights)")
     return Op(
-        name=f"contrastive_{form}_m{M}", title=f"contrastive loss, form {form}, M={M}", xname="B",
+        name=f"contrastive_{form}_m{M}" + (f"_d{dim}" if dim else ""), title=f"contrastive loss, form {form}, M={M}",
+        xname="B",
         sizes={"quick": [128, 256, 512, 1024], "cpu": [512, 1024, 2048, 4096], "cuda": [4096, 8192, 16384, 32768]},
         make_inputs=make_inputs, impls=impls, reference={"default": reference}, flops=flops, mm_shape=mm_shape,
         ref_dtype=ref_dtype,
-        describe=lambda tier, device: f"{what}, D={dims(tier, device)}, "
+        describe=lambda tier, device: f"{what}, D={dim or dims(tier, device)}, "
                                       f"{str(low_precision(device)).replace('torch.', '')}, fwd+bwd (gradient of the "
                                       f"embeddings); {logits}; useful FLOPs Σ over pairs 6(2n)²D (ntxent) or "
                                       "6n²D (clip, siglip)")
