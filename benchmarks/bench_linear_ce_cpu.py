@@ -7,6 +7,8 @@ hidden and weight.  Peers: ``F.linear_cross_entropy(options=torch.nn.LinearCross
 * time: ONE process runs the implementations interleaved (round r runs every implementation
   once, the order rotating each round), after a small warm-up call each; wall and CPU time
   of one fwd+bwd, medians over the rounds;
+* the GEMM floor: the three GEMMs alone (logits, d hidden, d weight) in scale_fast's chunks,
+  timed in the same rounds;
 * peak resident memory growth (what ``top`` and container limits see): a fresh process per
   implementation, VmHWM minus VmRSS just before one fwd+bwd (after a small warm-up call);
 * peak allocation: the same with MALLOC_MMAP_THRESHOLD_=65536, so that every buffer above
@@ -30,6 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 IMPLS = ("scale_fast torch", "scale_fast cpp", "F.linear_cross_entropy (chunked options)")
 PEER = IMPLS[2]
+# The GEMM floor: an exact float32 linear CE needs three N x K x H GEMMs (logits, d hidden, d weight);
+# timed alone, in scale_fast's chunks and buffers, beside the others (no loss: time rows only).
+FLOOR = "the three GEMMs alone (scale_fast's chunks)"
 
 
 def _inputs(n, k, h, seed=4321):
@@ -58,6 +63,24 @@ def _step(impl, hidden, weight, target):
     return loss.detach(), hidden.grad, weight.grad
 
 
+def _gemms(hidden, weight):
+    """The three GEMMs of the chunk loop (scale_fast/backends/_lce_driver.py), nothing else."""
+    import torch
+
+    from scale_fast.backends._lce_driver import HOST_CHUNK_BYTES, chunk_rows
+
+    (n, h), k = hidden.shape, weight.shape[0]
+    step = chunk_rows(n, k, h, HOST_CHUNK_BYTES)
+    with torch.no_grad():
+        x = hidden.new_empty(step, k)
+        dh, dw = torch.empty_like(hidden), torch.zeros_like(weight)
+        for r0 in range(0, n, step):
+            rows = hidden[r0:r0 + step]
+            g = torch.mm(rows, weight.T, out=x[:rows.shape[0]])
+            torch.mm(g, weight, out=dh[r0:r0 + step])
+            dw.addmm_(g.T, rows)
+
+
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
 
@@ -70,19 +93,21 @@ def child_time(args) -> dict:
     small = _inputs(64, 1000, args.h, seed=1)
     for impl in IMPLS:
         _step(impl, *small)
-    times = {impl: [] for impl in IMPLS}
-    cpu = {impl: [] for impl in IMPLS}
+    _gemms(*small[:2])
+    timed = IMPLS + (FLOOR,)
+    times = {impl: [] for impl in timed}
+    cpu = {impl: [] for impl in timed}
     loads = []
     results = {}
     for r in range(args.rounds):
-        order = IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)]
+        order = timed[r % len(timed):] + timed[:r % len(timed)]
         loads.append(os.getloadavg()[0])
         for impl in order:
             t0, c0 = time.perf_counter(), time.process_time()
-            out = _step(impl, hidden, weight, target)
+            out = _gemms(hidden, weight) if impl == FLOOR else _step(impl, hidden, weight, target)
             times[impl].append((time.perf_counter() - t0) * 1e3)
             cpu[impl].append((time.process_time() - c0) * 1e3)
-            if r == 0:
+            if r == 0 and impl != FLOOR:
                 results[impl] = [t.clone() for t in out]
     ref = results[PEER]
     errs = {impl: (_rel(results[impl][0], ref[0]), max(_rel(results[impl][1], ref[1]), _rel(results[impl][2], ref[2])))
@@ -126,7 +151,9 @@ def _write(args, info, load_start, rows):
              "the process CPU time, which other jobs' load inflates less than wall time. Peak RSS growth: VmHWM - "
              "VmRSS of one fwd+bwd in a fresh process; peak alloc: the same with MALLOC_MMAP_THRESHOLD_=65536 "
              "(every buffer over 64 KiB mapped on its own: the high-water mark of live allocations). Both include "
-             "the gradients of hidden (24 MiB) and weight (62 MiB). Rel diffs vs the peer.\n\n")
+             "the gradients of hidden (24 MiB) and weight (62 MiB). Rel diffs vs the peer. The last row of each thread "
+             "count times only the three GEMMs an exact linear CE needs (logits, d hidden, d weight) in the same "
+             "chunks: the floor of every implementation above.\n\n")
     text += report.md_table(list(rows[0].keys()), rows)
     with open(args.out, "w") as f:
         f.write(text)
@@ -177,7 +204,12 @@ def main() -> int:
                          "grad rel diff": tm["errs"][impl][1],
                          "wall ms per round": " / ".join(f"{x:,.0f}" for x in tm["times"][impl]),
                          "load (1 min) per round": " / ".join(f"{x:.1f}" for x in tm["loads"])})
-        print(report.md_table(list(rows[0].keys()), rows[-3:]), flush=True)
+        t, c = statistics.median(tm["times"][FLOOR]), statistics.median(tm["cpu"][FLOOR])
+        rows.append({"threads": threads, "impl": FLOOR, "time ms": t, "CPU ms": c, "time / peer": t / peer_t,
+                     "CPU time / peer": c / peer_c,
+                     "wall ms per round": " / ".join(f"{x:,.0f}" for x in tm["times"][FLOOR]),
+                     "load (1 min) per round": " / ".join(f"{x:.1f}" for x in tm["loads"])})
+        print(report.md_table(list(rows[0].keys()), rows[-4:]), flush=True)
         _write(args, info, load_start, rows)  # after every thread count: a partial run keeps its rows
     return 0
 

@@ -234,3 +234,21 @@ def test_contrastive_script_takes_dim_and_modalities(tmp_path):
     with open(md.with_suffix(".csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
     assert rows and all(r["op"] == "contrastive_ntxent_m5_d40" for r in rows)
+
+
+def test_linear_ce_side_by_side_script(tmp_path):
+    """bench_linear_ce_cpu.py: both backends agree with torch's own op, and the GEMM floor is timed beside them."""
+    import scale_fast as sf
+
+    if "cpp" not in sf.available_backends() or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        pytest.skip("needs the cpp backend and torch's F.linear_cross_entropy")
+    script = ROOT / "benchmarks" / "bench_linear_ce_cpu.py"
+    out_md = tmp_path / "side_by_side.md"
+    out = subprocess.run([sys.executable, str(script), "--threads", "1", "--rounds", "1", "--n", "128", "--k", "500",
+                          "--h", "32", "--out", str(out_md)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out_md.read_text().splitlines() if line.startswith("| 1 |")]
+    assert [r[1].strip() for r in rows] == ["scale_fast torch", "scale_fast cpp", "F.linear_cross_entropy (chunked "
+                                            "options)", "the three GEMMs alone (scale_fast's chunks)"]
+    for r in rows[:2]:
+        assert float(r[9]) < 1e-5 and float(r[10]) < 1e-5  # loss and gradient rel diff vs the peer
