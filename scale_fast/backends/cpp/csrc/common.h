@@ -207,6 +207,60 @@ inline std::vector<TileTask> make_tasks(int64_t nx, int64_t ny, int64_t tile, bo
   return tasks;
 }
 
+// Backward tiles grouped so that no two threads ever write the same rows: the rows of X [nx]
+// and of Y [ny] are each cut into P panels of whole tiles, a "match" (p, q) holds the tiles of
+// rows in panel p of X against columns in panel q of Y, and a "round" holds matches that touch
+// disjoint panels (triangular, X = Y: a round-robin tournament, a tile writing both panels of
+// one space; otherwise a Latin square, a tile writing panel p of X and panel q of Y).  Rounds
+// run one after the other, the matches of a round in parallel, each writing its gradient rows
+// and row statistics straight into the results: no per-thread [n, D] buffers, so the memory
+// does not grow with the thread count.  One thread: one match holding every tile in
+// make_tasks' order.
+using Match = std::vector<TileTask>;
+using Round = std::vector<Match>;
+
+inline std::vector<Round> make_rounds(int64_t nx, int64_t ny, int64_t tile, bool triangular, int threads) {
+  const int64_t tx = (nx + tile - 1) / tile, ty = (ny + tile - 1) / tile;
+  const int64_t P = std::max<int64_t>(1, std::min({tx, ty, threads <= 1 ? int64_t(1) : int64_t(4) * threads}));
+  auto first = [&](int64_t tiles, int64_t p) { return p * tiles / P; };
+  auto match = [&](int64_t p, int64_t q) {
+    Match m;
+    for (int64_t r = first(tx, p); r < first(tx, p + 1); ++r) {
+      for (int64_t c = (triangular && p == q) ? r : first(ty, q); c < first(ty, q + 1); ++c) {
+        const int64_t r0 = r * tile, c0 = c * tile;
+        m.push_back({r0, std::min(tile, nx - r0), c0, std::min(tile, ny - c0), triangular && c == r});
+      }
+    }
+    return m;
+  };
+  std::vector<Round> rounds;
+  if (!triangular) {
+    for (int64_t k = 0; k < P; ++k) {
+      Round round;
+      for (int64_t p = 0; p < P; ++p) round.push_back(match(p, (p + k) % P));
+      rounds.push_back(std::move(round));
+    }
+    return rounds;
+  }
+  // circle method over the panels (a "bye" -1 when P is odd): every pair p < q meets once
+  std::vector<int64_t> seat(P + (P % 2));
+  for (int64_t p = 0; p < static_cast<int64_t>(seat.size()); ++p) seat[p] = p < P ? p : -1;
+  const int64_t S = static_cast<int64_t>(seat.size());
+  for (int64_t k = 0; k + 1 < S; ++k) {
+    Round round;
+    for (int64_t i = 0; i < S / 2; ++i) {
+      const int64_t p = seat[i], q = seat[S - 1 - i];
+      if (p >= 0 && q >= 0) round.push_back(match(std::min(p, q), std::max(p, q)));
+    }
+    if (!round.empty()) rounds.push_back(std::move(round));
+    std::rotate(seat.begin() + 1, seat.end() - 1, seat.end());
+  }
+  Round diagonal;
+  for (int64_t p = 0; p < P; ++p) diagonal.push_back(match(p, p));
+  rounds.push_back(std::move(diagonal));
+  return rounds;
+}
+
 inline void check_2d(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous 2-D tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name, " must be float32 or float64");

@@ -261,59 +261,6 @@ std::pair<Tensor, Tensor> tiles_forward(const Tensor& X, const Tensor& Y, const 
   return {lse_x, lse_y};
 }
 
-// Backward tiles grouped so that no two threads ever write the same rows: the rows of X (and
-// of Y) are cut into P panels of whole tiles, a "match" (p, q) holds the tiles of rows in
-// panel p against columns in panel q, and a "round" holds matches that touch disjoint panels
-// (a round-robin tournament for NT-Xent, whose tiles write both panels of one space; a Latin
-// square for CLIP, whose tiles write panel p of X and panel q of Y).  Rounds run one after the
-// other, the matches of a round in parallel, each writing its gradient rows and row statistics
-// straight into the results: no per-thread [n, D] buffers, so the memory does not grow with
-// the thread count.  One thread: one match holding every tile in make_tasks' order.
-using Match = std::vector<TileTask>;
-using Round = std::vector<Match>;
-
-std::vector<Round> make_rounds(int64_t n, int64_t tile, bool triangular, int threads) {
-  const int64_t nt = (n + tile - 1) / tile;
-  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(nt, threads <= 1 ? 1 : 4 * threads));
-  auto first_tile = [&](int64_t p) { return p * nt / P; };
-  auto match = [&](int64_t p, int64_t q) {
-    Match m;
-    for (int64_t r = first_tile(p); r < first_tile(p + 1); ++r) {
-      for (int64_t c = (triangular && p == q) ? r : first_tile(q); c < first_tile(q + 1); ++c) {
-        const int64_t r0 = r * tile, c0 = c * tile;
-        m.push_back({r0, std::min(tile, n - r0), c0, std::min(tile, n - c0), triangular && c == r});
-      }
-    }
-    return m;
-  };
-  std::vector<Round> rounds;
-  if (!triangular) {
-    for (int64_t k = 0; k < P; ++k) {
-      Round round;
-      for (int64_t p = 0; p < P; ++p) round.push_back(match(p, (p + k) % P));
-      rounds.push_back(std::move(round));
-    }
-    return rounds;
-  }
-  // circle method over the panels (a "bye" -1 when P is odd): every pair p < q meets once
-  std::vector<int64_t> seat(P + (P % 2));
-  for (int64_t p = 0; p < static_cast<int64_t>(seat.size()); ++p) seat[p] = p < P ? p : -1;
-  const int64_t S = static_cast<int64_t>(seat.size());
-  for (int64_t k = 0; k + 1 < S; ++k) {
-    Round round;
-    for (int64_t i = 0; i < S / 2; ++i) {
-      const int64_t p = seat[i], q = seat[S - 1 - i];
-      if (p >= 0 && q >= 0) round.push_back(match(std::min(p, q), std::max(p, q)));
-    }
-    if (!round.empty()) rounds.push_back(std::move(round));
-    std::rotate(seat.begin() + 1, seat.end() - 1, seat.end());
-  }
-  Round diagonal;
-  for (int64_t p = 0; p < P; ++p) diagonal.push_back(match(p, p));
-  rounds.push_back(std::move(diagonal));
-  return rounds;
-}
-
 // Backward pass over the tiles: dX (and dY), and per-row dot_p / p_sum of both directions.
 // The gradient tile dG[r, c] = coef (rs_r P[r, c] + rs_c P^T[r, c]) is formed in place of G
 // and multiplied out with two GEMMs into the gradient rows of its match (see make_rounds).
@@ -415,7 +362,7 @@ std::vector<Tensor> ntxent_backward(const Tensor& u, const Tensor& rs, const Ten
   check_1d(rs, u, u.size(0), "rs");
   check_1d(lse, u, u.size(0), "lse");
   TORCH_CHECK(tile > 0, "tile must be positive");
-  auto rounds = make_rounds(u.size(0), tile, true, Slots().count);
+  auto rounds = make_rounds(u.size(0), u.size(0), tile, true, Slots().count);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "ntxent_backward", [&] {
     out = tiles_backward<scalar_t>(u, u, rs, rs, lse, lse, coef, rounds, true, true, tile);
@@ -448,7 +395,7 @@ std::vector<Tensor> cross_backward(const Tensor& a, const Tensor& b, const Tenso
   const bool both = lse_c.has_value() && lse_c->defined();
   if (both) check_1d(*lse_c, a, n, "lse_c");
   TORCH_CHECK(tile > 0, "tile must be positive");
-  auto rounds = make_rounds(n, tile, false, Slots().count);
+  auto rounds = make_rounds(n, n, tile, false, Slots().count);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cross_backward", [&] {
     out = tiles_backward<scalar_t>(a, b, rs, rs, lse_r, both ? *lse_c : Tensor(), coef, rounds, both, false, tile);

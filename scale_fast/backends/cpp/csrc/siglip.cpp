@@ -5,8 +5,9 @@
 // the gradient tile, formed in place, in backward) runs in ONE sweep while the tile is in
 // cache.  The positive of a row is handled by itself (its row is split around it), so
 // softplus(-x) and sigmoid(x) - 1 = -sigmoid(-x) are exact there, with no cancellation.
-// Tiles are split over threads with at::parallel_for; sums and gradients go to thread-local
-// accumulators (allocated by the threads that run) reduced in thread order at the end.
+// Tiles are split over threads with at::parallel_for: the forward's sum goes to per-thread
+// double accumulators added in thread order; the backward runs in rounds whose tasks write
+// disjoint rows (make_rounds, common.h), so its gradients need no per-thread copies.
 #include "common.h"
 
 namespace sf {
@@ -177,75 +178,65 @@ double tiles_forward(const Tensor& q, const Tensor& k, const Tensor& rs, const T
   return out;
 }
 
+// Backward: the tiles in rounds of matches that write disjoint rows of dq, dk and d_rs
+// (make_rounds), straight into the results; sum_rc dx_rc is kept in double per match and
+// added in round and match order, so the result is deterministic for a given thread count.
 template <typename T>
 std::vector<Tensor> tiles_backward(const Tensor& q, const Tensor& k, const Tensor& rs, const Tensor& pos, T bias,
                                    T coef, int64_t tile) {
   const int64_t R = q.size(0), C = k.size(0), D = q.size(1);
-  const auto tasks = make_tasks(R, C, tile, false);
-  const Slots slots;
-  const int nt = slots.count;
+  const auto rounds = make_rounds(R, C, tile, false, Slots().count);
   const auto opt = q.options();
-  // thread-local gradients, allocated by the threads that run; thread 0 writes into the results
   Tensor dq = at::zeros({R, D}, opt), dk = at::zeros({C, D}, opt);
-  std::vector<Tensor> dqt(nt), dkt(nt);
-  dqt[0] = dq;
-  dkt[0] = dk;
-  Tensor spg = at::zeros({nt, R}, opt);     // sum_c dx_rc g_rc per thread
-  std::vector<double> sp(nt, 0.0);          // sum_rc dx_rc per thread
+  Tensor spg = at::zeros({R}, opt);  // sum_c dx_rc g_rc per row
   const T* pq = q.data_ptr<T>();
   const T* pk = k.data_ptr<T>();
   const T* prs = rs.data_ptr<T>();
   const int64_t* ppos = pos.data_ptr<int64_t>();
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    const int tid = slots.id();
-    if (tid > 0 && !dqt[tid].defined()) {
-      dqt[tid] = at::zeros({R, D}, opt);
-      dkt[tid] = at::zeros({C, D}, opt);
-    }
-    T* dqp = dqt[tid].data_ptr<T>();
-    T* dkp = dkt[tid].data_ptr<T>();
-    T* spg_t = spg[tid].data_ptr<T>();
-    std::vector<T> gbuf(tile * tile);
-    T* g = gbuf.data();
-    double sp_t = 0.0;
-    for (int64_t t = begin; t < end; ++t) {
-      const TileTask& tk = tasks[t];
-      const T* qr = pq + tk.r0 * D;
-      const T* kc = pk + tk.c0 * D;
-      gemm_rm<T>(false, true, tk.nr, tk.nc, D, qr, D, kc, D, false, g, tk.nc);
-      for (int64_t r = 0; r < tk.nr; ++r) {
-        const int64_t row = tk.r0 + r;
-        const T a = prs[row], ca = coef * a;
-        T* gr = g + r * tk.nc;
-        const int64_t p = positive_in_tile(ppos, row, tk);
-        T s = 0, sg = 0;
-        if (p < 0) {
-          sigmoid_row<T>(gr, tk.nc, a, bias, ca, s, sg);
-        } else {
-          sigmoid_row<T>(gr, p, a, bias, ca, s, sg);
-          sigmoid_row<T>(gr + p + 1, tk.nc - p - 1, a, bias, ca, s, sg);
-          const T x = gr[p];
-          const T dx = -sigmoid(-(a * x + bias));  // sigmoid(x) - 1 without cancellation
-          s += dx;
-          sg += dx * x;
-          gr[p] = ca * dx;
+  T* dqp = dq.data_ptr<T>();
+  T* dkp = dk.data_ptr<T>();
+  T* spgp = spg.data_ptr<T>();
+  double sp_all = 0.0;  // sum_rc dx_rc
+  for (const Round& round : rounds) {
+    std::vector<double> sp(round.size(), 0.0);
+    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> gbuf(tile * tile);
+      T* g = gbuf.data();
+      for (int64_t m = begin; m < end; ++m) {
+        double sp_m = 0.0;
+        for (const TileTask& tk : round[m]) {
+          const T* qr = pq + tk.r0 * D;
+          const T* kc = pk + tk.c0 * D;
+          gemm_rm<T>(false, true, tk.nr, tk.nc, D, qr, D, kc, D, false, g, tk.nc);
+          for (int64_t r = 0; r < tk.nr; ++r) {
+            const int64_t row = tk.r0 + r;
+            const T a = prs[row], ca = coef * a;
+            T* gr = g + r * tk.nc;
+            const int64_t p = positive_in_tile(ppos, row, tk);
+            T s = 0, sg = 0;
+            if (p < 0) {
+              sigmoid_row<T>(gr, tk.nc, a, bias, ca, s, sg);
+            } else {
+              sigmoid_row<T>(gr, p, a, bias, ca, s, sg);
+              sigmoid_row<T>(gr + p + 1, tk.nc - p - 1, a, bias, ca, s, sg);
+              const T x = gr[p];
+              const T dx = -sigmoid(-(a * x + bias));  // sigmoid(x) - 1 without cancellation
+              s += dx;
+              sg += dx * x;
+              gr[p] = ca * dx;
+            }
+            sp_m += static_cast<double>(s);
+            spgp[row] += sg;
+          }
+          gemm_rm<T>(false, false, tk.nr, D, tk.nc, g, tk.nc, kc, D, true, dqp + tk.r0 * D, D);  // dq[R] += dG k[C]
+          gemm_rm<T>(true, false, tk.nc, D, tk.nr, g, tk.nc, qr, D, true, dkp + tk.c0 * D, D);   // dk[C] += dG^T q[R]
         }
-        sp_t += static_cast<double>(s);
-        spg_t[row] += sg;
+        sp[m] = sp_m;
       }
-      gemm_rm<T>(false, false, tk.nr, D, tk.nc, g, tk.nc, kc, D, true, dqp + tk.r0 * D, D);  // dq[R] += dG k[C]
-      gemm_rm<T>(true, false, tk.nc, D, tk.nr, g, tk.nc, qr, D, true, dkp + tk.c0 * D, D);   // dk[C] += dG^T q[R]
-    }
-    sp[tid] += sp_t;
-  });
-  for (int t = 1; t < nt; ++t) {
-    if (!dqt[t].defined()) continue;
-    dq.add_(dqt[t]);
-    dk.add_(dkt[t]);
+    });
+    for (double v : sp) sp_all += v;
   }
-  double sp_all = 0.0;
-  for (double s : sp) sp_all += s;
-  Tensor d_rs = spg.sum(0).mul_(coef);
+  Tensor d_rs = spg.mul_(coef);
   Tensor d_bias = at::scalar_tensor(static_cast<double>(coef) * sp_all, opt);
   return {dq, dk, d_rs, d_bias};
 }
