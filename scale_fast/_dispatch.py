@@ -87,8 +87,6 @@ def backend_names() -> Tuple[str, ...]:
 
 def capability(name: str) -> Capability:
     """The declared record of backend `name` (scale_fast/backends/<name>/__init__.py)."""
-    if name not in _records:
-        _records[name] = importlib.import_module(f"scale_fast.backends.{name}").CAPABILITY
     return _records[name]
 
 

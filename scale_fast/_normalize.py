@@ -19,16 +19,20 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def normalize_rows(x: torch.Tensor):
     """(u, inv, projected) for rows x [..., D] in their dtype: u = x * inv, inv = 1 / max(||x||, EPS)."""
-    norm = torch.linalg.vector_norm(x, dim=-1)
-    inv = 1.0 / norm.clamp(min=EPS)
-    return x * inv[..., None], inv, norm > EPS
+    inv, projected = _inverse_norm(x)
+    return x * inv[..., None], inv, projected
 
 
 def normalize_rows_(x: torch.Tensor):
     """normalize_rows(x) in place: x becomes u (same values, no second buffer)."""
+    inv, projected = _inverse_norm(x)
+    return x.mul_(inv[..., None]), inv, projected
+
+
+def _inverse_norm(x: torch.Tensor):
+    """(1 / max(||x||, EPS), ||x|| > EPS) per row of x."""
     norm = torch.linalg.vector_norm(x, dim=-1)
-    inv = 1.0 / norm.clamp(min=EPS)
-    return x.mul_(inv[..., None]), inv, norm > EPS
+    return 1.0 / norm.clamp(min=EPS), norm > EPS
 
 
 # Rows per block in normalize_rows_backward: its temporaries stay ~1 MiB instead of the
