@@ -6,31 +6,65 @@ reference path, and ``LinearCrossEntropyOptions()``, its chunked path) and plain
 ``F.cross_entropy``.  GPU table (``--device cuda``): N=16384, bf16, also Liger-Kernel's fused
 linear cross-entropy and Cut Cross-Entropy.
 
+``--rows`` / ``--vocab`` / ``--hidden`` set N, K and H (a modern LLM vocabulary:
+``--rows 65536 --vocab 151936``); such a table is written to linear_ce_k<K>[_h<H>]_n<N>_<device>.
+
 The op is that of ``scale-fast bench`` (scale_fast/bench/linear_ce.py); every row is checked
-against a float64 F.linear + F.cross_entropy run before it is timed.
+against a float64 F.linear + F.cross_entropy run in row chunks (checkpointed, so any N x K fits)
+before it is timed.
 
     python benchmarks/bench_linear_ce.py                 # CPU table
     python benchmarks/bench_linear_ce.py --device cuda   # GPU table
-    python benchmarks/bench_linear_ce.py --dry-run       # the GPU table's op, tiny, on CPU
+    python benchmarks/bench_linear_ce.py --device cuda --rows 65536 --vocab 151936
+    python benchmarks/bench_linear_ce.py --dry-run       # the GPU table's op, tiny, on CPU (K from --vocab)
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 from _script import parser, run_table, table_args
 
+from scale_fast.bench.linear_ce import linear_ce_op
+
+
+def _positive(flag: str):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {value!r}")
+        return n
+    return parse
+
+
+def _positive_list(value: str):
+    return [_positive("--rows")(v) for v in value.split(",")]
+
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rows", type=_positive_list, default=None,
+                   help="comma-separated row counts N (default: 16384 on CUDA, 8192 on CPU; 256 with --dry-run)")
+    p.add_argument("--vocab", type=_positive("--vocab"), default=None,
+                   help="classes K (default: 21128; 4096 with --dry-run)")
+    p.add_argument("--hidden", type=_positive("--hidden"), default=None,
+                   help="hidden width H (default: 768; 128 with --dry-run)")
+    args = p.parse_args(argv)
     device, table = table_args(args)
-    if args.dry_run:
-        cases = [("linear_ce", "quick", [256])]
-    else:
-        cases = [("linear_ce", "cuda" if device.startswith("cuda") else "cpu", [16384 if table == "gpu" else 8192])]
-    return run_table("linear_ce", "Fused linear cross-entropy fwd+bwd", cases, args, device, argv=argv,
+    tier = "quick" if args.dry_run else ("cuda" if device.startswith("cuda") else "cpu")
+    sizes = [256] if args.dry_run else (args.rows or [16384 if table == "gpu" else 8192])
+    custom = bool(args.vocab or args.hidden)
+    # another K or H: the op built for it (the registry's is at the tier's); fresh processes find ops by name
+    op = linear_ce_op(args.vocab, args.hidden) if custom else "linear_ce"
+    name = ("linear_ce" + (f"_k{args.vocab}" if args.vocab else "") + (f"_h{args.hidden}" if args.hidden else "")
+            + (f"_n{'_'.join(map(str, sizes))}" if args.rows and not args.dry_run else ""))
+    return run_table(name, "Fused linear cross-entropy fwd+bwd", [(op, tier, sizes)], args, device, argv=argv,
                      reps=10, default_budget_s=120 if args.dry_run else (90 if device.startswith("cuda") else 360),
-                     plots=False)
+                     plots=False, fresh_peak=False if custom else None)
 
 
 if __name__ == "__main__":

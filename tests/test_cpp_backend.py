@@ -624,11 +624,12 @@ def test_linear_ce_dtypes(soft, dtype):
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("soft", [False, True])
 def test_linear_ce_many_blocks(monkeypatch, threads, soft, nthreads):
-    """7 rows per chunk (ragged last chunk), row-parallel fused pass."""
+    """4 rows per chunk (the power of two under a 7-row cap; ragged last chunk), row-parallel fused pass."""
     import importlib
 
     driver = importlib.import_module("scale_fast.backends._lce_driver")
     monkeypatch.setattr(driver, "HOST_CHUNK_BYTES", 7 * 101 * 4)
+    monkeypatch.setattr(driver, "HOST_MIN_ROWS", 1)
     threads(nthreads)
     for k, reduction in enumerate(("mean", "sum", "none")):
         for scale_kind in (None, "rows"):

@@ -230,16 +230,26 @@ def test_many_small_chunks(monkeypatch, backend, soft):
         pytest.skip(f"backend {backend} not available")
     import scale_fast.backends._lce_driver as driver
 
-    monkeypatch.setattr(driver, "HOST_CHUNK_BYTES", 7 * 101 * 4)  # torch: 7 rows per chunk
-    monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", str(5 * 101 * 4 / 2 ** 20))  # triton: 5 rows per chunk
+    monkeypatch.setattr(driver, "HOST_CHUNK_BYTES", 7 * 101 * 4)  # torch: 4 rows per chunk (a power of two)
+    monkeypatch.setattr(driver, "HOST_MIN_ROWS", 1)
+    monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", str(5 * 101 * 4 / 2 ** 20))  # triton: 4 rows per chunk
+    if backend == "triton":
+        monkeypatch.setattr("scale_fast.backends.triton.linear_ce.MIN_ROWS", 1)
     N, H, K = (23, 16, 101) if is_slow(backend) else (53, 33, 101)
+    if backend == "triton":
+        from scale_fast.backends.triton.linear_ce import ENGINE
+    else:
+        ENGINE = driver.host_engine(None)
+    rows = ENGINE.rows_per_chunk(N, K, H, torch.device("cpu"))
+    assert rows == 4 and N % rows  # several chunks, the last one ragged
     for reduction in REDUCTIONS:
         _check(backend, _make(backend, 88, soft=soft, reduction=reduction, scale_kind="rows", bias=True, N=N, H=H,
                               K=K, ignore_frac=0.25))
 
 
 def test_chunk_rows_rule():
-    """Liger's chunk size (power of two at or above N / ceil(K / H)), halved to fit the byte cap."""
+    """Liger's chunk size (power of two at or above N / ceil(K / H)), halved to fit the byte cap, at
+    least min_rows, at most N."""
     from scale_fast.backends._lce_driver import chunk_rows
 
     assert chunk_rows(8192, 21128, 768, 1 << 40) == 512
@@ -247,6 +257,13 @@ def test_chunk_rows_rule():
     assert chunk_rows(16384, 21128, 768, 32 * 2 ** 20) == 256
     assert chunk_rows(5, 1000, 7, 1 << 40) == 1
     assert chunk_rows(3, 2, 64, 1 << 40) == 3  # never more than N
+    # a large vocabulary: neither Liger's rule (16 rows here) nor the cap goes under min_rows
+    assert chunk_rows(2048, 151936, 768, 48 * 2 ** 20) == 16
+    assert chunk_rows(2048, 151936, 768, 48 * 2 ** 20, min_rows=128) == 128
+    assert chunk_rows(65536, 151936, 768, 48 * 2 ** 20, min_rows=512) == 512
+    assert chunk_rows(65536, 151936, 768, 48 * 2 ** 20, min_rows=128) == 128
+    assert chunk_rows(100, 151936, 768, 48 * 2 ** 20, min_rows=128) == 100
+    assert chunk_rows(16384, 21128, 768, 48 * 2 ** 20, min_rows=128) == 512  # the floor does not bind
 
 
 @pytest.mark.parametrize("mode", ["fp32", "input"])
@@ -254,7 +271,9 @@ def test_chunk_rows_rule():
 def test_weight_grad_accumulation_dtype(monkeypatch, backend, mode):
     """SCALE_FAST_LCE_WEIGHT_GRAD: d weight accumulated in float32 (default) or the weight's dtype."""
     monkeypatch.setenv("SCALE_FAST_LCE_WEIGHT_GRAD", mode)
-    monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", str(4 * 40 * 4 / 2 ** 20))
+    monkeypatch.setenv("SCALE_FAST_LCE_CHUNK_MB", str(4 * 40 * 4 / 2 ** 20))  # triton: 4 rows per chunk
+    if backend == "triton":
+        monkeypatch.setattr("scale_fast.backends.triton.linear_ce.MIN_ROWS", 1)
     for dtype in (torch.bfloat16, torch.float32):
         case = _make(backend, 92, soft=False, reduction="mean", scale_kind="rows", bias=True, N=12, H=16, K=40,
                      ignore_frac=0.2, dtype=dtype)

@@ -2,7 +2,7 @@
 (both modes, where this torch has it), Liger-Kernel and Cut Cross-Entropy."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +11,16 @@ from . import naive
 from .op import Impl, Op, cuda_peer, low_precision, memory_limit, scale_fast_impls
 
 
-def dims(tier: str):
-    """(K classes, H hidden)."""
-    return (4096, 128) if tier == "quick" else (21128, 768)
+def dims(tier: str, vocab: Optional[int] = None, hidden_dim: Optional[int] = None):
+    """(K classes, H hidden): the tier's, or the given ones."""
+    K, H = (4096, 128) if tier == "quick" else (21128, 768)
+    return vocab or K, hidden_dim or H
 
 
-def linear_ce_op() -> Op:
+def linear_ce_op(vocab: Optional[int] = None, hidden_dim: Optional[int] = None) -> Op:
+    """The op at the tier's K and H, or at K=vocab / H=hidden_dim (named linear_ce_k<K>[_h<H>])."""
     def make_inputs(N, device, tier):
-        K, H = dims(tier)
+        K, H = dims(tier, vocab, hidden_dim)
         g = torch.Generator().manual_seed(4321)
         hidden = torch.randn(N, H, generator=g)
         weight = torch.randn(K, H, generator=g) * H ** -0.5
@@ -70,16 +72,20 @@ def linear_ce_op() -> Op:
         out.append(Impl("Cut Cross-Entropy", "peer", None if why else build_c, skip=why))
         return out
 
+    def reference(inp):  # row chunks: float64 logits of every N x K would not fit at the LLM sizes
+        return naive.linear_ce_chunked(inp["hidden"], inp["weight"], inp["target"])
+
+    name = "linear_ce" + (f"_k{vocab}" if vocab else "") + (f"_h{hidden_dim}" if hidden_dim else "")
     return Op(
-        name="linear_ce", title="fused linear cross-entropy", xname="N",
+        name=name, title="fused linear cross-entropy", xname="N",
         sizes={"quick": [256, 512, 1024], "cpu": [1024, 2048, 4096, 8192], "cuda": [4096, 8192, 16384, 32768]},
-        make_inputs=make_inputs, impls=impls, reference={"default": naive_fn},
+        make_inputs=make_inputs, impls=impls, reference={"default": reference},
         flops=lambda inp: 6.0 * inp["hidden"].shape[0] * inp["weight"].shape[0] * inp["hidden"].shape[1],
         mm_shape=lambda inp: (inp["hidden"].shape[0], inp["hidden"].shape[1], inp["weight"].shape[0]),
         describe=lambda tier, device: "`sf.linear_cross_entropy(hidden, weight, target)`, K={}, H={}, {}, no bias, "
                                       "reduction mean, fwd+bwd (gradients of hidden and weight); Liger and CCE with "
                                       "their defaults (CCE's filter_eps skips gradient tiles below bf16 eps); useful "
-                                      "FLOPs 6NKH".format(*dims(tier), str(low_precision(device)).replace("torch.", "")))
+                                      "FLOPs 6NKH".format(*dims(tier, vocab, hidden_dim), str(low_precision(device)).replace("torch.", "")))
 
 
 def ops() -> List[Op]:

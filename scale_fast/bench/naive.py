@@ -4,9 +4,9 @@ What a user would write: every pair's whole logits matrix built, the diagonal ma
 ``F.cross_entropy`` applied (form "siglip": ``F.logsigmoid`` of the labelled logits, as
 OpenCLIP's SigLipLoss); S' in plain torch (gradients flow through it).  They compute in
 the dtype of their inputs (the loss of low-precision logits in float32, as the CE peers
-do) and are deliberately memory-hungry.  ``contrastive_chunked`` computes the same loss with
-bounded memory (row chunks recomputed in backward through checkpointing): the reference
-where the materialized one does not fit; it is never timed.
+do) and are deliberately memory-hungry.  ``contrastive_chunked`` and ``linear_ce_chunked``
+compute the same losses with bounded memory (row chunks recomputed in backward through
+checkpointing): the references where the materialized ones do not fit; they are never timed.
 """
 from __future__ import annotations
 
@@ -154,6 +154,19 @@ def linear_ce(hidden, weight, target, row_scale=None):
     if row_scale is not None:
         logits = logits * row_scale[:, None]
     return _ce(logits, target)
+
+
+def _ce_rows_sum(weight, target, hidden):
+    return F.cross_entropy(_float(F.linear(hidden, weight)), target, reduction="sum")
+
+
+def linear_ce_chunked(hidden, weight, target, chunk_bytes: int = 256 * 2 ** 20):
+    """linear_ce(hidden, weight, target) in row chunks whose logits stay under chunk_bytes (recomputed
+    in backward through checkpointing): the reference at any N x K; never timed."""
+    n, k = hidden.shape[0], weight.shape[0]
+    rows = max(1, min(n, chunk_bytes // max(1, k * hidden.element_size())))
+    return sum(checkpoint(_ce_rows_sum, weight, target[r0:r0 + rows], hidden[r0:r0 + rows], use_reentrant=False)
+               for r0 in range(0, n, rows)) / n
 
 
 def linear_ce_bytes(N: int, K: int, elem_bytes: int) -> int:

@@ -179,11 +179,17 @@ def row_pass(x, g, *, bias, scale, target, ignore_index, lse_in, coef, loss, lse
     )
 
 
+# Fewest rows per chunk: d weight (fp32) is read and written once per chunk, 8 K H bytes against
+# 2 R K H FLOPs, so short chunks leave the tensor cores waiting on HBM (at K=151936, H=768, 48 MiB
+# would allow 64 rows: 1024 passes over 445 MiB).  512 is Liger's chunk at N=65536 there.
+MIN_ROWS = 512
+
+
 def _rows_per_chunk(n: int, k: int, h: int, device: torch.device) -> int:
     mb = float(os.environ.get("SCALE_FAST_LCE_CHUNK_MB", "48"))
     if not mb > 0:
         raise ValueError(f"SCALE_FAST_LCE_CHUNK_MB must be a positive number, got {mb!r}")
-    return chunk_rows(n, k, h, mb * 2 ** 20)
+    return chunk_rows(n, k, h, mb * 2 ** 20, min_rows=MIN_ROWS)
 
 
 @contextlib.contextmanager
