@@ -8,7 +8,7 @@ hidden and weight.  Peers: ``F.linear_cross_entropy(options=torch.nn.LinearCross
   once, the order rotating each round), after a small warm-up call each; wall and CPU time
   of one fwd+bwd, medians over the rounds;
 * the GEMM floor: the three GEMMs alone (logits, d hidden, d weight) in scale_fast's chunks,
-  timed in the same rounds;
+  timed in the same rounds; and the machine's rate: the same 6NKH FLOPs as square 2048^3 GEMMs;
 * peak resident memory growth (what ``top`` and container limits see): a fresh process per
   implementation, VmHWM minus VmRSS just before one fwd+bwd (after a small warm-up call);
 * peak allocation: the same with MALLOC_MMAP_THRESHOLD_=65536, so that every buffer above
@@ -35,6 +35,10 @@ PEER = IMPLS[2]
 # The GEMM floor: an exact float32 linear CE needs three N x K x H GEMMs (logits, d hidden, d weight);
 # timed alone, in scale_fast's chunks and buffers, beside the others (no loss: time rows only).
 FLOOR = "the three GEMMs alone (scale_fast's chunks)"
+# The machine's rate: the same 6 N K H FLOPs as square GEMMs (torch.mm, SQUARE^3), the best float32
+# rate torch's BLAS reaches here; time scaled to exactly 6 N K H FLOPs.
+RATE = "the same FLOPs as square GEMMs (this CPU's float32 rate)"
+SQUARE = 2048
 
 
 def _inputs(n, k, h, seed=4321):
@@ -67,10 +71,10 @@ def _gemms(hidden, weight):
     """The three GEMMs of the chunk loop (scale_fast/backends/_lce_driver.py), nothing else."""
     import torch
 
-    from scale_fast.backends._lce_driver import HOST_CHUNK_BYTES, chunk_rows
+    from scale_fast.backends._lce_driver import host_engine
 
     (n, h), k = hidden.shape, weight.shape[0]
-    step = chunk_rows(n, k, h, HOST_CHUNK_BYTES)
+    step = host_engine(None).rows_per_chunk(n, k, h, hidden.device)
     with torch.no_grad():
         x = hidden.new_empty(step, k)
         dh, dw = torch.empty_like(hidden), torch.zeros_like(weight)
@@ -79,6 +83,18 @@ def _gemms(hidden, weight):
             g = torch.mm(rows, weight.T, out=x[:rows.shape[0]])
             torch.mm(g, weight, out=dh[r0:r0 + step])
             dw.addmm_(g.T, rows)
+
+
+def _square_gemms(n, k, h):
+    """6 n k h FLOPs as SQUARE^3 GEMMs; returns the factor that scales the time to exactly 6 n k h."""
+    import torch
+
+    reps = max(1, round(6 * n * k * h / (2 * SQUARE ** 3)))
+    a, b = torch.randn(SQUARE, SQUARE), torch.randn(SQUARE, SQUARE)
+    c = torch.empty(SQUARE, SQUARE)
+    for _ in range(reps):
+        torch.mm(a, b, out=c)
+    return 6 * n * k * h / (reps * 2 * SQUARE ** 3)
 
 
 def _rel(a, b):
@@ -94,7 +110,8 @@ def child_time(args) -> dict:
     for impl in IMPLS:
         _step(impl, *small)
     _gemms(*small[:2])
-    timed = IMPLS + (FLOOR,)
+    _square_gemms(1, 1, 1)
+    timed = IMPLS + (FLOOR, RATE)
     times = {impl: [] for impl in timed}
     cpu = {impl: [] for impl in timed}
     loads = []
@@ -104,10 +121,16 @@ def child_time(args) -> dict:
         loads.append(os.getloadavg()[0])
         for impl in order:
             t0, c0 = time.perf_counter(), time.process_time()
-            out = _gemms(hidden, weight) if impl == FLOOR else _step(impl, hidden, weight, target)
-            times[impl].append((time.perf_counter() - t0) * 1e3)
-            cpu[impl].append((time.process_time() - c0) * 1e3)
-            if r == 0 and impl != FLOOR:
+            scale = 1.0
+            if impl == RATE:
+                scale = _square_gemms(args.n, args.k, args.h)
+            elif impl == FLOOR:
+                _gemms(hidden, weight)
+            else:
+                out = _step(impl, hidden, weight, target)
+            times[impl].append((time.perf_counter() - t0) * 1e3 * scale)
+            cpu[impl].append((time.process_time() - c0) * 1e3 * scale)
+            if r == 0 and impl in IMPLS:
                 results[impl] = [t.clone() for t in out]
     ref = results[PEER]
     errs = {impl: (_rel(results[impl][0], ref[0]), max(_rel(results[impl][1], ref[1]), _rel(results[impl][2], ref[2])))
@@ -151,9 +174,12 @@ def _write(args, info, load_start, rows):
              "the process CPU time, which other jobs' load inflates less than wall time. Peak RSS growth: VmHWM - "
              "VmRSS of one fwd+bwd in a fresh process; peak alloc: the same with MALLOC_MMAP_THRESHOLD_=65536 "
              "(every buffer over 64 KiB mapped on its own: the high-water mark of live allocations). Both include "
-             "the gradients of hidden (24 MiB) and weight (62 MiB). Rel diffs vs the peer. The last row of each thread "
+             f"the gradients of hidden ({args.n * args.h * 4 / 2 ** 20:.0f} MiB) and weight "
+             f"({args.k * args.h * 4 / 2 ** 20:.0f} MiB). Rel diffs vs the peer. The second-to-last row of each thread "
              "count times only the three GEMMs an exact linear CE needs (logits, d hidden, d weight) in the same "
-             "chunks: the floor of every implementation above.\n\n")
+             "chunks: the floor of every implementation above. The row after it: the same 6NKH FLOPs as square "
+             f"{SQUARE}x{SQUARE} GEMMs (torch.mm), the best float32 rate torch's BLAS reaches on this CPU: an exact "
+             "float32 implementation on that BLAS cannot go below it.\n\n")
     text += report.md_table(list(rows[0].keys()), rows)
     with open(args.out, "w") as f:
         f.write(text)
@@ -204,12 +230,13 @@ def main() -> int:
                          "grad rel diff": tm["errs"][impl][1],
                          "wall ms per round": " / ".join(f"{x:,.0f}" for x in tm["times"][impl]),
                          "load (1 min) per round": " / ".join(f"{x:.1f}" for x in tm["loads"])})
-        t, c = statistics.median(tm["times"][FLOOR]), statistics.median(tm["cpu"][FLOOR])
-        rows.append({"threads": threads, "impl": FLOOR, "time ms": t, "CPU ms": c, "time / peer": t / peer_t,
-                     "CPU time / peer": c / peer_c,
-                     "wall ms per round": " / ".join(f"{x:,.0f}" for x in tm["times"][FLOOR]),
-                     "load (1 min) per round": " / ".join(f"{x:.1f}" for x in tm["loads"])})
-        print(report.md_table(list(rows[0].keys()), rows[-4:]), flush=True)
+        for impl in (FLOOR, RATE):
+            t, c = statistics.median(tm["times"][impl]), statistics.median(tm["cpu"][impl])
+            rows.append({"threads": threads, "impl": impl, "time ms": t, "CPU ms": c, "time / peer": t / peer_t,
+                         "CPU time / peer": c / peer_c,
+                         "wall ms per round": " / ".join(f"{x:,.0f}" for x in tm["times"][impl]),
+                         "load (1 min) per round": " / ".join(f"{x:.1f}" for x in tm["loads"])})
+        print(report.md_table(list(rows[0].keys()), rows[-5:]), flush=True)
         _write(args, info, load_start, rows)  # after every thread count: a partial run keeps its rows
     return 0
 

@@ -287,6 +287,7 @@ def test_linear_ce_side_by_side_script(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in out_md.read_text().splitlines() if line.startswith("| 1 |")]
     assert [r[1].strip() for r in rows] == ["scale_fast torch", "scale_fast cpp", "F.linear_cross_entropy (chunked "
-                                            "options)", "the three GEMMs alone (scale_fast's chunks)"]
+                                            "options)", "the three GEMMs alone (scale_fast's chunks)",
+                                            "the same FLOPs as square GEMMs (this CPU's float32 rate)"]
     for r in rows[:2]:
         assert float(r[9]) < 1e-5 and float(r[10]) < 1e-5  # loss and gradient rel diff vs the peer
