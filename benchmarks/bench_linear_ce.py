@@ -20,38 +20,27 @@ before it is timed.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 from _script import parser, run_table, table_args
 
 from scale_fast.bench.linear_ce import linear_ce_op
+from scale_fast.cli import int_at_least
 
 
-def _positive(flag: str):
-    def parse(value: str) -> int:
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive integer, got {value!r}")
-        return n
-    return parse
-
-
-def _positive_list(value: str):
-    return [_positive("--rows")(v) for v in value.split(",")]
+def _row_counts(text: str):
+    """--rows: comma-separated ints >= 1."""
+    return [int_at_least(1)(v) for v in text.split(",")]
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--rows", type=_positive_list, default=None,
+    p.add_argument("--rows", type=_row_counts, default=None,
                    help="comma-separated row counts N (default: 16384 on CUDA, 8192 on CPU; 256 with --dry-run)")
-    p.add_argument("--vocab", type=_positive("--vocab"), default=None,
+    p.add_argument("--vocab", type=int_at_least(1), default=None,
                    help="classes K (default: 21128; 4096 with --dry-run)")
-    p.add_argument("--hidden", type=_positive("--hidden"), default=None,
+    p.add_argument("--hidden", type=int_at_least(1), default=None,
                    help="hidden width H (default: 768; 128 with --dry-run)")
     args = p.parse_args(argv)
     device, table = table_args(args)
