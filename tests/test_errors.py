@@ -241,6 +241,16 @@ def test_lce_target_out_of_range(backend, bad):
                                 torch.tensor([0, bad, 1], device=DEVICE), backend=backend)
 
 
+@pytest.mark.parametrize("bad", [9, -2])
+def test_lce_target_out_of_range_beside_ignored_rows(backend, bad):
+    """A bad id among ignored rows is named; ignored rows themselves may hold any value."""
+    h, W = torch.randn(4, 6, device=DEVICE), torch.randn(9, 6, device=DEVICE)
+    with pytest.raises(ERR, match="target"):
+        sf.linear_cross_entropy(h, W, torch.tensor([-100, bad, 8, -100], device=DEVICE), backend=backend)
+    sf.linear_cross_entropy(h, W, torch.tensor([-100, 3, 8, -100], device=DEVICE), backend=backend)
+    sf.linear_cross_entropy(h, W, torch.tensor([50, 3, 8, 50], device=DEVICE), ignore_index=50, backend=backend)
+
+
 def test_lce_bias_wrong_shape(backend):
     with pytest.raises(ERR, match="bias"):
         sf.linear_cross_entropy(torch.randn(3, 6, device=DEVICE), torch.randn(9, 6, device=DEVICE),

@@ -247,6 +247,28 @@ def test_many_small_chunks(monkeypatch, backend, soft):
                               K=K, ignore_frac=0.25))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpp")])
+def test_unit_grad_output_several_chunks(monkeypatch, backend, reduction):
+    """loss.backward() (grad_output exactly 1: the CPU skips the multiplication) over several chunks,
+    the first writing d weight and the rest adding to it, ignored rows skipped."""
+    import scale_fast.backends._lce_driver as driver
+
+    monkeypatch.setattr(driver, "HOST_CHUNK_BYTES", 7 * 101 * 4)  # 4 rows per chunk
+    monkeypatch.setattr(driver, "HOST_MIN_ROWS", 1)
+    case = _make(backend, 89, soft=False, reduction=reduction, scale_kind=None, bias=True, N=19, H=12, K=101,
+                 ignore_frac=0.3)
+    h, W, b = dev_leaf(case["hidden"]), dev_leaf(case["weight"]), dev_leaf(case["bias"])
+    sf.linear_cross_entropy(h, W, case["target"].to(DEVICE), b, ignore_index=case["ignore_index"],
+                            reduction=reduction, backend=backend).backward()
+    hr, Wr, br = ref_leaf(case["hidden"]), ref_leaf(case["weight"]), ref_leaf(case["bias"])
+    want = ref_linear_cross_entropy(hr, Wr, case["target"], br, case["ignore_index"], None, reduction)
+    gh, gW, gb = torch.autograd.grad(want, [hr, Wr, br])
+    assert_grad_close(h.grad, gh, name="d hidden")
+    assert_grad_close(W.grad, gW, name="d weight")
+    assert_grad_close(b.grad, gb, name="d bias")
+
+
 def test_chunk_rows_rule():
     """Liger's chunk size (power of two at or above N / ceil(K / H)), halved to fit the byte cap, at
     least min_rows, at most N."""

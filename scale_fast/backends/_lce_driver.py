@@ -178,26 +178,30 @@ def sweep(engine: Engine, hidden, weight, bias, scale, target, ignore_index, *, 
     need_h, need_w, need_b, need_s, need_t = (grads and bool(x) for x in needs)
     need_b, need_s, need_t = need_b and bias is not None, need_s and scale is not None, need_t and soft
     zeros = torch.zeros if rows is not None else torch.empty  # skipped rows keep 0
+    total = n if rows is None else rows.numel()
     f = dict(dtype=acc, device=dev)
     losses = torch.zeros(n, **f) if lse_in is None else None
     lse = torch.zeros(n, **f) if lse_in is None else lse_in
     dh = zeros(n, h_dim, dtype=op, device=dev) if need_h else None
-    dw = torch.zeros(k, h_dim, dtype=weight_grad_dtype(weight), device=dev) if need_w else None
+    dw_dtype = weight_grad_dtype(weight)
+    # the first chunk writes d weight (no zero fill, no read of zeros: with few rows and a large
+    # K x H the d weight passes, not the GEMM arithmetic, set the time); accumulating kinds add up
+    dw_written = need_w and total > 0 and dw_dtype == op
+    dw = (torch.empty if dw_written else torch.zeros)(k, h_dim, dtype=dw_dtype, device=dev) if need_w else None
     db = torch.zeros(k, **f) if need_b else None
     ds = torch.zeros(n, **f) if need_s else None
     dt = zeros(n, k, **f) if need_t else None
 
-    total = n if rows is None else rows.numel()
     step = engine.rows_per_chunk(total, k, h_dim, dev) if total else 1
     buf = torch.empty(min(step, total) * k, **f) if total else None
     with engine.gemm_context():
         _chunks(engine, hidden, w, bias, scale, target, ignore_index, coef, lse_in, rows, buf, step, total, op,
-                losses, lse, dh, dw, db, ds, dt)
+                losses, lse, dh, dw, dw_written, db, ds, dt)
     return losses, lse, [dh, dw, db, ds, dt]
 
 
 def _chunks(engine, hidden, w, bias, scale, target, ignore_index, coef, lse_in, rows, buf, step, total, op,
-            losses, lse, dh, dw, db, ds, dt):
+            losses, lse, dh, dw, dw_written, db, ds, dt):
     k = w.shape[0]
     grads = coef is not None
     for r0 in range(0, total, step):
@@ -231,7 +235,10 @@ def _chunks(engine, hidden, w, bias, scale, target, ignore_index, coef, lse_in, 
             else:
                 put(dh, torch.mm(g, w))
         if dw is not None:
-            _addmm_(dw, g.T, h)
+            if dw_written and r0 == 0:
+                torch.mm(g.T, h, out=dw)
+            else:
+                _addmm_(dw, g.T, h)
 
 
 def kept_rows(engine: Engine, target: torch.Tensor, ignore_index: int):
@@ -290,7 +297,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                                 lse_in=lse if none else None, needs=needs,
                                 rows=kept_rows(ctx.engine, target, ctx.ignore_index))
             grads = [None if t is None else t.to(d) for t, d in zip(grads, ctx.dtypes)]
-        if ctx.reduction != "none":  # formed for grad_output = 1
+        # formed for grad_output = 1; on the CPU (no device sync) a grad_output of exactly 1, as from
+        # loss.backward(), skips the pass over every gradient (d weight: K x H)
+        if ctx.reduction != "none" and not (g.device.type == "cpu" and bool(g == 1)):
             grads = [None if t is None else t.mul_(g) for t in grads]
         grads = [t if need else None for t, need in zip(grads, needs)]
         return (None, *grads, None, None)
