@@ -382,3 +382,29 @@ def test_triton_column_sums_without_a_safe_shift(form, monkeypatch):
     monkeypatch.setattr(mod, "_SHIFT_MARGIN", 16.0)
     _run_case("triton", 31 + (form == "clip"), M=3, B=11 if is_slow("triton") else 97, D=16, pattern="mixed",
               form=form, wkind="BMM", scale_kind="tensor")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpp")])
+def test_free_pages_released_after_large_pairs_only(monkeypatch, backend):
+    """The driver hands free pages back (malloc_trim) once per call, and after a pair only when its
+    buffers reach PAIR_RELEASE_BYTES (small pairs: the page faults of reuse cost more); the values do
+    not depend on it."""
+    import scale_fast.backends._allpairs as allpairs
+
+    calls = []
+    monkeypatch.setattr(allpairs, "release", lambda device: calls.append(device))
+    gen = torch_gen(5)
+    e = torch.randn(3, 9, 5, generator=gen, dtype=torch.float64)
+    present = torch.ones(3, 9, dtype=torch.bool)
+    present[2, :4] = False
+    results = []
+    for threshold in (allpairs.PAIR_RELEASE_BYTES, 1):
+        monkeypatch.setattr(allpairs, "PAIR_RELEASE_BYTES", threshold)
+        calls.clear()
+        leaf = e.clone().requires_grad_(True)
+        out = sf.multi_pair_info_nce(leaf, present, backend=backend)
+        out.sum().backward()
+        results.append((out.detach(), leaf.grad))
+        # the forward's first release, then one per pair (3) in forward and backward when the threshold is met
+        assert len(calls) == (1 if threshold > 1 else 7), (threshold, len(calls))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
