@@ -291,3 +291,21 @@ def test_linear_ce_side_by_side_script(tmp_path):
                                             "the same FLOPs as square GEMMs (this CPU's float32 rate)"]
     for r in rows[:2]:
         assert float(r[9]) < 1e-5 and float(r[10]) < 1e-5  # loss and gradient rel diff vs the peer
+
+
+def test_shapes_script(tmp_path):
+    """bench_shapes_cpu.py --quick: one row per shape, both backends timed beside naive."""
+    import scale_fast as sf
+
+    if "cpp" not in sf.available_backends():
+        pytest.skip("needs the cpp backend")
+    out_md = tmp_path / "shapes.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_shapes_cpu.py"), "--quick", "--threads",
+                           "1", "--reps", "1", "--out", str(out_md)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out_md.read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r[0].split()[0] for r in rows] == ["contrastive", "scores", "linear"]
+    for r in rows:
+        assert all(float(v) > 0 for v in (r[1], r[2], r[4]))  # naive, torch and cpp were timed
+    assert "command: `python benchmarks/bench_shapes_cpu.py --quick" in text
