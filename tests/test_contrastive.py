@@ -1,6 +1,7 @@
 """multi_pair_info_nce (docs/contract.md §4) against the float64 reference, every backend."""
 from __future__ import annotations
 
+import importlib
 
 import pytest
 import torch
@@ -250,8 +251,6 @@ def test_list_of_tensors_input():
 @pytest.mark.parametrize("seed", range(3))
 def test_torch_backend_multiple_tiles(monkeypatch, form, seed):
     """The torch backend's tiling (normally 1024 rows) with tiny tiles: tile edges, ragged last tile."""
-    import importlib
-
     mod = importlib.import_module("scale_fast.backends.torch.contrastive")
     assert hasattr(mod, "TILE"), "torch backend tile size knob renamed: update this test"
     monkeypatch.setattr(mod, "TILE", 16)
@@ -340,8 +339,6 @@ ROW_RANGE_BACKENDS = [b for b in BACKENDS if b in ("torch", "triton")]
 def test_row_range_partition_matches_reference(backend, seed, form):
     """The contrastive op's row_range partial losses over a partition of the batch sum to the float64
     reference losses, with every gradient (the process-group path runs the op this way)."""
-    import importlib
-
     ops = importlib.import_module({"torch": "scale_fast.backends.torch", "triton": "scale_fast.backends.triton.ops"}[backend])
     rng = case_rng("row_range", backend, seed, form)
     M = rng.randint(2, 4)
@@ -376,8 +373,6 @@ def test_row_range_partition_matches_reference(backend, seed, form):
 def test_triton_column_sums_without_a_safe_shift(form, monkeypatch):
     """With a narrow margin for the column shift, most columns take the exact fallback launch (online max),
     the others the fixed-shift relaxed-atomic sums: both must match the reference."""
-    import importlib
-
     mod = importlib.import_module("scale_fast.backends.triton.contrastive")
     monkeypatch.setattr(mod, "_SHIFT_MARGIN", 16.0)
     _run_case("triton", 31 + (form == "clip"), M=3, B=11 if is_slow("triton") else 97, D=16, pattern="mixed",
@@ -405,6 +400,46 @@ def test_free_pages_released_after_large_pairs_only(monkeypatch, backend):
         out = sf.multi_pair_info_nce(leaf, present, backend=backend)
         out.sum().backward()
         results.append((out.detach(), leaf.grad))
-        # the forward's first release, then one per pair (3) in forward and backward when the threshold is met
-        assert len(calls) == (1 if threshold > 1 else 7), (threshold, len(calls))
+        # the forward's first release; when the threshold is met, one per pair (3) and one for the
+        # workspace after the pair loop, in forward and in backward
+        assert len(calls) == (1 if threshold > 1 else 9), (threshold, len(calls))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("form", ["ntxent", "clip", "siglip"])
+def test_torch_workspace_reused_across_pairs(monkeypatch, form):
+    """The torch kernels draw their scratch from the driver's workspace: one buffer for the pairs of a
+    call (forward; backward), dropped when the call ends; bit-identical to fresh scratch per pair."""
+    import contextlib
+    import dataclasses
+
+    import scale_fast.backends._allpairs as allpairs
+
+    mod = importlib.import_module("scale_fast.backends.torch.contrastive")
+    made = []
+    real_take = mod._Workspace.take
+
+    def take(self, like, numel):
+        buf = real_take(self, like, numel)
+        made.append((self.held, buf.data_ptr()))
+        return buf
+    monkeypatch.setattr(mod._Workspace, "take", take)
+    gen = torch_gen(8)
+    e = torch.randn(4, 13, 6, generator=gen, dtype=torch.float64)
+    present = torch.ones(4, 13, dtype=torch.bool)
+    present[3, :5] = False
+    w = torch.rand(13, 4, 4, generator=gen, dtype=torch.float64) + 0.5
+    results = []
+    for forms in (mod.FORMS, allpairs.pair_forms(dataclasses.replace(mod.KERNELS, workspace=contextlib.nullcontext))):
+        monkeypatch.setattr(mod, "FORMS", forms)
+        made.clear()
+        leaf = e.clone().requires_grad_(True)
+        out = sf.multi_pair_info_nce(leaf, present, weights=w, form=form, backend="torch")
+        out.sum().backward()
+        results.append((out.detach(), leaf.grad, list(made)))
+    (out_ws, g_ws, made_ws), (out_fresh, g_fresh, made_fresh) = results
+    assert torch.equal(out_ws, out_fresh) and torch.equal(g_ws, g_fresh)
+    assert made_ws and all(held for held, _ in made_ws) and not any(held for held, _ in made_fresh)
+    # 6 pairs, forward and backward: the pairs share a handful of buffers (one per growth), not one each
+    assert len({ptr for _, ptr in made_ws}) < len(made_ws)
+    assert mod._WORKSPACE.buf is None and not mod._WORKSPACE.held

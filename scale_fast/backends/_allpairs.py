@@ -17,8 +17,9 @@ added to the backend's ``forms`` mapping; the driver needs no change.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Protocol, Tuple
+from typing import Callable, ContextManager, Mapping, Optional, Protocol, Tuple
 
 import torch
 
@@ -43,6 +44,9 @@ class PairKernels:
     (dq, dk, d_rs, d_bias): the sigmoid loss sum_r sum_c softplus(-y_rc (rs_r q_r . k_c + bias)) of
         the query rows q against every key row k, y_rc = +1 where c == pos[r], else -1.  Optional.
     coef: a 0-dim tensor, the gradient of the returned loss.
+    workspace() -> a context the driver holds around the pair loop of one call (forward, and
+        backward): scratch the kernels keep in it is reused by the next pair rather than freed
+        and faulted in again after the driver hands free pages back to the OS.
     """
 
     ntxent_forward: Callable
@@ -53,10 +57,13 @@ class PairKernels:
     rows_backward: Optional[Callable] = None
     siglip_forward: Optional[Callable] = None
     siglip_backward: Optional[Callable] = None
+    workspace: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 class PairForm(Protocol):
-    """One pair's loss from its unit rows a, b [n, D] and row scales rs [n] (= s * w_b)."""
+    """One pair's loss from its unit rows a, b [n, D] and row scales rs [n] (= s * w_b), on kernels k."""
+
+    k: PairKernels
 
     def forward(self, a, b, rs) -> Tuple[torch.Tensor, object]: ...
 
@@ -214,9 +221,12 @@ def pair_row_scale(s, row_weights, rows, i, j, acc):
 PAIR_RELEASE_BYTES = 2 ** 20
 
 
-def _release_pair(n: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+def _release_pair(n: int, dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Hand free pages back after a pair whose buffers were large enough; True when it did."""
     if dtype.itemsize * 2 * n * (dim + 2 * n) >= PAIR_RELEASE_BYTES:
         release(device)
+        return True
+    return False
 
 
 class _AllPairs(torch.autograd.Function):
@@ -231,25 +241,29 @@ class _AllPairs(torch.autograd.Function):
         out = torch.zeros(M, M, dtype=acc, device=e.device)
         pairs = []
         release(e.device)  # what the caller's earlier steps freed (the scores' chunks)
-        for i in range(M):
-            for j in range(i + 1, M):
-                rows = torch.nonzero(present[i] & present[j]).squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                local = None
-                if row_range is not None:
-                    local = torch.nonzero((rows >= row_range[0]) & (rows < row_range[1])).squeeze(1)
-                    if local.numel() == 0:
+        released = False
+        with pair.k.workspace():
+            for i in range(M):
+                for j in range(i + 1, M):
+                    rows = torch.nonzero(present[i] & present[j]).squeeze(1)
+                    if rows.numel() == 0:
                         continue
-                (a, _, _), (b, _, _) = gather_pair(e, i, j, rows, acc)
-                if local is None:
-                    out[i, j], stats = pair.forward(a, b, pair_row_scale(s, row_weights, rows, i, j, acc), *extra)
-                else:
-                    rs = pair_row_scale(s, row_weights, rows.index_select(0, local) - row_range[0], i, j, acc)
-                    out[i, j], stats = pair.rows_forward(a, b, rs, local, *extra)
-                pairs.append((i, j, rows, local, stats))
-                del a, b
-                _release_pair(rows.numel(), e.shape[-1], acc, e.device)  # its [2n, D] buffer and tiles are free
+                    local = None
+                    if row_range is not None:
+                        local = torch.nonzero((rows >= row_range[0]) & (rows < row_range[1])).squeeze(1)
+                        if local.numel() == 0:
+                            continue
+                    (a, _, _), (b, _, _) = gather_pair(e, i, j, rows, acc)
+                    if local is None:
+                        out[i, j], stats = pair.forward(a, b, pair_row_scale(s, row_weights, rows, i, j, acc), *extra)
+                    else:
+                        rs = pair_row_scale(s, row_weights, rows.index_select(0, local) - row_range[0], i, j, acc)
+                        out[i, j], stats = pair.rows_forward(a, b, rs, local, *extra)
+                    pairs.append((i, j, rows, local, stats))
+                    del a, b
+                    released |= _release_pair(rows.numel(), e.shape[-1], acc, e.device)  # its [2n, D] buffer
+        if released:
+            release(e.device)  # and the workspace's scratch
         ctx.save_for_backward(e, scale, row_weights, bias)
         ctx.pair, ctx.pairs, ctx.row_range = pair, pairs, row_range
         return out
@@ -267,26 +281,30 @@ class _AllPairs(torch.autograd.Function):
         d_rows = torch.zeros(n_rows, e.shape[0], e.shape[0], dtype=acc, device=e.device)  # d loss / d (s w)
         grad = grad.to(acc)
         used = grad.ne(0).tolist()
-        for i, j, rows, local, stats in ctx.pairs:
-            if not used[i][j]:  # this pair's loss is not used: its gradient is exactly 0
-                continue
-            (a, inv_a, proj_a), (b, inv_b, proj_b) = gather_pair(e, i, j, rows, acc)
-            if local is None:
-                w_rows = rows
-                rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
-                grads = pair.backward(a, b, rs, *extra, stats, grad[i, j])
-            else:
-                w_rows = rows.index_select(0, local) - row_range[0]
-                rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
-                grads = pair.rows_backward(a, b, rs, local, *extra, stats, grad[i, j])
-            da, db, d_rs = grads[:3]
-            if extra:
-                d_bias += grads[3]
-            de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
-            de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
-            d_rows[w_rows, i, j] = d_rs
-            del a, b, da, db, grads
-            _release_pair(rows.numel(), e.shape[-1], acc, e.device)
+        released = False
+        with pair.k.workspace():
+            for i, j, rows, local, stats in ctx.pairs:
+                if not used[i][j]:  # this pair's loss is not used: its gradient is exactly 0
+                    continue
+                (a, inv_a, proj_a), (b, inv_b, proj_b) = gather_pair(e, i, j, rows, acc)
+                if local is None:
+                    w_rows = rows
+                    rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
+                    grads = pair.backward(a, b, rs, *extra, stats, grad[i, j])
+                else:
+                    w_rows = rows.index_select(0, local) - row_range[0]
+                    rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
+                    grads = pair.rows_backward(a, b, rs, local, *extra, stats, grad[i, j])
+                da, db, d_rs = grads[:3]
+                if extra:
+                    d_bias += grads[3]
+                de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
+                de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
+                d_rows[w_rows, i, j] = d_rs
+                del a, b, da, db, grads
+                released |= _release_pair(rows.numel(), e.shape[-1], acc, e.device)
+        if released:
+            release(e.device)
         dweights = dscale = None
         if ctx.needs_input_grad[4]:
             dweights = (d_rows * s).to(row_weights.dtype)

@@ -14,6 +14,10 @@ kept per row, as in flash attention.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Optional
+
 import torch
 
 from .. import _allpairs
@@ -77,6 +81,38 @@ class _RowLSE:
         return self.shift + torch.log(self.sumexp)
 
 
+class _Workspace(threading.local):
+    """The driver's workspace (PairKernels.workspace): while it is held, the scratch of one kernel
+    call is kept for the next (the pairs of one call), so that handing free pages back to the OS
+    between pairs does not make every pair fault its 4-16 MiB of tiles in again."""
+    held = False
+    buf: Optional[torch.Tensor] = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        outer = self.held
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = outer
+            if not outer:
+                self.buf = None
+
+    def take(self, like: torch.Tensor, numel: int) -> torch.Tensor:
+        """A [numel] scratch buffer of like's dtype and device: the held one when it is large enough."""
+        buf = self.buf
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            self.buf = buf = None  # the old one goes before the new one is made (one kernel call at a time)
+            buf = like.new_empty(numel)
+            if self.held:
+                self.buf = buf
+        return buf[:numel]
+
+
+_WORKSPACE = _Workspace()
+
+
 class _Scratch:
     """The scratch tiles of one kernel call, allocated once and reused for every tile.
 
@@ -84,12 +120,13 @@ class _Scratch:
     which keeps them resident (glibc raises its mmap threshold after large frees and then
     serves them from its heaps): resident memory would grow far beyond the live tiles.
     tiles: how many [T, T] scratch tiles; T is capped at the row counts nr, nc of the two
-    operands.  (The gradient products accumulate in place, through addmm_.)
+    operands.  (The gradient products accumulate in place, through addmm_.)  Drawn from the
+    driver's workspace when one is held.
     """
 
     def __init__(self, like: torch.Tensor, nr: int, nc: int, tiles: int):
         tr, tc = max(1, min(TILE, nr)), max(1, min(TILE, nc))
-        self.tiles = like.new_empty(tiles, tr * tc)
+        self.tiles = _WORKSPACE.take(like, tiles * tr * tc).view(tiles, tr * tc)
 
     def tile(self, k: int, rows: slice, cols: slice) -> torch.Tensor:
         """Scratch tile k viewed as [rows, cols] (contiguous)."""
@@ -316,7 +353,7 @@ def siglip_backward(q, k, rs, pos, bias, coef):
 
 
 KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward, rows_forward, rows_backward,
-                      siglip_forward, siglip_backward)
+                      siglip_forward, siglip_backward, workspace=_WORKSPACE)
 FORMS = pair_forms(KERNELS)
 
 
