@@ -221,12 +221,22 @@ def pair_row_scale(s, row_weights, rows, i, j, acc):
 PAIR_RELEASE_BYTES = 2 ** 20
 
 
-def _release_pair(n: int, dim: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Hand free pages back after a pair whose buffers were large enough; True when it did."""
-    if dtype.itemsize * 2 * n * (dim + 2 * n) >= PAIR_RELEASE_BYTES:
-        release(device)
-        return True
-    return False
+@contextlib.contextmanager
+def _pair_loop(pair: PairForm, e: torch.Tensor, acc: torch.dtype):
+    """Around one loop over pairs (forward or backward): holds the kernels' workspace and yields
+    done(n), to call after each pair of n rows.  Free pages go back to the OS after a pair whose
+    buffers reached PAIR_RELEASE_BYTES, and once more, for the workspace, when the loop ends."""
+    released = False
+
+    def done(n: int) -> None:
+        nonlocal released
+        if acc.itemsize * 2 * n * (e.shape[-1] + 2 * n) >= PAIR_RELEASE_BYTES:
+            release(e.device)
+            released = True
+    with pair.k.workspace():
+        yield done
+    if released:
+        release(e.device)
 
 
 class _AllPairs(torch.autograd.Function):
@@ -241,8 +251,7 @@ class _AllPairs(torch.autograd.Function):
         out = torch.zeros(M, M, dtype=acc, device=e.device)
         pairs = []
         release(e.device)  # what the caller's earlier steps freed (the scores' chunks)
-        released = False
-        with pair.k.workspace():
+        with _pair_loop(pair, e, acc) as pair_done:
             for i in range(M):
                 for j in range(i + 1, M):
                     rows = torch.nonzero(present[i] & present[j]).squeeze(1)
@@ -261,9 +270,7 @@ class _AllPairs(torch.autograd.Function):
                         out[i, j], stats = pair.rows_forward(a, b, rs, local, *extra)
                     pairs.append((i, j, rows, local, stats))
                     del a, b
-                    released |= _release_pair(rows.numel(), e.shape[-1], acc, e.device)  # its [2n, D] buffer
-        if released:
-            release(e.device)  # and the workspace's scratch
+                    pair_done(rows.numel())  # its [2n, D] buffer is free
         ctx.save_for_backward(e, scale, row_weights, bias)
         ctx.pair, ctx.pairs, ctx.row_range = pair, pairs, row_range
         return out
@@ -281,8 +288,7 @@ class _AllPairs(torch.autograd.Function):
         d_rows = torch.zeros(n_rows, e.shape[0], e.shape[0], dtype=acc, device=e.device)  # d loss / d (s w)
         grad = grad.to(acc)
         used = grad.ne(0).tolist()
-        released = False
-        with pair.k.workspace():
+        with _pair_loop(pair, e, acc) as pair_done:
             for i, j, rows, local, stats in ctx.pairs:
                 if not used[i][j]:  # this pair's loss is not used: its gradient is exactly 0
                     continue
@@ -302,9 +308,7 @@ class _AllPairs(torch.autograd.Function):
                 de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
                 d_rows[w_rows, i, j] = d_rs
                 del a, b, da, db, grads
-                released |= _release_pair(rows.numel(), e.shape[-1], acc, e.device)
-        if released:
-            release(e.device)
+                pair_done(rows.numel())
         dweights = dscale = None
         if ctx.needs_input_grad[4]:
             dweights = (d_rows * s).to(row_weights.dtype)
