@@ -49,8 +49,8 @@ def main(argv=None) -> int:
     custom = bool(args.vocab or args.hidden)
     # another K or H: the op built for it (the registry's is at the tier's); fresh processes find ops by name
     op = linear_ce_op(args.vocab, args.hidden) if custom else "linear_ce"
-    name = ("linear_ce" + (f"_k{args.vocab}" if args.vocab else "") + (f"_h{args.hidden}" if args.hidden else "")
-            + (f"_n{'_'.join(map(str, sizes))}" if args.rows and not args.dry_run else ""))
+    rows = f"_n{'_'.join(map(str, sizes))}" if args.rows and not args.dry_run else ""
+    name = (op.name if custom else op) + rows
     return run_table(name, "Fused linear cross-entropy fwd+bwd", [(op, tier, sizes)], args, device, argv=argv,
                      reps=10, default_budget_s=120 if args.dry_run else (90 if device.startswith("cuda") else 360),
                      plots=False, fresh_peak=False if custom else None)

@@ -237,10 +237,10 @@ def test_many_small_chunks(monkeypatch, backend, soft):
         monkeypatch.setattr("scale_fast.backends.triton.linear_ce.MIN_ROWS", 1)
     N, H, K = (23, 16, 101) if is_slow(backend) else (53, 33, 101)
     if backend == "triton":
-        from scale_fast.backends.triton.linear_ce import ENGINE
+        from scale_fast.backends.triton.linear_ce import ENGINE as engine
     else:
-        ENGINE = driver.host_engine(None)
-    rows = ENGINE.rows_per_chunk(N, K, H, torch.device("cpu"))
+        engine = driver.host_engine(None)
+    rows = engine.rows_per_chunk(N, K, H, torch.device("cpu"))
     assert rows == 4 and N % rows  # several chunks, the last one ragged
     for reduction in REDUCTIONS:
         _check(backend, _make(backend, 88, soft=soft, reduction=reduction, scale_kind="rows", bias=True, N=N, H=H,
