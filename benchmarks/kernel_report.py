@@ -205,13 +205,16 @@ def contrastive_cases(full: bool):
                 cases += autotuned_cases(con._contrastive_fwd_fallback_kernel, "contrastive_fwd_fallback",
                                          f"{dt} {prec} {form}", dict(base, z_ptr=ptr), ce, dict(nargs, D=512), ce,
                                          full=full)
-        terms = [(True, True), (True, False), (False, True)] if full else [(True, True)]
-        for row_term, col_term in terms:
-            ce = dict(HAS_W=True, ROW_TERM=row_term, COL_TERM=col_term, PRECISION=prec, DOT_F32=False)
+        # (row term, column term, column statistics): the mirrored blocks of both directions, then
+        # the one-direction and row_range jobs
+        terms = [(True, True, True), (True, False, False), (False, True, False)] if full else [(True, True, True)]
+        for row_term, col_term, col_stats in terms:
+            ce = dict(HAS_W=True, ROW_TERM=row_term, COL_TERM=col_term, COL_STATS=col_stats, PRECISION=prec,
+                      DOT_F32=False)
             types = dict(base, z_ptr=ptr, dg_ptr="*bf16" if dt == "bf16" else "*fp32")
-            cases += autotuned_cases(con._contrastive_dg_kernel, "contrastive_bwd_dg",
-                                     f"{dt} {prec} {'row' if row_term else ''}{'+' if row_term and col_term else ''}"
-                                     f"{'col' if col_term else ''}", types, ce, dict(nargs, D=512), ce, full=full)
+            label = "mirrored row+col" if col_stats else ("row" if row_term else "col")
+            cases += autotuned_cases(con._contrastive_dg_kernel, "contrastive_bwd_dg", f"{dt} {prec} {label}",
+                                     types, ce, dict(nargs, D=512), ce, full=full)
     return cases
 
 

@@ -379,6 +379,19 @@ def test_triton_column_sums_without_a_safe_shift(form, monkeypatch):
               form=form, wkind="BMM", scale_kind="tensor")
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("seed", range(2))
+def test_triton_backward_in_row_chunks(form, seed, monkeypatch):
+    """A dG buffer of one tile row: the backward runs in chunks of 16 rows, so NT-Xent's same-side
+    triangles start at every chunk and the mirrored blocks add the columns' gradients and softmax
+    statistics chunk by chunk (B not a multiple of the chunk, modalities missing, row weights)."""
+    monkeypatch.setenv("SCALE_FAST_CONTRASTIVE_BWD_MB", "0.0001")
+    _run_case("triton", 40 + seed, M=3, B=37 + 6 * seed, D=16, pattern=("mixed", "all")[seed], form=form,
+              wkind="BMM", scale_kind="tensor")
+    test_row_range_partition_matches_reference("triton", seed, form)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpp")])
 def test_free_pages_released_after_large_pairs_only(monkeypatch, backend):
     """The driver hands free pages back (malloc_trim) once per call, and after a pair only when its

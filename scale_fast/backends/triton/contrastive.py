@@ -38,13 +38,15 @@ Forward (one launch over all pairs, nothing B x B stored):
 * The positive logits (diagonal of side 0 x side 1) are written by the tile that holds them.
 
 Backward (no atomics): per pair and row chunk, a Triton kernel recomputes the Gram tiles of
-the chunk's rows against all their columns and writes dG = d loss / d G (both directions'
+the chunk's rows against their columns and writes dG = d loss / d G (both directions'
 softmax terms, the positives, self-similarities removed) into a buffer of fixed size
-(SCALE_FAST_CONTRASTIVE_BWD_MB, default 64 MiB, independent of B), with per-tile partial row
-sums for the row-weight and logit-scale gradients.  cuBLAS then forms dZ[rows] = dG Z[cols]
-with fp32 accumulation.  Every side's rows are a chunk of their own (the transposed softmax
-term makes a side-1 chunk the rows of dG^T), so "clip" costs 1 forward + 2 x (recompute +
-GEMM) passes, and NT-Xent's symmetric 2B x 2B Gram is one GEMM over dG + dG^T per chunk.
+(SCALE_FAST_CONTRASTIVE_BWD_MB, default 64 MiB, independent of B), with per-tile partial
+softmax sums of its rows and of its columns for the row-weight and logit-scale gradients.
+cuBLAS then forms dZ[rows] += dG Z[cols] and dZ[cols] += dG^T Z[rows] with fp32 accumulation,
+so every dG entry is computed once: "clip" recomputes the B x B cross block once (B^2 D
+multiply-adds, then 2 B^2 D in the GEMMs), and NT-Xent, whose 2B x 2B Gram is symmetric,
+its cross block plus the upper triangle of each same-side block (each chunk's columns from
+its own first row on): 2 B^2 D for dG and 4 B^2 D in the GEMMs, where the whole Gram took 8.
 
 row_range=(start, stop) (the process-group path, see scale_fast/distributed.py): only the
 loss terms of rows whose sample lies in [start, stop) (both sides), against every column,
@@ -123,8 +125,11 @@ def _prune_configs(configs, named_args, **kwargs):
     z = named_args.get("z_ptr")
     prec = kwargs.get("PRECISION", named_args.get("PRECISION"))
     fma = getattr(z, "dtype", None) == torch.float32 and prec == "ieee"
-    keep = [c for c in configs if getattr(c, "scale_fast_fma", False) == fma]
-    return keep or configs
+    keep = [c for c in configs if getattr(c, "scale_fast_fma", False) == fma] or configs
+    if kwargs.get("COL_STATS", named_args.get("COL_STATS")):
+        # the columns' statistics keep one more [BLOCK_M, BLOCK_N] tile live: 128 x 128 spills (sm_90a)
+        keep = [c for c in keep if c.kwargs.get("BLOCK_M", 0) * c.kwargs.get("BLOCK_N", 0) <= 128 * 64] or keep
+    return keep
 
 
 # ----------------------------------------------------------------------------------
@@ -356,16 +361,16 @@ def _contrastive_fwd_fallback_kernel(
 # ----------------------------------------------------------------------------------
 # backward: dG tiles of a row chunk into a buffer (the GEMMs run in cuBLAS)
 # ----------------------------------------------------------------------------------
-@triton.autotune(configs=_dg_configs(), key=["NCOL", "D", "HAS_W", "ROW_TERM", "COL_TERM"],
+@triton.autotune(configs=_dg_configs(), key=["NKEY", "D", "HAS_W", "ROW_TERM", "COL_TERM", "COL_STATS"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
-@triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1"])
+@triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1", "CS0"])
 def _contrastive_dg_kernel(
     z_ptr, pres_ptr, w_ptr, scale_ptr, coef_ptr, lse_ptr,
-    dg_ptr, dot_ptr, psum_ptr, gpos_ptr,
-    p, mi, mj, xs, ys0, ys1, R0, NROWS, C0, C1, NCOL,
-    B, D, stride_zm, stride_zb, stride_pm, stride_dg, stride_st,
-    HAS_W: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr,
+    dg_ptr, dot_ptr, psum_ptr, gpos_ptr, cdot_ptr, cpsum_ptr,
+    p, mi, mj, xs, ys0, ys1, R0, NROWS, C0, C1, NCOL, CS0, NKEY,
+    B, D, stride_zm, stride_zb, stride_pm, stride_dg, stride_st, stride_cst,
+    HAS_W: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, COL_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr, EVEN_D: tl.constexpr, GROUP: tl.constexpr = 8,
 ):
@@ -373,6 +378,9 @@ def _contrastive_dg_kernel(
     # Column segment k: samples Ck + [0, NCOL) of side ysk, at buffer columns k * NCOL + [0, NCOL).
     # dG[r, c] = coef * s * (ROW_TERM * w_r P_row[r, c] + COL_TERM * w_c P_col[c, r]) minus the
     # positives' s * w, self-similarities removed; P_row uses the rows' LSE, P_col the columns'.
+    # COL_STATS: the columns' own softmax statistics too (sum_r P_col G and sum_r P_col, columns
+    # from sample CS0 on), per row tile at cdot/cpsum[tm, column]: a block computed once serves
+    # the gradients of its rows and of its columns.  NKEY: the autotune key (the problem's width).
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     n_m = tl.cdiv(NROWS, BLOCK_M)
@@ -432,6 +440,11 @@ def _contrastive_dg_kernel(
         if same:
             pc = tl.where(rows[:, None] == cols[None, :], 0.0, pc)
         dg += pc * (cs * wc)[None, :]
+        if COL_STATS:
+            cst = tm.to(tl.int64) * stride_cst + lcol
+            ckeep = (lcol < NCOL) & (cols >= CS0)
+            tl.store(cdot_ptr + cst, tl.sum(pc * acc, 0), mask=ckeep)
+            tl.store(cpsum_ptr + cst, tl.sum(pc, 0), mask=ckeep)
     if same == 0:
         # the positives' -s * w (row r's own, and column c's when its softmax term is in)
         npos = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -620,7 +633,16 @@ def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg, row_range, need_dw):
-    """(dz [M, B, D] fp32, dw [P, B] fp32 or None, ds fp32 0-dim) of sum_p coef[p] * loss_p."""
+    """(dz [M, B, D] fp32, dw [P, B] fp32 or None, ds fp32 0-dim) of sum_p coef[p] * loss_p.
+
+    Every pair is a list of jobs: a block of rows (one side, in chunks) against column segments.
+    The kernel writes the chunk's dG into a buffer and the rows' softmax statistics; cuBLAS adds
+    dG @ Z_columns to the rows' gradient.  A mirrored job also adds dG^T @ Z_rows to the columns'
+    gradient and takes the columns' statistics from the same tiles, so each dG entry is computed
+    once: without row_range, both directions (CLIP, NT-Xent) run the cross block (side-0 rows x
+    side-1 columns) mirrored, and NT-Xent's same-side blocks, symmetric, only their upper triangle
+    (each chunk's columns from its first row on: 6 B^2 D multiply-adds instead of 8 B^2 D).
+    """
     M, B, D = z.shape
     P = pi32.numel()
     dev = z.device
@@ -647,56 +669,87 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                 zc[key] = v if zg is not None else v.float()
             return zc[key]
 
-        jobs = []  # (row side, row start, row stop, [(col side, col start, col stop)], row_term, col_term)
+        # (row side, row start, row stop, [(col side, col start, col stop)] or None for the
+        #  triangle from each chunk's first row, row_term, col_term, mirrored)
+        jobs = []
         if local:
             for xs in (0, 1):
                 ysides = (1 - xs,) if nseg == 1 else (0, 1)
-                jobs.append((xs, r0, r1, [(ys, 0, B) for ys in ysides], True, False))
+                jobs.append((xs, r0, r1, [(ys, 0, B) for ys in ysides], True, False, False))
                 for ys in ysides:  # the columns' gradient from these rows: rows of dG^T
-                    jobs.append((ys, 0, B, [(xs, r0, r1)], False, True))
-        elif nseg == 2:
-            for xs in (0, 1):
-                jobs.append((xs, 0, B, [(0, 0, B), (1, 0, B)], True, True))
+                    jobs.append((ys, 0, B, [(xs, r0, r1)], False, True, False))
         elif both_dir:
-            jobs.append((0, 0, B, [(1, 0, B)], True, True))
-            jobs.append((1, 0, B, [(0, 0, B)], True, True))
+            jobs.append((0, 0, B, [(1, 0, B)], True, True, True))
+            if nseg == 2:
+                jobs += [(xs, 0, B, None, True, True, True) for xs in (0, 1)]
         else:  # one direction: side 1 rows only get the transposed term
-            jobs.append((0, 0, B, [(1, 0, B)], True, False))
-            jobs.append((1, 0, B, [(0, 0, B)], False, True))
-        for xs, a0, a1, csegs, row_term, col_term in jobs:
-            n_rows, ncol = a1 - a0, csegs[0][2] - csegs[0][1]
-            if n_rows <= 0 or ncol <= 0:
+            jobs.append((0, 0, B, [(1, 0, B)], True, False, False))
+            jobs.append((1, 0, B, [(0, 0, B)], False, True, False))
+        # per side: sum_c P G and sum_c P of every sample's softmax row, and its positive's G
+        dot_t = torch.zeros((2, B), device=dev, dtype=torch.float32)
+        psum_t = torch.zeros_like(dot_t)
+        gpos_t = torch.zeros_like(dot_t)
+        for xs, a0, a1, csegs, row_term, col_term, mirrored in jobs:
+            tri = csegs is None
+            width = B - a0 if tri else csegs[0][2] - csegs[0][1]
+            n_rows = a1 - a0
+            if n_rows <= 0 or width <= 0:
                 continue
-            nseg_c = len(csegs)
-            ch = min(n_rows, _bwd_chunk_rows(nseg_c * ncol, torch.finfo(buf_dtype).bits // 8))
-            buf = torch.empty((ch, nseg_c * ncol), device=dev, dtype=buf_dtype)
-            n_ct = triton.cdiv(ncol, 16)  # enough stat slots for any BLOCK_N >= 16
+            nseg_c = 1 if tri else len(csegs)
+            ch = min(n_rows, _bwd_chunk_rows(nseg_c * width, torch.finfo(buf_dtype).bits // 8))
+            buf = torch.empty((ch, nseg_c * width), device=dev, dtype=buf_dtype)
+            n_ct = triton.cdiv(width, 16)  # enough stat slots for any BLOCK_N >= 16
             dot = torch.zeros((nseg_c * n_ct, ch), device=dev, dtype=torch.float32)
             psum = torch.zeros_like(dot)
             gpos = torch.zeros((ch,), device=dev, dtype=torch.float32)
-            ys1 = csegs[-1][0]
+            if mirrored:  # the columns' statistics, per row tile (BLOCK_M >= 16)
+                cdot = torch.zeros((triton.cdiv(ch, 16), width), device=dev, dtype=torch.float32)
+                cpsum = torch.zeros_like(cdot)
+            else:
+                cdot = cpsum = dot
             for c0 in range(a0, a1, ch):
                 nr = min(ch, a1 - c0)
+                segs = [(xs, c0, B)] if tri else csegs
+                ncol = segs[0][2] - segs[0][1]
+                ys0, ys1 = segs[0][0], segs[-1][0]
+                cs0 = c0 + nr if tri else segs[0][1]  # the triangle's own rows give their stats themselves
                 if row_term:
                     dot.zero_()
                     psum.zero_()
                     gpos.zero_()
+                if mirrored:
+                    cdot.zero_()
+                    cpsum.zero_()
                 grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]) * triton.cdiv(ncol, meta["BLOCK_N"]),  # noqa: E731
                                      nseg_c)
                 _contrastive_dg_kernel[grid](
                     z, present_u8, wv, scale32, coef, lse2,
-                    buf, dot, psum, gpos,
-                    p, mi, mj, xs, csegs[0][0], ys1, c0, nr, csegs[0][1], csegs[-1][1], ncol,
+                    buf, dot, psum, gpos, cdot, cpsum,
+                    p, mi, mj, xs, ys0, ys1, c0, nr, segs[0][1], segs[-1][1], ncol, cs0, B,
                     B, D, z.stride(0), z.stride(1), present_u8.stride(0), buf.stride(0), dot.stride(0),
-                    HAS_W=has_w, ROW_TERM=row_term, COL_TERM=col_term, PRECISION=prec, DOT_F32=f32,
+                    cdot.stride(0),
+                    HAS_W=has_w, ROW_TERM=row_term, COL_TERM=col_term, COL_STATS=mirrored, PRECISION=prec,
+                    DOT_F32=f32,
                 )
                 out = dz[mods[xs], c0:c0 + nr]
-                for k, (ys, b0, b1) in enumerate(csegs):
+                for k, (ys, b0, b1) in enumerate(segs):
                     _mm_acc(out, buf[:nr, k * ncol:(k + 1) * ncol], zside(ys, b0, b1))
                 if row_term:
-                    ps = psum[:, :nr].sum(0)
-                    raw = torch.where(ps > 0, dot[:, :nr].sum(0) / ps.clamp_min(1e-30), torch.zeros_like(ps))
-                    dwraw[p, c0:c0 + nr] += raw - gpos[:nr]
+                    dot_t[xs, c0:c0 + nr] += dot[:, :nr].sum(0)
+                    psum_t[xs, c0:c0 + nr] += psum[:, :nr].sum(0)
+                    if any(ys != xs for ys, _, _ in segs):  # the kernel stored the positives' G
+                        gpos_t[xs, c0:c0 + nr] = gpos[:nr]
+                if mirrored:
+                    ys, b0, b1 = segs[0]
+                    t0 = cs0 - b0  # a triangle's diagonal block is already in `out`
+                    if t0 < ncol:
+                        _mm_acc(dz[mods[ys], b0 + t0:b1], buf[:nr, t0:ncol].t(), zside(xs, c0, c0 + nr))
+                    dot_t[ys, b0:b1] += cdot[:, :ncol].sum(0)
+                    psum_t[ys, b0:b1] += cpsum[:, :ncol].sum(0)
+                    if ys != xs:  # a positive is one sample's pair: the same G for both sides
+                        gpos_t[ys, c0:c0 + nr] = gpos[:nr]
+        raw = torch.where(psum_t > 0, dot_t / psum_t.clamp_min(1e-30) - gpos_t, torch.zeros_like(psum_t))
+        dwraw[p] = raw.sum(0)
     valid = (present_u8[pi32.long()] != 0) & (present_u8[pj32.long()] != 0)
     if local:
         valid[:, :r0] = False
