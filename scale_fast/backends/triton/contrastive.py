@@ -84,24 +84,26 @@ _ASSUMED_SMS = 132  # H100 / H200 SXM; used where no CUDA device is there to ask
 # ----------------------------------------------------------------------------------
 # autotune configurations
 # ----------------------------------------------------------------------------------
-# (BLOCK, BLOCK_D, num_warps, num_stages).  Tensor-core dots (bf16/fp16, TF32) and the exact
-# fp32 dots (FMA units, far more registers per tile) get separate sets; every set is checked
-# for spills and fences by benchmarks/kernel_report.py.
-_FWD_TC = ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3))
-_FWD_FMA = ((64, 16, 4, 2), (32, 32, 4, 2))
+# (BLOCK, BLOCK_D, num_warps, num_stages) per dot class: 16-bit tensor-core dots, TF32 tensor-core
+# dots (fp32 operands: twice the registers per tile) and exact fp32 dots (FMA units).  Every set
+# is checked for spills and fences on sm_90a and sm_80 by benchmarks/kernel_report.py.
+_FWD = {"tc16": ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3)),
+        "tf32": ((64, 64, 4, 3), (64, 32, 4, 3)),
+        "fma": ((64, 16, 4, 2), (32, 32, 4, 2))}
 # backward dG tiles: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
-_DG_TC = ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3))
-_DG_FMA = ((64, 64, 16, 4, 2), (32, 64, 32, 4, 2))
+_DG = {"tc16": ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3)),
+       "tf32": ((128, 64, 64, 8, 3), (128, 64, 32, 8, 3)),
+       "fma": ((32, 64, 32, 4, 2), (32, 64, 16, 4, 2))}
 
 
 def _fwd_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
     out = []
-    for fma, table in ((False, _FWD_TC), (True, _FWD_FMA)):
+    for cls, table in _FWD.items():
         for block, block_d, warps, stages in table:
             cfg = triton.Config({"BLOCK": block, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages)
-            cfg.scale_fast_fma = fma
+            cfg.scale_fast_class = cls
             out.append(cfg)
     return out
 
@@ -110,22 +112,23 @@ def _dg_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
     out = []
-    for fma, table in ((False, _DG_TC), (True, _DG_FMA)):
+    for cls, table in _DG.items():
         for bm, bn, bd, warps, stages in table:
             cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
-            cfg.scale_fast_fma = fma
+            cfg.scale_fast_class = cls
             out.append(cfg)
     return out
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Exact fp32 dots run on FMA units and need small tiles; tensor-core dots big ones."""
+    """The configs of the call's dot class (see _FWD)."""
     if len(configs) <= 1:
         return configs
     z = named_args.get("z_ptr")
     prec = kwargs.get("PRECISION", named_args.get("PRECISION"))
-    fma = getattr(z, "dtype", None) == torch.float32 and prec == "ieee"
-    keep = [c for c in configs if getattr(c, "scale_fast_fma", False) == fma] or configs
+    fp32 = getattr(z, "dtype", None) == torch.float32
+    cls = ("fma" if prec == "ieee" else "tf32") if fp32 else "tc16"
+    keep = [c for c in configs if getattr(c, "scale_fast_class", None) == cls] or configs
     if kwargs.get("COL_STATS", named_args.get("COL_STATS")):
         # the columns' statistics keep one more [BLOCK_M, BLOCK_N] tile live: 128 x 128 spills (sm_90a)
         keep = [c for c in keep if c.kwargs.get("BLOCK_M", 0) * c.kwargs.get("BLOCK_N", 0) <= 128 * 64] or keep
