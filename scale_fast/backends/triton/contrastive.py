@@ -666,11 +666,12 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
         zc = {}
 
         def zside(side, start, stop):
-            key = (side, start, stop)
-            if key not in zc:
-                v = z[mods[side], start:stop]
-                zc[key] = v if zg is not None else v.float()
-            return zc[key]
+            # rows of one side as a GEMM operand: a view of z, or of ONE fp32 copy of the side
+            # (fp16 inputs), whatever the number of chunks and triangles that slice it
+            if side not in zc:
+                v = z[mods[side]]
+                zc[side] = v if zg is not None else v.float()
+            return zc[side][start:stop]
 
         # (row side, row start, row stop, [(col side, col start, col stop)] or None for the
         #  triangle from each chunk's first row, row_term, col_term, mirrored)
