@@ -382,14 +382,64 @@ def test_triton_column_sums_without_a_safe_shift(form, monkeypatch):
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("seed", range(2))
-def test_triton_backward_in_row_chunks(form, seed, monkeypatch):
-    """A dG buffer of one tile row: the backward runs in chunks of 16 rows, so NT-Xent's same-side
-    triangles start at every chunk and the mirrored blocks add the columns' gradients and softmax
-    statistics chunk by chunk (B not a multiple of the chunk, modalities missing, row weights)."""
-    monkeypatch.setenv("SCALE_FAST_CONTRASTIVE_BWD_MB", "0.0001")
-    _run_case("triton", 40 + seed, M=3, B=37 + 6 * seed, D=16, pattern=("mixed", "all")[seed], form=form,
+def test_triton_backward_in_blocks(form, seed, monkeypatch):
+    """A small dG budget: the backward runs in 16-row chunks (seed 0) or 48 x 48 blocks of three row
+    tiles (seed 1), so NT-Xent's same-side triangles span several blocks and the mirrored blocks add
+    the columns' gradients and softmax statistics block by block (B not a multiple of the block,
+    modalities missing, row weights, a learnable scale; then the row_range partition)."""
+    monkeypatch.setenv("SCALE_FAST_CONTRASTIVE_BWD_MB", ("0.0001", "0.0088")[seed])
+    _run_case("triton", 40 + seed, M=3, B=(37, 107)[seed], D=16, pattern=("mixed", "all")[seed], form=form,
               wkind="BMM", scale_kind="tensor")
     test_row_range_partition_matches_reference("triton", seed, form)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("winner", range(2))
+def test_triton_backward_autotune_keeps_no_stale_statistics(monkeypatch, winner):
+    """Two dG configs with different tiles write different statistic slots: the first backward (which
+    autotunes, here with a stand-in clock that makes config `winner` the fastest) must give the same
+    gradients as the second (which reuses the choice)."""
+    mod = importlib.import_module("scale_fast.backends.triton.contrastive")
+    kernel = mod._contrastive_dg_kernel
+    configs = [triton_config(bm, bn) for bm, bn in ((16, 32), (32, 16))]
+    current = {}
+    bench = kernel._bench
+
+    def timed(*args, config, **kwargs):  # the interpreter has no GPU clock
+        current["config"] = config
+        return bench(*args, config=config, **kwargs)
+
+    def do_bench(fn, quantiles=None):
+        fn()
+        t = 1.0 if configs.index(current["config"]) == winner else 2.0
+        return [t, t, t]
+
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", timed)
+    monkeypatch.setitem(kernel.__dict__, "do_bench", do_bench)  # a cached_property: set, never read
+    gen = torch_gen(77)
+    present = torch.ones(2, 45, dtype=torch.bool)
+    present[1, :6] = False
+    e = torch.randn(2, 45, 16, generator=gen)
+    w = torch.rand(45, 2, 2, generator=gen) + 0.5
+    for form in FORMS:
+        out = []
+        for _ in range(2):
+            e_dev, w_dev = dev_leaf(e), dev_leaf(w)
+            s_dev = torch.tensor(3.7, device=DEVICE, requires_grad=True)
+            loss = sf.multi_pair_info_nce(e_dev, present.to(DEVICE), weights=w_dev, logit_scale=s_dev, form=form,
+                                          backend="triton")
+            out.append(grads(loss.sum(), [e_dev, w_dev, s_dev]))
+        assert kernel.cache, "the stand-in clock was not used: nothing was autotuned"
+        for name, g1, g2 in zip(("embeddings", "weights", "logit_scale"), *out):
+            assert torch.equal(g1, g2), f"{form}: d {name} of the autotuning call differs from the next call"
+
+
+def triton_config(block_m, block_n):
+    import triton
+
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 16}, num_warps=4, num_stages=1)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpp")])

@@ -42,11 +42,13 @@ the chunk's rows against their columns and writes dG = d loss / d G (both direct
 softmax terms, the positives, self-similarities removed) into a buffer of fixed size
 (SCALE_FAST_CONTRASTIVE_BWD_MB, default 64 MiB, independent of B), with per-tile partial
 softmax sums of its rows and of its columns for the row-weight and logit-scale gradients.
-cuBLAS then forms dZ[rows] += dG Z[cols] and dZ[cols] += dG^T Z[rows] with fp32 accumulation,
-so every dG entry is computed once: "clip" recomputes the B x B cross block once (B^2 D
-multiply-adds, then 2 B^2 D in the GEMMs), and NT-Xent, whose 2B x 2B Gram is symmetric,
-its cross block plus the upper triangle of each same-side block (each chunk's columns from
-its own first row on): 2 B^2 D for dG and 4 B^2 D in the GEMMs, where the whole Gram took 8.
+cuBLAS then forms dZ[rows] += dG Z[cols] and dZ[cols] += dG^T Z[rows] with fp32 accumulation
+over square blocks (both GEMMs reduce over a block side), so every dG entry is computed once:
+"clip" recomputes the B x B cross block once (B^2 D multiply-adds, then 2 B^2 D in the GEMMs),
+and NT-Xent, whose 2B x 2B Gram is symmetric, its cross block plus the blocks on and above the
+diagonal of each same-side block: towards 2 B^2 D for dG and 4 B^2 D in the GEMMs at large B,
+where the whole Gram took 8 (below one block side, ~5.8k rows in bf16, the same-side blocks are
+one diagonal block each, as before).
 
 row_range=(start, stop) (the process-group path, see scale_fast/distributed.py): only the
 loss terms of rows whose sample lies in [start, stop) (both sides), against every column,
@@ -62,6 +64,7 @@ unless TF32 is enabled by SCALE_FAST_TF32=1 (read at import) or by setting
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -365,7 +368,10 @@ def _contrastive_fwd_fallback_kernel(
 # backward: dG tiles of a row chunk into a buffer (the GEMMs run in cuBLAS)
 # ----------------------------------------------------------------------------------
 @triton.autotune(configs=_dg_configs(), key=["NKEY", "D", "HAS_W", "ROW_TERM", "COL_TERM", "COL_STATS"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
+                 prune_configs_by={"early_config_prune": _prune_configs},
+                 # which statistic slots a config writes depends on its tiles: a losing config's
+                 # slots would be summed with the winner's
+                 reset_to_zero=["dot_ptr", "psum_ptr", "gpos_ptr", "cdot_ptr", "cpsum_ptr"])
 @triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
 @triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1", "CS0"])
 def _contrastive_dg_kernel(
@@ -614,6 +620,13 @@ def _bwd_chunk_rows(ncols: int, elem: int) -> int:
     return max(unit, rows)
 
 
+def _bwd_block_side(elem: int) -> int:
+    """Side of the square dG blocks of the mirrored jobs: side^2 elements within the same budget."""
+    budget = float(os.environ.get("SCALE_FAST_CONTRASTIVE_BWD_MB", "64")) * 2 ** 20
+    unit = 16 if _INTERPRET else _UNIT
+    return max(unit, int(math.isqrt(int(budget // elem))) // unit * unit)
+
+
 _MM_OUT_DTYPE: dict = {}
 
 
@@ -638,13 +651,15 @@ def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg, row_range, need_dw):
     """(dz [M, B, D] fp32, dw [P, B] fp32 or None, ds fp32 0-dim) of sum_p coef[p] * loss_p.
 
-    Every pair is a list of jobs: a block of rows (one side, in chunks) against column segments.
-    The kernel writes the chunk's dG into a buffer and the rows' softmax statistics; cuBLAS adds
-    dG @ Z_columns to the rows' gradient.  A mirrored job also adds dG^T @ Z_rows to the columns'
-    gradient and takes the columns' statistics from the same tiles, so each dG entry is computed
-    once: without row_range, both directions (CLIP, NT-Xent) run the cross block (side-0 rows x
-    side-1 columns) mirrored, and NT-Xent's same-side blocks, symmetric, only their upper triangle
-    (each chunk's columns from its first row on: 6 B^2 D multiply-adds instead of 8 B^2 D).
+    Every pair is a list of jobs: rows of one side, in chunks, against columns.  The kernel writes
+    a block of dG into a buffer and the rows' softmax statistics; cuBLAS adds dG @ Z_columns to the
+    rows' gradient.  A mirrored job runs square blocks (side ~ sqrt(budget)), also adds
+    dG^T @ Z_rows to the columns' gradient and takes the columns' statistics from the same tiles,
+    so each dG entry is computed once and both GEMMs reduce over a block side with block-sized
+    outputs.  Without row_range, both directions (CLIP, NT-Xent) run the cross block (side-0 rows
+    x side-1 columns) mirrored, and NT-Xent's symmetric same-side blocks only the blocks on and
+    above the diagonal (a diagonal block whole, not mirrored).  row_range and one direction keep
+    row chunks against whole column segments.
     """
     M, B, D = z.shape
     P = pi32.numel()
@@ -660,6 +675,7 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
     iu = torch.triu_indices(M, M, 1)  # on the host: no device sync
     pis, pjs = iu[0].tolist(), iu[1].tolist()
     prec, f32 = _precision(z.dtype), _dot_f32(z.dtype)
+    elem = torch.finfo(buf_dtype).bits // 8
     for p in range(P):
         mi, mj = pis[p], pjs[p]
         mods = (mi, mj)
@@ -695,63 +711,71 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
         gpos_t = torch.zeros_like(dot_t)
         for xs, a0, a1, csegs, row_term, col_term, mirrored in jobs:
             tri = csegs is None
-            width = B - a0 if tri else csegs[0][2] - csegs[0][1]
-            n_rows = a1 - a0
-            if n_rows <= 0 or width <= 0:
+            ys_m, lo, hi = (xs, 0, B) if tri else csegs[0]
+            if a1 <= a0 or (not tri and csegs[0][2] <= csegs[0][1]):
                 continue
-            nseg_c = 1 if tri else len(csegs)
-            ch = min(n_rows, _bwd_chunk_rows(nseg_c * width, torch.finfo(buf_dtype).bits // 8))
-            buf = torch.empty((ch, nseg_c * width), device=dev, dtype=buf_dtype)
-            n_ct = triton.cdiv(width, 16)  # enough stat slots for any BLOCK_N >= 16
+            if mirrored:  # square blocks: both GEMMs reduce over a block side, their outputs stay small
+                ch = cw = _bwd_block_side(elem)
+                nseg_c = 1
+            else:  # rows against whole column segments
+                nseg_c, cw = len(csegs), csegs[0][2] - csegs[0][1]
+                ch = min(a1 - a0, _bwd_chunk_rows(nseg_c * cw, elem))
+            ch, cw = min(ch, a1 - a0), min(cw, hi - lo)
+            buf = torch.empty((ch, nseg_c * cw), device=dev, dtype=buf_dtype)
+            n_ct = triton.cdiv(cw, 16)  # enough stat slots for any BLOCK_N >= 16
             dot = torch.zeros((nseg_c * n_ct, ch), device=dev, dtype=torch.float32)
             psum = torch.zeros_like(dot)
             gpos = torch.zeros((ch,), device=dev, dtype=torch.float32)
             if mirrored:  # the columns' statistics, per row tile (BLOCK_M >= 16)
-                cdot = torch.zeros((triton.cdiv(ch, 16), width), device=dev, dtype=torch.float32)
+                cdot = torch.zeros((triton.cdiv(ch, 16), cw), device=dev, dtype=torch.float32)
                 cpsum = torch.zeros_like(cdot)
             else:
                 cdot = cpsum = dot
             for c0 in range(a0, a1, ch):
                 nr = min(ch, a1 - c0)
-                segs = [(xs, c0, B)] if tri else csegs
-                ncol = segs[0][2] - segs[0][1]
-                ys0, ys1 = segs[0][0], segs[-1][0]
-                cs0 = c0 + nr if tri else segs[0][1]  # the triangle's own rows give their stats themselves
-                if row_term:
-                    dot.zero_()
-                    psum.zero_()
-                    gpos.zero_()
-                if mirrored:
-                    cdot.zero_()
-                    cpsum.zero_()
-                grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]) * triton.cdiv(ncol, meta["BLOCK_N"]),  # noqa: E731
-                                     nseg_c)
-                _contrastive_dg_kernel[grid](
-                    z, present_u8, wv, scale32, coef, lse2,
-                    buf, dot, psum, gpos, cdot, cpsum,
-                    p, mi, mj, xs, ys0, ys1, c0, nr, segs[0][1], segs[-1][1], ncol, cs0, B,
-                    B, D, z.stride(0), z.stride(1), present_u8.stride(0), buf.stride(0), dot.stride(0),
-                    cdot.stride(0),
-                    HAS_W=has_w, ROW_TERM=row_term, COL_TERM=col_term, COL_STATS=mirrored, PRECISION=prec,
-                    DOT_F32=f32,
-                )
-                out = dz[mods[xs], c0:c0 + nr]
-                for k, (ys, b0, b1) in enumerate(segs):
-                    _mm_acc(out, buf[:nr, k * ncol:(k + 1) * ncol], zside(ys, b0, b1))
-                if row_term:
-                    dot_t[xs, c0:c0 + nr] += dot[:, :nr].sum(0)
-                    psum_t[xs, c0:c0 + nr] += psum[:, :nr].sum(0)
-                    if any(ys != xs for ys, _, _ in segs):  # the kernel stored the positives' G
-                        gpos_t[xs, c0:c0 + nr] = gpos[:nr]
-                if mirrored:
-                    ys, b0, b1 = segs[0]
-                    t0 = cs0 - b0  # a triangle's diagonal block is already in `out`
-                    if t0 < ncol:
-                        _mm_acc(dz[mods[ys], b0 + t0:b1], buf[:nr, t0:ncol].t(), zside(xs, c0, c0 + nr))
-                    dot_t[ys, b0:b1] += cdot[:, :ncol].sum(0)
-                    psum_t[ys, b0:b1] += cpsum[:, :ncol].sum(0)
-                    if ys != xs:  # a positive is one sample's pair: the same G for both sides
-                        gpos_t[ys, c0:c0 + nr] = gpos[:nr]
+                if mirrored:  # a triangle: the blocks from the diagonal one on
+                    blocks = [[(ys_m, b0, min(b0 + cw, hi))] for b0 in range(c0 if tri else lo, hi, cw)]
+                else:
+                    blocks = [csegs]
+                for segs in blocks:
+                    ncol = segs[0][2] - segs[0][1]
+                    b0 = segs[0][1]
+                    diag = tri and b0 == c0  # symmetric: whole, not mirrored, its rows give every statistic
+                    cs0 = b0 + ncol if diag else b0
+                    if row_term:
+                        dot.zero_()
+                        psum.zero_()
+                        gpos.zero_()
+                    if mirrored:
+                        cdot.zero_()
+                        cpsum.zero_()
+                    grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]) * triton.cdiv(ncol, meta["BLOCK_N"]),  # noqa: E731
+                                         nseg_c)
+                    _contrastive_dg_kernel[grid](
+                        z, present_u8, wv, scale32, coef, lse2,
+                        buf, dot, psum, gpos, cdot, cpsum,
+                        p, mi, mj, xs, segs[0][0], segs[-1][0], c0, nr, b0, segs[-1][1], ncol, cs0, B,
+                        B, D, z.stride(0), z.stride(1), present_u8.stride(0), buf.stride(0), dot.stride(0),
+                        cdot.stride(0),
+                        HAS_W=has_w, ROW_TERM=row_term, COL_TERM=col_term, COL_STATS=mirrored, PRECISION=prec,
+                        DOT_F32=f32,
+                    )
+                    out = dz[mods[xs], c0:c0 + nr]
+                    for k, (ys, s0, s1) in enumerate(segs):
+                        _mm_acc(out, buf[:nr, k * ncol:(k + 1) * ncol], zside(ys, s0, s1))
+                    cross = any(ys != xs for ys, _, _ in segs)  # the kernel stored the positives' G
+                    if row_term:
+                        dot_t[xs, c0:c0 + nr] += dot[:, :nr].sum(0)
+                        psum_t[xs, c0:c0 + nr] += psum[:, :nr].sum(0)
+                        if cross:  # each row's positive lies in one block: the others add 0
+                            gpos_t[xs, c0:c0 + nr] += gpos[:nr]
+                    if mirrored and not diag:
+                        ys, s0, s1 = segs[0]
+                        _mm_acc(dz[mods[ys], s0:s1], buf[:nr, :ncol].t(), zside(xs, c0, c0 + nr))
+                        dot_t[ys, s0:s1] += cdot[:, :ncol].sum(0)
+                        psum_t[ys, s0:s1] += cpsum[:, :ncol].sum(0)
+                        if cross:  # a positive is one sample's pair: the same G for both sides
+                            gpos_t[ys, c0:c0 + nr] += gpos[:nr]
         raw = torch.where(psum_t > 0, dot_t / psum_t.clamp_min(1e-30) - gpos_t, torch.zeros_like(psum_t))
         dwraw[p] = raw.sum(0)
     valid = (present_u8[pi32.long()] != 0) & (present_u8[pj32.long()] != 0)
