@@ -373,11 +373,11 @@ def _contrastive_fwd_fallback_kernel(
                  # slots would be summed with the winner's
                  reset_to_zero=["dot_ptr", "psum_ptr", "gpos_ptr", "cdot_ptr", "cpsum_ptr"])
 @triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
-@triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1", "CS0"])
+@triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1"])
 def _contrastive_dg_kernel(
     z_ptr, pres_ptr, w_ptr, scale_ptr, coef_ptr, lse_ptr,
     dg_ptr, dot_ptr, psum_ptr, gpos_ptr, cdot_ptr, cpsum_ptr,
-    p, mi, mj, xs, ys0, ys1, R0, NROWS, C0, C1, NCOL, CS0, NKEY,
+    p, mi, mj, xs, ys0, ys1, R0, NROWS, C0, C1, NCOL, NKEY,
     B, D, stride_zm, stride_zb, stride_pm, stride_dg, stride_st, stride_cst,
     HAS_W: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, COL_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
@@ -387,9 +387,9 @@ def _contrastive_dg_kernel(
     # Column segment k: samples Ck + [0, NCOL) of side ysk, at buffer columns k * NCOL + [0, NCOL).
     # dG[r, c] = coef * s * (ROW_TERM * w_r P_row[r, c] + COL_TERM * w_c P_col[c, r]) minus the
     # positives' s * w, self-similarities removed; P_row uses the rows' LSE, P_col the columns'.
-    # COL_STATS: the columns' own softmax statistics too (sum_r P_col G and sum_r P_col, columns
-    # from sample CS0 on), per row tile at cdot/cpsum[tm, column]: a block computed once serves
-    # the gradients of its rows and of its columns.  NKEY: the autotune key (the problem's width).
+    # COL_STATS: the columns' own softmax statistics too (sum_r P_col G and sum_r P_col), per row
+    # tile at cdot/cpsum[tm, column]: a block computed once serves the gradients of its rows and of
+    # its columns.  NKEY: the autotune key (the problem's width).
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     n_m = tl.cdiv(NROWS, BLOCK_M)
@@ -451,9 +451,8 @@ def _contrastive_dg_kernel(
         dg += pc * (cs * wc)[None, :]
         if COL_STATS:
             cst = tm.to(tl.int64) * stride_cst + lcol
-            ckeep = (lcol < NCOL) & (cols >= CS0)
-            tl.store(cdot_ptr + cst, tl.sum(pc * acc, 0), mask=ckeep)
-            tl.store(cpsum_ptr + cst, tl.sum(pc, 0), mask=ckeep)
+            tl.store(cdot_ptr + cst, tl.sum(pc * acc, 0), mask=lcol < NCOL)
+            tl.store(cpsum_ptr + cst, tl.sum(pc, 0), mask=lcol < NCOL)
     if same == 0:
         # the positives' -s * w (row r's own, and column c's when its softmax term is in)
         npos = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -612,18 +611,20 @@ def _forward_lse(z, w, scale32, present_u8, pi32, pj32, both_dir, nseg, row_rang
     return lse2, pos2
 
 
+def _bwd_budget():
+    """(bytes of the dG buffer, SCALE_FAST_CONTRASTIVE_BWD_MB (64) read at every call; the row unit)."""
+    return float(os.environ.get("SCALE_FAST_CONTRASTIVE_BWD_MB", "64")) * 2 ** 20, 16 if _INTERPRET else _UNIT
+
+
 def _bwd_chunk_rows(ncols: int, elem: int) -> int:
-    """Rows per backward chunk: the dG buffer stays within SCALE_FAST_CONTRASTIVE_BWD_MB (64)."""
-    budget = float(os.environ.get("SCALE_FAST_CONTRASTIVE_BWD_MB", "64")) * 2 ** 20
-    unit = 16 if _INTERPRET else _UNIT
-    rows = int(budget // max(1, ncols * elem)) // unit * unit
-    return max(unit, rows)
+    """Rows per backward chunk against ncols columns, the dG buffer within the budget."""
+    budget, unit = _bwd_budget()
+    return max(unit, int(budget // max(1, ncols * elem)) // unit * unit)
 
 
 def _bwd_block_side(elem: int) -> int:
-    """Side of the square dG blocks of the mirrored jobs: side^2 elements within the same budget."""
-    budget = float(os.environ.get("SCALE_FAST_CONTRASTIVE_BWD_MB", "64")) * 2 ** 20
-    unit = 16 if _INTERPRET else _UNIT
+    """Side of the square dG blocks of the mirrored jobs: side^2 elements within the budget."""
+    budget, unit = _bwd_budget()
     return max(unit, int(math.isqrt(int(budget // elem))) // unit * unit)
 
 
@@ -690,7 +691,7 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
             return zc[side][start:stop]
 
         # (row side, row start, row stop, [(col side, col start, col stop)] or None for the
-        #  triangle from each chunk's first row, row_term, col_term, mirrored)
+        #  same-side blocks on and above the diagonal, row_term, col_term, mirrored)
         jobs = []
         if local:
             for xs in (0, 1):
@@ -712,7 +713,7 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
         for xs, a0, a1, csegs, row_term, col_term, mirrored in jobs:
             tri = csegs is None
             ys_m, lo, hi = (xs, 0, B) if tri else csegs[0]
-            if a1 <= a0 or (not tri and csegs[0][2] <= csegs[0][1]):
+            if a1 <= a0 or hi <= lo:
                 continue
             if mirrored:  # square blocks: both GEMMs reduce over a block side, their outputs stay small
                 ch = cw = _bwd_block_side(elem)
@@ -741,7 +742,6 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                     ncol = segs[0][2] - segs[0][1]
                     b0 = segs[0][1]
                     diag = tri and b0 == c0  # symmetric: whole, not mirrored, its rows give every statistic
-                    cs0 = b0 + ncol if diag else b0
                     if row_term:
                         dot.zero_()
                         psum.zero_()
@@ -754,7 +754,7 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                     _contrastive_dg_kernel[grid](
                         z, present_u8, wv, scale32, coef, lse2,
                         buf, dot, psum, gpos, cdot, cpsum,
-                        p, mi, mj, xs, segs[0][0], segs[-1][0], c0, nr, b0, segs[-1][1], ncol, cs0, B,
+                        p, mi, mj, xs, segs[0][0], segs[-1][0], c0, nr, b0, segs[-1][1], ncol, B,
                         B, D, z.stride(0), z.stride(1), present_u8.stride(0), buf.stride(0), dot.stride(0),
                         cdot.stride(0),
                         HAS_W=has_w, ROW_TERM=row_term, COL_TERM=col_term, COL_STATS=mirrored, PRECISION=prec,
