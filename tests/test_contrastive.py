@@ -436,6 +436,53 @@ def test_triton_backward_autotune_keeps_no_stale_statistics(monkeypatch, winner)
             assert torch.equal(g1, g2), f"{form}: d {name} of the autotuning call differs from the next call"
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("form,winner", [("ntxent", 64), ("ntxent", 32), ("clip", 32)])
+def test_triton_forward_autotune_first_call_is_exact(monkeypatch, form, winner):
+    """The forward autotuner runs every config of the call's dot class on the same buffers; NT-Xent's
+    triangle programs write `part` slots that depend on BLOCK, so a losing config's slots must not
+    survive into the winner's merge.  Here the GPU config list (fp32: BLOCK 64 and 32) with a stand-in
+    clock that makes BLOCK `winner` the fastest: the first, autotuning call (loss and gradients) must
+    match the float64 reference and the second call."""
+    mod = importlib.import_module("scale_fast.backends.triton.contrastive")
+    kernel = mod._contrastive_fwd_kernel
+    monkeypatch.setattr(mod, "_INTERPRET", False)
+    configs = mod._fwd_configs()  # the GPU list
+    monkeypatch.setattr(mod, "_INTERPRET", True)
+    current, benched = {}, []
+    bench = kernel._bench
+
+    def timed(*args, config, **kwargs):  # the interpreter has no GPU clock
+        current["config"] = config
+        benched.append(config.kwargs["BLOCK"])
+        return bench(*args, config=config, **kwargs)
+
+    def do_bench(fn, quantiles=None):
+        fn()
+        t = 1.0 if current["config"].kwargs["BLOCK"] == winner else 2.0
+        return [t, t, t]
+
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", timed)
+    monkeypatch.setitem(kernel.__dict__, "do_bench", do_bench)  # a cached_property: set, never read
+    B, D, s = 160, 32, 1 / 0.07
+    e = torch.randn(2, B, D, generator=torch_gen(91), dtype=torch.float64)
+    present = torch.ones(2, B, dtype=torch.bool)
+    out = []
+    for _ in range(2):
+        e_dev = dev_leaf(e.float())
+        loss = sf.multi_pair_info_nce(e_dev, present.to(DEVICE), logit_scale=s, form=form, backend="triton")
+        out.append((loss[0, 1].detach(), grads(loss[0, 1], [e_dev])[0]))
+    assert sorted(set(benched)) == [32, 64], "the stand-in clock was not used: nothing was autotuned"
+    e_ref = ref_leaf(e)
+    ref = ref_pair_losses(e_ref, present, s, None, form)[0, 1]
+    (g_ref,) = torch.autograd.grad(ref, [e_ref])
+    for call, (value, g) in zip(("first (autotuning)", "second"), out):
+        assert_value_close(value, ref, name=f"{form} loss of the {call} call")
+        assert_grad_close(g, g_ref, name=f"{form} d embeddings of the {call} call")
+
+
 def triton_config(block_m, block_n):
     import triton
 

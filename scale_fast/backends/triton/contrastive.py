@@ -250,7 +250,10 @@ def _lse2(m, l):
 # forward
 # ----------------------------------------------------------------------------------
 @triton.autotune(configs=_fwd_configs(), key=["B", "D", "NSEG", "HAS_W", "BOTH_DIR", "LOCAL"],
-                 reset_to_zero=["colsum_ptr"], prune_configs_by={"early_config_prune": _prune_configs})
+                 prune_configs_by={"early_config_prune": _prune_configs},
+                 # which `part` slots a config writes depends on BLOCK (NT-Xent's triangle splits): a
+                 # losing config's slots would be merged with the winner's, so `part` is restored
+                 reset_to_zero=["colsum_ptr"], restore_value=["part_ptr"])
 @triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
 @triton.jit(do_not_specialize=["R0", "R1", "NSLOT", "NS", "CL"])
 def _contrastive_fwd_kernel(
