@@ -142,7 +142,7 @@ class SCALEConfig:
         encoders, the un-detached weights of a not-yet-informative modality are driven to 0
         (that lowers the loss) and the modality never learns.  The masked tasks are weighted
         0.1 (SCALE: 1): at 1 their losses are 2-3x the contrastive term and steer the encoders
-        away from retrieval (measured in the README, Model and pretraining).
+        away from retrieval (measured in docs/pretraining.md).
         """
         base = dict(
             hidden_size=64, encoder_layers=1, encoder_heads=2,
