@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -156,12 +155,12 @@ def child_memory(args) -> dict:
 
 
 def _run_child(argv, env=None) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
-    lines = [x for x in out.stdout.strip().splitlines() if x.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"child {argv} failed: {out.stderr[-800:]}")
-    return json.loads(lines[-1])
+    from scale_fast.bench import measure
+
+    out = measure.fresh_process([os.path.abspath(__file__), *argv], env=env)
+    if "error" in out:
+        raise RuntimeError(f"child {argv}: {out['error']}")
+    return out
 
 
 def _write(args, info, load_start, rows):

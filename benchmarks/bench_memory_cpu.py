@@ -23,7 +23,6 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,11 +96,7 @@ def timing_child(B: int, reps: int, threads: int) -> None:
 
 
 def _run_child(args) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], capture_output=True, text=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(lines[-1])
+    return measure.fresh_process([os.path.abspath(__file__), *args])
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ A kind is ``TaskKind(summed, count)``:
 (w_rows: [N] S' row weights or None; ranks: None in one process, else the ``TaskRanks`` of
 the task, for kinds whose terms involve other ranks' rows); ``count(task)`` is the task's
 normaliser over its local rows (an int, or a 0-dim integer tensor to avoid a host sync).
-A new kind is one entry of ``KINDS`` (and its name in scale_fast/types.py TASK_KINDS).
+A new kind is one entry of ``KINDS`` (and its name in scale_fast/_validate.py TASK_KINDS).
 """
 from __future__ import annotations
 

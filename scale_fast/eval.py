@@ -63,7 +63,7 @@ def masked_accuracy(model, batch, masks) -> Dict[str, float]:
     target distribution's top class; MRP / MFP / MAM with mse or nce: the prediction's
     most cosine-similar target among the batch's masked rows of that modality is its own.
     """
-    from .model.scale_model import MODALITY_TASK
+    from .model.config import MODALITY_TASK
 
     out = model(batch, masks, compute_loss=False)
     acc: Dict[str, float] = {}

@@ -10,8 +10,8 @@ import torch
 
 from .op import Impl, Op, cuda_peer
 
-DIMS = {"quick": (64, 2, 2), "cpu": (256, 2, 4), "cuda": (768, 6, 8)}   # (dim, layers, heads)
-DIM_NAMES = {"tiny": "quick", "small": "cpu", "base": "cuda"}          # tiny: the JCT of `scale-fast pretrain`
+# (dim, layers, heads) per tier; "quick" is the JCT of `scale-fast pretrain`, "cuda" SCALE's
+DIMS = {"quick": (64, 2, 2), "cpu": (256, 2, 4), "cuda": (768, 6, 8)}
 
 
 def jct_op() -> Op:

@@ -10,7 +10,7 @@
   before the call: in this process with glibc's mmap threshold pinned (every buffer above
   256 KiB is mapped and unmapped on its own, so the mark follows the live allocations:
   "peak alloc"), and in a fresh process with the default allocator settings (what a user's
-  process grows by: "peak RSS");
+  process grows by: "peak RSS"; ``fresh_process`` runs one and reads back what it reports);
 - agreement: relative error (norm of the difference over the norm of the reference) of the
   loss and of every gradient against a reference run.
 """
@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -53,6 +57,30 @@ def _proc_status() -> Dict[str, int]:
                 k, v = line.split(":", 1)
                 out[k] = int(v.split()[0]) * 1024
     return out
+
+
+def peak_rss() -> Optional[int]:
+    """This process's resident high-water mark (VmHWM) in bytes; None where /proc cannot say."""
+    try:
+        return _proc_status()["VmHWM"]
+    except (OSError, KeyError):
+        return None
+
+
+def fresh_process(argv: Sequence[Any], *, env: Optional[Dict[str, str]] = None,
+                  timeout: Optional[float] = None) -> dict:
+    """Run `python *argv` in a new process and return the dict of the last JSON line it printed.
+
+    A new process is what a user's process sees: its own allocator state, thread pools and
+    mappings, none of this process's freed pages to reuse.  `env` adds to this environment.
+    A failed child, or one that printed no JSON line, gives {"error": its exit status and the
+    end of its stderr}."""
+    proc = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"fresh process failed (rc={proc.returncode}): {proc.stderr.strip()[-300:] or 'no output'}"}
+    return json.loads(lines[-1])
 
 
 def peak_extra(fn: Callable[[], Any], device: str) -> Optional[int]:

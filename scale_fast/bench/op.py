@@ -7,8 +7,6 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-TIERS = ("quick", "cpu", "cuda")   # small sizes anywhere; CPU float32; CUDA bfloat16, larger
-
 
 @dataclass
 class Impl:
@@ -26,7 +24,8 @@ class Op:
     name: str
     title: str
     xname: str                                     # the size swept ("B", "N")
-    sizes: Dict[str, List[int]]                    # per tier
+    sizes: Dict[str, List[int]]                    # per tier: "quick" (small, anywhere), "cpu" (float32),
+                                                   # "cuda" (bfloat16, larger)
     make_inputs: Callable[[int, str, str], dict]   # (size, device, tier) -> inputs, with "leaves"
     impls: Callable[[str], List[Impl]]             # (device) -> implementations
     reference: Dict[str, Callable[[dict], torch.Tensor]]

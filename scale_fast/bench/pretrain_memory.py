@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,11 +27,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from . import measure, report
 
 # the probe: the CLI as the console script runs it, then its own high-water mark
-_CHILD = ("import sys\n"
+_CHILD = ("import json, sys\n"
+          "from scale_fast.bench.measure import peak_rss\n"
           "from scale_fast.cli import main\n"
           "rc = main(sys.argv[1:])\n"
-          "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
-          "print('PEAK', int(hwm[0].split()[1]) * 1024 if hwm else None, flush=True)\n"
+          "print(json.dumps({'peak': peak_rss()}), flush=True)\n"
           "sys.exit(rc)\n")
 BASE_FLAGS = ("--steps", "2", "--eval-size", "8", "--eval-every", "0", "--log-every", "1", "--no-progress")
 
@@ -54,20 +53,14 @@ def probe(flags: Sequence[str], timeout: float = 900) -> Dict[str, object]:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "log.jsonl")
-        proc = subprocess.run([sys.executable, "-c", _CHILD, *flags, "--log", log],
-                              capture_output=True, text=True, timeout=timeout)
-        peak = None
-        for line in reversed(proc.stdout.splitlines()):
-            if line.startswith("PEAK ") and line.split()[1] != "None":
-                peak = int(line.split()[1])
-                break
+        out = measure.fresh_process(["-c", _CHILD, *flags, "--log", log], timeout=timeout)
         steps = []
         if os.path.exists(log):
             steps = [r for r in map(json.loads, open(log)) if r.get("event") == "train"]
-    if proc.returncode != 0:
-        return {"peak": None, "s_per_sample": None, "load": load, "error": proc.stderr.strip()[-300:]}
+    if "error" in out:
+        return {"peak": None, "s_per_sample": None, "load": load, "error": out["error"]}
     last = steps[-1] if steps else None
-    return {"peak": peak, "load": load,
+    return {"peak": out["peak"], "load": load,
             "s_per_sample": None if not last or not last.get("samples_per_s") else 1.0 / last["samples_per_s"]}
 
 

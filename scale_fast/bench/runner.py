@@ -12,7 +12,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -40,13 +39,10 @@ def fresh_process_peak(op: Op, x: int, impl: str, device: str, tier: str, timeou
     are built and a small warm-up call runs (library init, thread pools) before the mark is reset."""
     spec = json.dumps({"op": op.name, "x": x, "impl": impl, "device": device, "tier": tier,
                        "threads": torch.get_num_threads()})
-    proc = subprocess.run([sys.executable, "-m", "scale_fast.bench.runner", "--peak-child", spec],
-                          capture_output=True, text=True, timeout=timeout)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("PEAK "):
-            value = line.split()[1]
-            return None if value == "None" else int(value)
-    raise RuntimeError(f"fresh process failed (rc={proc.returncode}): {proc.stderr.strip()[-300:]}")
+    out = measure.fresh_process(["-m", "scale_fast.bench.runner", "--peak-child", spec], timeout=timeout)
+    if "error" in out:
+        raise RuntimeError(out["error"])
+    return out["peak"]
 
 
 def _peak_child(spec: dict) -> None:
@@ -57,7 +53,7 @@ def _peak_child(spec: dict) -> None:
     measure.make_step(impl.build(warm), warm)()
     del warm
     inp = op.make_inputs(spec["x"], spec["device"], spec["tier"])
-    print("PEAK", measure.peak_extra(measure.make_step(impl.build(inp), inp), spec["device"]), flush=True)
+    print(json.dumps({"peak": measure.peak_extra(measure.make_step(impl.build(inp), inp), spec["device"])}), flush=True)
 
 
 def run_op(op: Op, device: str, tier: str, sizes: Sequence[int], *, reps: int, warmup: int,

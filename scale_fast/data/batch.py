@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..model.config import FEATURE_MODALITIES, MODALITIES, SCALEConfig
+from ..model.config import FEATURE_MODALITIES, MODALITIES, MODALITY_TASK, SCALEConfig
 
 TABLE_PROPERTY, TABLE_VALUE = 0, 1
 
@@ -308,9 +308,6 @@ class MaskedRows:
                           None if self.classes is None else self.classes.to(device))
 
 
-TASK_OF = {"text": "mlm", "table": "mem", "image": "mrp", "video": "mfp", "audio": "mam"}
-
-
 def _bernoulli(shape, p: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(shape, generator=generator) < p
 
@@ -369,7 +366,7 @@ def mask_batch(batch: Batch, config: SCALEConfig, generator: torch.Generator, *,
                                            batch.table_ids)
 
     for m_index, m in ((1, "image"), (3, "video"), (4, "audio")):
-        if TASK_OF[m] not in tasks:
+        if MODALITY_TASK[m] not in tasks:
             continue
         feats = getattr(batch, f"{m}_feats")
         valid = batch.valid(m) & batch.present[m_index][:, None]
@@ -399,14 +396,3 @@ def mask_features(batch: Batch, masks: Dict[str, MaskedRows]) -> Batch:
             changes[f"{m}_feats"] = feats
     return replace(batch, **changes)
 
-
-class MaskingCollator:
-    """collate + mask_batch with its own generator, for a torch DataLoader:
-    returns (masked Batch, masks)."""
-
-    def __init__(self, config: SCALEConfig, seed: int = 0):
-        self.config = config
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, samples: List[dict]):
-        return mask_batch(collate(samples, self.config), self.config, self.generator)

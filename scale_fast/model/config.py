@@ -6,11 +6,17 @@ import json
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-MODALITIES: Tuple[str, ...] = ("text", "image", "table", "video", "audio")
+from .._validate import DEFAULT_MODALITIES
+
+MODALITIES: Tuple[str, ...] = DEFAULT_MODALITIES  # the model's modality axis is the loss's default order
 TOKEN_MODALITIES = ("text", "table")
 FEATURE_MODALITIES = ("image", "video", "audio")
 MISSING_MODES = ("zero", "mask", "drop")
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+# each masked task and the modality it masks, in the order of SCALEConfig.tasks
+TASK_MODALITY = {"mlm": "text", "mem": "table", "mrp": "image", "mfp": "video", "mam": "audio"}
+MODALITY_TASK = {m: t for t, m in TASK_MODALITY.items()}
+TASKS: Tuple[str, ...] = tuple(TASK_MODALITY)
 
 
 @dataclass
@@ -69,7 +75,7 @@ class SCALEConfig:
     mrp_loss: str = "mse"             # "mse" (2048-d features) or "kl" (region class distributions)
     mfp_loss: str = "mse"             # "mse" or "nce"
     mam_loss: str = "mse"             # "mse" or "nce"
-    tasks: Tuple[str, ...] = ("mlm", "mem", "mrp", "mfp", "mam")
+    tasks: Tuple[str, ...] = TASKS
     positional_rows: Tuple[str, ...] = ()  # feature modalities whose row k means the same in every product
                                       # (a descriptor split into fixed rows): their CLS input is a projection of
                                       # the concatenated rows, not of the rows' mean (docs/data_format.md)
@@ -110,13 +116,13 @@ class SCALEConfig:
         ):
             if value not in choices:
                 raise ValueError(f"SCALEConfig.{name} must be one of {choices}, got {value!r}")
-        bad = set(self.tasks) - {"mlm", "mem", "mrp", "mfp", "mam"}
+        bad = set(self.tasks) - set(TASKS)
         if bad:
             raise ValueError(f"SCALEConfig.tasks has unknown tasks {sorted(bad)}")
         bad = set(self.positional_rows) - set(FEATURE_MODALITIES)
         if bad:
             raise ValueError(f"SCALEConfig.positional_rows takes feature modalities {FEATURE_MODALITIES}, got {sorted(bad)}")
-        for t in ("mlm", "mem", "mrp", "mfp", "mam"):
+        for t in TASKS:
             w = getattr(self, f"{t}_weight")
             if not (isinstance(w, (int, float)) and w >= 0):
                 raise ValueError(f"SCALEConfig.{t}_weight must be a number >= 0, got {w!r}")
@@ -142,7 +148,7 @@ class SCALEConfig:
         encoders, the un-detached weights of a not-yet-informative modality are driven to 0
         (that lowers the loss) and the modality never learns.  The masked tasks are weighted
         0.1 (SCALE: 1): at 1 their losses are 2-3x the contrastive term and steer the encoders
-        away from retrieval (measured in the README, Model and pretraining).
+        away from retrieval (measured in docs/pretraining.md).
         """
         base = dict(
             hidden_size=64, encoder_layers=1, encoder_heads=2,
@@ -190,4 +196,5 @@ class SCALEConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["SCALEConfig", "MODALITIES", "TOKEN_MODALITIES", "FEATURE_MODALITIES"]
+__all__ = ["SCALEConfig", "MODALITIES", "TOKEN_MODALITIES", "FEATURE_MODALITIES", "TASKS", "TASK_MODALITY",
+           "MODALITY_TASK"]

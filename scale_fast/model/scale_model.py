@@ -11,12 +11,9 @@ from torch import nn
 
 from ..modules import SCALELoss
 from ..types import MaskedTask, SCALELossOutput
-from .config import MODALITIES, SCALEConfig
+from .config import MODALITIES, MODALITY_TASK, SCALEConfig
 from .encoders import FeatureEncoder, TokenEncoder
 from .jct import JointCoTransformer
-
-TASK_MODALITY = {"mlm": "text", "mem": "table", "mrp": "image", "mfp": "video", "mam": "audio"}
-MODALITY_TASK = {m: t for t, m in TASK_MODALITY.items()}
 
 
 class MaskedHead(nn.Module):
