@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from scale_fast import __version__
-from scale_fast.cli import StopSignals, main
+from scale_fast.cli import main
+from scale_fast.train.signals import StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "hidden_size=32", "--set", "jct_hidden_size=32", "--set", "embed_dim=16"]
@@ -121,7 +122,7 @@ def test_backend_is_ready_before_the_progress_bar_starts(tmp_path, monkeypatch):
     """The first use of backend 'cpp' compiles it: that happens before the bar, not inside step 1."""
     import tqdm
 
-    import scale_fast.cli as cli_module
+    import scale_fast.train.trainer as cli_module
 
     order = []
     resolve = cli_module.resolve_backend

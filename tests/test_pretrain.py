@@ -138,7 +138,7 @@ def test_epochs_keep_best_and_early_stopping(tmp_path, small_manifest, capsys):
 
 
 def test_warning_when_masked_terms_dominate(tmp_path, monkeypatch, capsys):
-    import scale_fast.cli as cli
+    import scale_fast.train.trainer as cli
 
     monkeypatch.setattr(cli, "DOMINANT_STEPS", 3)
     out = run(tmp_path, "heavy", "--set", "mlm_weight=100", steps=4)
