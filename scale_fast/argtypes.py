@@ -10,6 +10,9 @@ import math
 import os
 
 
+CHECKPOINT = "checkpoint.pt"  # a run folder's checkpoint, OUT/checkpoint.pt (scale_fast/train/checkpoint.py)
+
+
 class UsageError(Exception):
     """A mistake in the command line or in a file it names: one line on stderr, exit status 2."""
 
@@ -34,6 +37,17 @@ def float_at_least(low: float, strict: bool = False):
         return value
     parse.__name__ = "float"
     return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a share strictly between 0 and 1."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1 (both excluded), got {text}")
+    return value
+
+
+fraction.__name__ = "float"
 
 
 def threads_arg(text: str):
@@ -110,3 +124,17 @@ def check_exists(flag: str, path) -> None:
     """A path the command reads: it must exist."""
     if path is not None and not os.path.exists(path):
         raise UsageError(f"{flag} {path}: no such file or folder")
+
+
+def check_run_folder(flag: str, path: str) -> str:
+    """A folder written by `scale-fast pretrain --out` (or its best/), or a model file in one: the folder."""
+    folder = path
+    if os.path.isfile(folder) and os.path.basename(folder) in (CHECKPOINT, "model.pt"):
+        folder = os.path.dirname(folder) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: no such folder (give the --out folder of scale-fast pretrain)")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise UsageError(f"{flag} {folder}: no config.json in it (not a folder written by scale-fast pretrain --out)")
+    if not any(os.path.exists(os.path.join(folder, f)) for f in ("model.pt", CHECKPOINT)):
+        raise UsageError(f"{flag} {folder}: no {CHECKPOINT} or model.pt in it")
+    return folder

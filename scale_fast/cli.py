@@ -9,12 +9,16 @@
 
 Training is deterministic: the data order, the masking (a generator seeded per step),
 the model and optimizer states and the RNG states (torch, numpy, python) are all in
-the checkpoint, so --resume gives the same losses step for step as an uninterrupted run.
+the checkpoint, so --resume gives the same losses step for step as an uninterrupted run.  A resumed
+run keeps every setting of its checkpoint (steps, evaluation cadence and size, data, batch, ...):
+a flag given again with another value is honoured and logged where it only changes how the run goes
+on (--steps, --eval-every, --threads, ...; scale_fast/train/checkpoint.py), else refused.
 Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes the checkpoint and says how to
 resume (exit status 130 / 143); a second one aborts at once.
 
 A mistake in the command line or in a file it names is one line on stderr naming the flag or
-file, exit status 2; --debug (or SCALE_FAST_DEBUG=1) shows tracebacks instead.
+file, exit status 2, found before any work; --debug (or SCALE_FAST_DEBUG=1) shows tracebacks instead.
+Parsing and checking import no torch: --help, --version and mistakes answer at once.
 """
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ import sys
 from typing import List, Optional
 
 from . import __version__
-from .argtypes import (UsageError, check_exists, check_folder_target, device_arg, float_at_least, int_at_least,
-                       threads_arg)
+from .argtypes import (UsageError, check_exists, check_folder_target, check_run_folder, device_arg, float_at_least,
+                       fraction, int_at_least, threads_arg)
 from .backends import NAMES
 from .train.schedule import DEFAULT_EPOCHS, DEFAULT_PATIENCE
 
@@ -55,17 +59,39 @@ def torch_version() -> str:
 
 # ----------------------------------------------------------------------------------- checks
 def check_pretrain_paths(args) -> None:
-    """The files and folders named on the command line, before any work."""
+    """The files and folders named on the command line, before any work (as absolute paths: a
+    resumed run finds them from any folder)."""
     if args.out is not None:
         check_folder_target("--out", args.out, folder=True)
     if args.log is not None:
         check_folder_target("--log", args.log, folder=False)
+        args.log = os.path.abspath(args.log)
     if args.resume and not args.out:
         raise UsageError("--resume needs --out (the folder of the run to continue)")
     if args.config not in ("tiny", "base"):
         check_exists("--config", args.config)
+        args.config = os.path.abspath(args.config)
+    for flag, key in (("--data", "data"), ("--val-data", "val_data")):
+        check_exists(flag, getattr(args, key))
+        if getattr(args, key):
+            setattr(args, key, os.path.abspath(getattr(args, key)))
+
+
+def check_baseline_paths(args) -> None:
     check_exists("--data", args.data)
     check_exists("--val-data", args.val_data)
+    if args.config not in ("tiny", "base"):
+        check_exists("--config", args.config)
+    if args.model is not None:
+        check_run_folder("--model", args.model)
+
+
+def given_settings(parser: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The settings given on the command line, not left at their defaults (--resume keeps the others)."""
+    for command in parser.commands.choices.values():
+        for action in command._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0])) - {"command"}
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -75,7 +101,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="override a SCALEConfig field, e.g. --set jct_layers=4 (repeatable)")
     p.add_argument("--data", default=None, help="real data: a manifest.jsonl (or its folder), see docs/data_format.md; default: the synthetic world")
     p.add_argument("--val-data", default=None, help="held-out manifest for evaluation (default with --data: a --val-fraction split of it; synthetic: 1,000 new products of the world)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
+    p.add_argument("--val-fraction", type=fraction, default=0.2,
                    help="with --data and no --val-data: the share of products held out (a fixed seeded split, the same for `scale-fast baseline`)")
     p.add_argument("--world-seed", type=int, default=0, help="the synthetic world")
     p.add_argument("--seed", type=int, default=0, help="model init, data order and masking")
@@ -106,7 +132,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int_at_least(1), default=10)
     p.add_argument("--out", default=None, help="folder for checkpoint.pt, config.json and log.jsonl")
     p.add_argument("--log", default=None, help="JSONL log file (default: OUT/log.jsonl when --out is given)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt with every setting of that run; a flag given again with "
+                        "another value is honoured and logged (--steps, --eval-every, --threads, ...) or refused")
     p.add_argument("--stop-at", type=int_at_least(1), default=None,
                    help="stop after this step (checkpointed), as if interrupted; --resume continues the same run")
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -122,7 +149,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="scale-fast", description="SCALE multi-modal contrastive pretraining")
     parser.add_argument("--version", action="version", version=f"scale-fast {__version__} (torch {torch_version()})")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.commands = parser.add_subparsers(dest="command", required=True)
     debug = Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", help=f"show tracebacks (also: {DEBUG_ENV}=1)")
     p = sub.add_parser("pretrain", parents=[debug], help="pretrain a SCALE model (default: the tiny model on the synthetic world)")
@@ -133,7 +160,7 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--world-seed", type=int, default=0)
     e.add_argument("--eval-size", type=int_at_least(1), default=1000)
     e.add_argument("--device", type=device_arg, default="cpu")
-    e.add_argument("--val-fraction", type=float_at_least(0.0, strict=True), default=None,
+    e.add_argument("--val-fraction", type=fraction, default=None,
                    help="evaluate on the held-out split that `pretrain --data` made with this fraction (default: every product)")
     sub.add_parser("build-ext", parents=[debug],
                    help="compile the C++ CPU kernels (backend='cpp') now, e.g. when building a container image")
@@ -141,7 +168,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="a per-modality MLP + scale_loss on the same data and split, beside a model's R@1")
     b.add_argument("--data", required=True, help="the manifest (folder) that `scale-fast pretrain --data` trains on")
     b.add_argument("--val-data", default=None, help="held-out manifest (default: the --val-fraction split of --data)")
-    b.add_argument("--val-fraction", type=float_at_least(0.0, strict=True), default=0.2)
+    b.add_argument("--val-fraction", type=fraction, default=0.2)
     b.add_argument("--model", default=None, help="a run folder (OUT or OUT/best) to evaluate on the same held-out products")
     b.add_argument("--config", default="tiny", help="as for pretrain: vocabulary sizes and embed_dim (default tiny)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -151,7 +178,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--eval-size", type=int_at_least(1), default=100_000, help="held-out products to evaluate (default: all)")
     b.add_argument("--backend", default="auto", choices=BACKENDS)
-    b.add_argument("--threads", default="auto")
+    b.add_argument("--threads", type=threads_arg, default="auto")
     # `scale-fast bench`: its arguments are parsed by scale_fast/bench/command.py (which imports torch)
     sub.add_parser("bench", add_help=False, help="time and memory of the ops against naive PyTorch and installed peers")
     return parser
@@ -161,7 +188,15 @@ def run_command(args, argv: List[str]) -> int:
     """The checked command, run: the heavy imports (torch, the model) happen here."""
     if args.command == "bench":
         from .bench import main as bench_main
-        return bench_main(argv[1:])
+        return bench_main(argv[1:], parser_class=Parser)
+    if args.command == "eval":
+        args.checkpoint = check_run_folder("eval", args.checkpoint)
+        check_exists("--data", args.data)
+    elif args.command == "baseline":
+        check_baseline_paths(args)
+    elif args.command == "pretrain":
+        check_pretrain_paths(args)
+        args.given = given_settings(make_parser(), argv)
     from . import commands
 
     if args.command == "build-ext":
@@ -170,7 +205,6 @@ def run_command(args, argv: List[str]) -> int:
         return commands.run_baseline(args)
     if args.command == "eval":
         return commands.report(commands.run_eval(args))
-    check_pretrain_paths(args)
     return commands.run_pretrain(args)
 
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Dict
 
 import torch
 
-from .argtypes import UsageError, check_exists, pick_threads
+from .argtypes import UsageError, pick_threads
 from .data import ManifestDataset, SyntheticProducts
 from .eval import pair_table
 from .held_out import HeldOut
 from .model import SCALEModel
 from .train import pretrain
-from .train.checkpoint import CHECKPOINT
 from .train.run import HELDOUT_SEED, manifest_split, resolve_device, run_config
 
 
@@ -43,17 +41,8 @@ def report(result: Dict[str, object]) -> int:
 
 
 def run_eval(args) -> Dict[str, object]:
-    folder = args.checkpoint
-    if os.path.isfile(folder) and os.path.basename(folder) in (CHECKPOINT, "model.pt"):
-        folder = os.path.dirname(folder) or "."
-    if not os.path.isdir(folder):
-        raise UsageError(f"eval {args.checkpoint}: no such folder (give the --out folder of scale-fast pretrain)")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        raise UsageError(f"eval {folder}: no config.json in it (not a folder written by scale-fast pretrain --out)")
-    if not any(os.path.exists(os.path.join(folder, f)) for f in ("model.pt", CHECKPOINT)):
-        raise UsageError(f"eval {folder}: no {CHECKPOINT} or model.pt in it")
-    check_exists("--data", args.data)
-    model = SCALEModel.from_checkpoint(folder)
+    """`scale-fast eval`: held-out retrieval and task accuracy of the run folder args.checkpoint."""
+    model = SCALEModel.from_checkpoint(args.checkpoint)
     config = model.config
     device = resolve_device(args.device)
     model.to(device)
@@ -83,17 +72,19 @@ def run_baseline(args) -> int:
     config = run_config(args, None)
     train, held_out = manifest_split(args.data, args.val_data, args.val_fraction, config)
     n = min(len(held_out), args.eval_size)
+    model = None
+    if args.model:  # before training: a model of other feature sizes is a mistake found at once
+        model = SCALEModel.from_checkpoint(args.model)
+        if model.config.to_dict() != {**model.config.to_dict(), **{k: getattr(config, k) for k in (
+                "image_feature_dim", "video_feature_dim", "audio_feature_dim")}}:
+            raise UsageError(f"--model {args.model}: trained on other feature sizes than --data has")
     result = train_baseline([train[i] for i in range(len(train))], [held_out[i] for i in range(n)], config,
                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             backend=args.backend)
     results = {"baseline": result}
     summary = {"baseline_R@1": result["R@1"], "baseline_seconds": round(result["seconds"], 1),
                "baseline_best_epoch": result["epoch"], "train": len(train), "held_out": n}
-    if args.model:
-        model = SCALEModel.from_checkpoint(args.model)
-        if model.config.to_dict() != {**model.config.to_dict(), **{k: getattr(config, k) for k in (
-                "image_feature_dim", "video_feature_dim", "audio_feature_dim")}}:
-            raise UsageError(f"--model {args.model}: trained on other feature sizes than --data has")
+    if model is not None:
         evaluation = HeldOut(torch.utils.data.Subset(held_out, range(n)), model.config, n, 0)
         results = {"model": evaluation.evaluate(model, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False)),
                    **results}

@@ -34,3 +34,14 @@ def test_the_losses_load_no_model_trainer_or_tqdm():
 def test_the_model_loads_on_first_use():
     modules = loaded("import scale_fast\nscale_fast.SCALEModel")
     assert "scale_fast.model" in modules and "scale_fast.train" not in modules
+
+
+def test_the_command_line_answers_without_torch():
+    """--help, --version and a mistake are answered before torch is imported (it takes seconds)."""
+    modules = loaded("from scale_fast.cli import main\n"
+                     "for argv in (['--help'], ['--version'], ['pretrain', '--help'], ['baseline', '--help']):\n"
+                     "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, argv\n"
+                     "assert main(['pretrain', '--val-fraction', '1.5']) == 2\n"
+                     "assert main(['pretrain', '--bogus']) == 2\n"
+                     "assert main(['baseline', '--data', '.', '--model', '/nonexistent']) == 2\n")
+    assert "scale_fast.cli" in modules and "torch" not in modules

@@ -145,6 +145,8 @@ def test_warning_when_masked_terms_dominate(tmp_path, monkeypatch, capsys):
     warnings = events(out, "warning")
     assert len(warnings) == 1 and warnings[0]["step"] == 3 and "mlm_weight" in warnings[0]["message"]
     assert "warning: the weighted masked-task losses" in capsys.readouterr().err
+    suggested = re.search(r"--set mlm_weight=([0-9.e+-]+) \(now 100\)", warnings[0]["message"])
+    assert suggested and 0 < float(suggested.group(1)) < 100, warnings[0]["message"]  # below the current weight
     assert not events(run(tmp_path, "light", "--set", "tasks=[]", steps=4), "warning")
 
 

@@ -8,15 +8,26 @@ from typing import Optional
 
 import torch
 
-from ..argtypes import UsageError
+from ..argtypes import CHECKPOINT, UsageError
 from ..model.scale_model import atomic_torch_save, atomic_write_bytes
 
-CHECKPOINT = "checkpoint.pt"
-RESUMED_ARGS = ("seed", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "world_seed")
+# --resume takes every run setting from the checkpoint; one given again with another value is
+# honoured (and logged) when it changes how the run goes on, refused when it would make another run
+HONOURED_ON_RESUME = ("steps", "eval_every", "save_every", "log_every", "patience", "threads", "prefetch",
+                      "micro_batch", "device", "precision", "backend", "attention", "log")
+NOT_RESUMED = ("resume", "out", "stop_at", "no_progress", "debug", "command", "given")
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def load_resume(args) -> Optional[dict]:
-    """--resume: the checkpoint of OUT, its training arguments copied onto args; else None."""
+    """--resume: the checkpoint of OUT, its run settings copied onto args; else None.
+
+    args.given: the settings given on the command line (absent: none).  A setting given with
+    another value than the checkpoint's is honoured if it is in HONOURED_ON_RESUME (the checkpoint's
+    "changed" entry lists it: {key: [before, now]}), else refused with a UsageError."""
     if not args.resume:
         return None
     ckpt_path = os.path.join(args.out, CHECKPOINT)
@@ -26,16 +37,24 @@ def load_resume(args) -> Optional[dict]:
         resume = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise UsageError(f"--resume: cannot read {ckpt_path}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    if args.data is None and resume["args"].get("data"):
-        raise UsageError(f"--resume: the checkpoint was trained with --data {resume['args']['data']}; pass the same --data")
-    for key in RESUMED_ARGS:
-        setattr(args, key, resume["args"][key])
-    if args.threads == "auto":
-        args.threads = resume["args"]["threads"]
-    if args.steps is None:
-        args.steps = resume["args"]["steps"]
-    if args.micro_batch is None:
-        args.micro_batch = resume["args"].get("micro_batch")
+    given = getattr(args, "given", set())
+    changed = {}
+    for key, before in resume["args"].items():
+        if key in NOT_RESUMED:
+            continue
+        now = getattr(args, key, None)
+        if key not in given:
+            setattr(args, key, before)
+        elif now != before and key in HONOURED_ON_RESUME:
+            changed[key] = [before, now]
+        elif now != before:
+            shown = " ".join(now) if isinstance(now, list) else now
+            raise UsageError(f"--resume: {flag(key)} {shown} differs from the run's {before!r} in {ckpt_path} "
+                             f"(a resumed run keeps it: leave the flag out, or start a new run in another --out)")
+    for key in ("data", "val_data"):  # the checkpoint's data must still be there
+        if key not in given and getattr(args, key, None) and not os.path.exists(getattr(args, key)):
+            raise UsageError(f"--resume: the run's {flag(key)} {getattr(args, key)} is no longer there")
+    resume["changed"] = changed
     return resume
 
 

@@ -23,7 +23,7 @@ from ..data.batch import step_generator
 from ..held_out import HeldOut, format_eval
 from ..model import MODALITIES
 from ..model.scale_model import MODALITY_TASK
-from .checkpoint import CHECKPOINT, load_resume, save_checkpoint
+from .checkpoint import CHECKPOINT, flag, load_resume, save_checkpoint
 from .data_order import DataOrder, Prefetcher
 from .grad_cache import average_gradients, cached_step
 from .log import JsonlLog
@@ -36,6 +36,16 @@ from .signals import StopSignals
 DOMINANT_STEPS = 100            # warn when the weighted masked terms exceed the contrastive term this long
 BEST = "best"                   # OUT/best/: the model of the best held-out R@1 (config.json + model.pt)
 LOG = "log.jsonl"
+
+
+def lower_weight(weight: float, ratio: float) -> float:
+    """weight * ratio (ratio < 1: what brings the weighted terms down to the contrastive one), rounded
+    down to one significant digit: always below `weight`."""
+    target = weight * ratio
+    if target <= 0:
+        return 0.0
+    unit = 10.0 ** math.floor(math.log10(target))
+    return math.floor(target / unit) * unit
 
 
 def count_tokens(batch) -> int:
@@ -56,9 +66,9 @@ class Trainer:
 
     def __init__(self, args):
         self.args = args
+        resume = load_resume(args)  # first: the checkpoint's --device decides the process group's backend
         self.rank, self.world = init_distributed(args)
         self.lead = self.rank == 0
-        resume = load_resume(args)
         self.config = config = run_config(args, resume)
         args.threads = pick_threads(args.threads)
         if torch.get_num_threads() != args.threads:
@@ -97,14 +107,19 @@ class Trainer:
         self.ckpt_path = os.path.join(args.out, CHECKPOINT) if args.out else None
         log_path = args.log or (os.path.join(args.out, LOG) if args.out else None)
         self.log = JsonlLog(log_path if self.lead else None)
-        self.saved_args = {k: v for k, v in vars(args).items() if k != "func"}
+        self.saved_args = {k: v for k, v in vars(args).items() if k not in ("func", "given")}
         self.held_out = (HeldOut(val_set, config, args.eval_size, args.seed)
                          if val_set is not None and self.lead else None)
         if resume is None:
             self.log.write({"event": "start", "config": config.to_dict(), "args": self.saved_args,
                             "torch": torch.__version__, "device": str(self.device)})
         else:
-            self.log.write({"event": "resume", "step": self.step})
+            changed = resume["changed"]
+            self.log.write({"event": "resume", "step": self.step, **({"changed": changed} if changed else {})})
+            if changed and self.lead:
+                print("scale-fast: --resume: " + ", ".join(f"{flag(k)} {now} (the run had {before})"
+                                                           for k, (before, now) in changed.items()),
+                      file=sys.stderr, flush=True)
         self.save_every = args.save_every if args.save_every is not None else args.eval_every
         self.best: Dict[str, object] = dict(resume.get("best") or {}) if resume is not None else {}
         self.since_best = resume.get("since_best", 0) if resume is not None else 0
@@ -169,13 +184,17 @@ class Trainer:
     def watch_task_share(self, rec: dict, out) -> None:
         """Warn once (log and stderr) when the weighted masked terms outweigh the contrastive term for
         DOMINANT_STEPS steps in a row: their gradients then steer the encoders, not retrieval."""
-        masked = float((self.model.task_weights(out.loss.masked.device) * out.loss.masked.detach()).sum())
+        weighted = self.model.task_weights(out.loss.masked.device) * out.loss.masked.detach()
+        masked = float(weighted.sum())
         self.dominant_steps = self.dominant_steps + self.args.log_every if masked > rec["contrastive"] else 0
         if self.dominant_steps >= DOMINANT_STEPS and not self.warned:
             self.warned = True
+            task = MODALITY_TASK[MODALITIES[int(weighted.argmax())]]  # the largest weighted term's
+            weight = self.config.task_weight(task)
             message = (f"warning: the weighted masked-task losses ({masked:.2f}) have exceeded the contrastive loss "
                        f"({rec['contrastive']:.2f}) for {self.dominant_steps} steps; consider lower task weights, "
-                       f"e.g. --set mlm_weight=0.1")
+                       f"e.g. --set {task}_weight={lower_weight(weight, rec['contrastive'] / masked):g} "
+                       f"(now {weight:g})")
             self.log.write({"event": "warning", "step": self.step, "message": message})
             if self.lead:
                 print(message, file=sys.stderr)
@@ -269,13 +288,13 @@ class Trainer:
                     window_t, window_samples, window_tokens = now, 0, 0
                 if self.progress is not None:
                     self.progress.update(1)
-                if self.stop_requested():
-                    self.save()
-                    break
                 if self.held_out is not None and (self.step == args.steps
                                                   or (args.eval_every and self.step % args.eval_every == 0)):
-                    self.evaluate()
+                    self.evaluate()  # before a stop: the resumed run starts after this step
                 early = self.patience_spent()
+                if not early and self.stop_requested():
+                    self.save()
+                    break
                 if self.out_dir and (early or self.step in (args.steps, stop)
                                      or (self.save_every and self.step % self.save_every == 0)):
                     self.save()
@@ -303,10 +322,7 @@ class Trainer:
         self.log.write(record)
         if self.lead:
             if self.out_dir:
-                again = ["scale-fast", "pretrain", "--out", self.out_dir, "--resume"]
-                for flag, value in (("--data", self.args.data), ("--val-data", self.args.val_data)):
-                    if value:
-                        again += [flag, value]
+                again = ["scale-fast", "pretrain", "--out", self.out_dir, "--resume"]  # the checkpoint holds the rest
                 print(f"scale-fast: {name}: stopped after step {self.step}/{self.args.steps}, checkpoint "
                       f"{self.ckpt_path}; resume with: {' '.join(map(shlex.quote, again))}", file=sys.stderr, flush=True)
             else:
