@@ -25,7 +25,7 @@ import sys
 from _script import parser, run_table, table_args
 
 from scale_fast.bench.linear_ce import linear_ce_op
-from scale_fast.cli import int_at_least
+from scale_fast.argtypes import int_at_least
 
 
 def _row_counts(text: str):

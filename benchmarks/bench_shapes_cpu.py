@@ -26,7 +26,7 @@ from _script import RESULTS   # scale_fast importable from a source checkout too
 
 import scale_fast as sf
 from scale_fast.bench import measure, naive, report
-from scale_fast.cli import int_at_least
+from scale_fast.argtypes import int_at_least
 
 BACKENDS = ("torch", "cpp")
 SLOW = 1.5  # flag: a backend at >= 1.5x naive's time (and > 0.5 ms slower)

@@ -309,3 +309,13 @@ def test_shapes_script(tmp_path):
     for r in rows:
         assert all(float(v) > 0 for v in (r[1], r[2], r[4]))  # naive, torch and cpp were timed
     assert "command: `python benchmarks/bench_shapes_cpu.py --quick" in text
+
+
+def test_bench_says_when_plots_are_skipped(tmp_path, monkeypatch, capsys):
+    """Without matplotlib: one line on stderr naming the extra that brings the plots, and the note in bench.md."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = {"text": "table\n", "records": [{"op": "linear_ce", "impl": "x"}], "info": {}, "ops": {}}
+    paths = bench.write(result, tmp_path, "bench", plots=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["scale-fast bench: matplotlib is not installed: no plots (pip install 'scale_fast[bench]')"]
+    assert not [p for p in paths if p.suffix == ".png"] and "no plots" in (tmp_path / "bench.md").read_text()

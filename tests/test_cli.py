@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from scale_fast import __version__
-from scale_fast.cli import StopSignals, main
+from scale_fast.cli import main
+from scale_fast.train.signals import StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "hidden_size=32", "--set", "jct_hidden_size=32", "--set", "embed_dim=16"]
@@ -45,6 +47,8 @@ def test_usage_errors_in_a_process(tmp_path):
     for argv, flag in [
         (["pretrain", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
         (["eval", str(tmp_path / "nowhere")], f"eval {tmp_path / 'nowhere'}: no such folder"),
+        (["baseline", "--data", str(tmp_path), "--model", "/nonexistent"], "--model /nonexistent: no such folder"),
+        (["pretrain", "--val-fraction", "1.5"], "--val-fraction: must be a fraction between 0 and 1"),
     ]:
         out = cli(*argv)
         assert out.returncode == 2, (argv, out.stderr)
@@ -82,11 +86,20 @@ def test_debug_keeps_the_traceback(tmp_path):
     (["eval", "{tmp}/none"], "eval {tmp}/none: no such folder"),
     (["eval", "{tmp}/empty"], "eval {tmp}/empty: no config.json in it"),
     (["pretrain", "--bogus"], "unrecognized arguments: --bogus"),
+    (["pretrain", "--val-fraction", "1.5"], "argument --val-fraction: must be a fraction between 0 and 1"),
+    (["eval", "{tmp}/empty", "--val-fraction", "0"], "argument --val-fraction: must be a fraction between 0 and 1"),
+    (["baseline", "--data", "{tmp}/empty", "--model", "/nonexistent"], "--model /nonexistent: no such folder"),
+    (["baseline", "--data", "{tmp}/none"], "--data {tmp}/none: no such file or folder"),
+    (["baseline", "--data", "{tmp}/empty", "--threads", "0"], "argument --threads: must be a number of threads"),
+    (["pretrain", "--config", "{tmp}/big.json"], "--config {tmp}/big.json: SCALEConfig.hidden_size must be an int, got 'big'"),
+    (["bench", "--ops", "nosuchop"], "--ops: unknown op(s) nosuchop; choose among"),
+    (["bench", "--reps", "x"], "argument --reps: invalid int value: 'x'"),
     ([], "the following arguments are required: command"),
 ])
 def test_usage_errors(tmp_path, capsys, argv, message):
     (tmp_path / "file").write_text("x")
     (tmp_path / "bad.json").write_text("not json")
+    (tmp_path / "big.json").write_text('{"hidden_size": "big"}')
     (tmp_path / "empty").mkdir()
     tmp = str(tmp_path)
     assert main([a.replace("{tmp}", tmp) for a in argv]) == 2
@@ -121,7 +134,7 @@ def test_backend_is_ready_before_the_progress_bar_starts(tmp_path, monkeypatch):
     """The first use of backend 'cpp' compiles it: that happens before the bar, not inside step 1."""
     import tqdm
 
-    import scale_fast.cli as cli_module
+    import scale_fast.train.trainer as cli_module
 
     order = []
     resolve = cli_module.resolve_backend
@@ -150,10 +163,10 @@ def train_losses(out: Path):
     return [(r["step"], r["loss"]) for r in map(json.loads, open(out / "log.jsonl")) if r["event"] == "train"]
 
 
-def signal_mid_run(run: Path, steps: int, signum: int):
+def signal_mid_run(run: Path, steps: int, signum: int, *extra: str):
     """Start `scale-fast pretrain` on `run`, send `signum` once its first step is logged; (status, stderr)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "scale_fast.cli", "pretrain", "--steps", str(steps), *QUICK,
+    proc = subprocess.Popen([sys.executable, "-m", "scale_fast.cli", "pretrain", "--steps", str(steps), *QUICK, *extra,
                              "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         while proc.poll() is None and not ((run / "log.jsonl").exists() and train_losses(run)):
@@ -182,6 +195,39 @@ def test_sigint_checkpoints_and_resume_reaches_the_same_loss(tmp_path):
     assert train_losses(run) == train_losses(full)  # every step's loss, bit for bit, the last one included
     torch.testing.assert_close(torch.load(run / "checkpoint.pt", weights_only=False)["model"],
                                torch.load(full / "checkpoint.pt", weights_only=False)["model"], rtol=0, atol=0)
+
+
+def test_resume_with_the_hint_keeps_every_run_setting(tmp_path, capsys):
+    """Stopped, then resumed with the printed hint alone: the steps, the evaluation cadence and size
+    (and every other setting) come from the checkpoint, so the evaluations are the uninterrupted run's."""
+    run, full = tmp_path / "interrupted", tmp_path / "full"
+    settings = ["--eval-every", "5", "--eval-size", "12", "--batch-size", "6"]
+    status, err = signal_mid_run(run, 30, signal.SIGINT, *settings)
+    assert status == 130, err
+    hint = shlex.split(err.strip().splitlines()[-1].split("resume with: ")[1])
+    assert hint[:2] == ["scale-fast", "pretrain"] and "--resume" in hint
+    assert main(hint[1:]) == 0
+    assert main(["pretrain", "--steps", "30", *QUICK, *settings, "--out", str(full)]) == 0
+
+    def evaluations(out: Path):
+        return [(r["step"], r["R@1"], r["R@5"], r["pairs"]["text->image"]["n"])
+                for r in map(json.loads, open(out / "log.jsonl")) if r["event"] == "eval"]
+    assert [e[0] for e in evaluations(full)] == [5, 10, 15, 20, 25, 30]
+    assert evaluations(run) == evaluations(full)
+    assert train_losses(run) == train_losses(full)
+
+
+def test_resume_refuses_or_logs_a_changed_setting(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--steps", "2", *QUICK, "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(run), "--resume", "--lr", "0.5"]) == 2  # another run: refused
+    assert "--resume: --lr 0.5 differs from the run's 0.002" in one_line(capsys.readouterr().err)
+    assert main(["pretrain", "--out", str(run), "--resume", "--steps", "3", "--eval-every", "3"]) == 0  # honoured
+    assert "--resume: --steps 3 (the run had 2), --eval-every 3 (the run had 0)" in capsys.readouterr().err
+    resumed = [r for r in map(json.loads, open(run / "log.jsonl")) if r["event"] == "resume"]
+    assert resumed[-1]["changed"] == {"steps": [2, 3], "eval_every": [0, 3]}
+    assert train_losses(run)[-1][0] == 3
 
 
 def test_sigterm_exits_143_with_a_checkpoint(tmp_path):

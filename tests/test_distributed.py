@@ -260,7 +260,7 @@ def test_module_passes_process_group(ranks2):
 
 
 def test_pretrain_data_shards_cover_the_global_batch():
-    from scale_fast.cli import DataOrder
+    from scale_fast.train.data_order import DataOrder
 
     single = DataOrder(50, 7, 0, True).indices(21)
     shards = [DataOrder(50, 7, 0, True, shard=(r, 3)).indices(21) for r in range(3)]

@@ -138,13 +138,15 @@ def test_epochs_keep_best_and_early_stopping(tmp_path, small_manifest, capsys):
 
 
 def test_warning_when_masked_terms_dominate(tmp_path, monkeypatch, capsys):
-    import scale_fast.cli as cli
+    import scale_fast.train.trainer as cli
 
     monkeypatch.setattr(cli, "DOMINANT_STEPS", 3)
     out = run(tmp_path, "heavy", "--set", "mlm_weight=100", steps=4)
     warnings = events(out, "warning")
     assert len(warnings) == 1 and warnings[0]["step"] == 3 and "mlm_weight" in warnings[0]["message"]
     assert "warning: the weighted masked-task losses" in capsys.readouterr().err
+    suggested = re.search(r"--set mlm_weight=([0-9.e+-]+) \(now 100\)", warnings[0]["message"])
+    assert suggested and 0 < float(suggested.group(1)) < 100, warnings[0]["message"]  # below the current weight
     assert not events(run(tmp_path, "light", "--set", "tasks=[]", steps=4), "warning")
 
 

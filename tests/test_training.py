@@ -1,4 +1,4 @@
-"""The cached step (scale_fast/training.py): float64 parameter gradients equal a full-batch step's.
+"""The cached step (scale_fast/train/grad_cache.py): float64 parameter gradients equal a full-batch step's.
 
 The tiny model with dropout on, every masked task (MFP as "nce", whose negatives span the batch),
 missing modalities and a learnable logit scale; one process and two (gloo) processes.
@@ -17,7 +17,7 @@ from torch.utils.data import Subset
 
 from scale_fast.data import SyntheticProducts, collate, mask_batch
 from scale_fast.model import SCALEConfig, SCALEModel
-from scale_fast.training import average_gradients, batch_rows, cached_step
+from scale_fast.train.grad_cache import average_gradients, batch_rows, cached_step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

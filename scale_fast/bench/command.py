@@ -10,9 +10,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..argtypes import UsageError
 from . import measure, report
 from .op import Op
 from .runner import add_ratios, all_ops, run_op
+
+
+NO_PLOTS = "matplotlib is not installed: no plots (pip install 'scale_fast[bench]')"
 
 
 def set_threads(value) -> int:
@@ -79,7 +83,8 @@ def write(result: Dict[str, Any], out: Path, stem: str, *, plots: bool) -> List[
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            text += "\nmatplotlib is not installed: no plots (pip install 'scale_fast[bench]')\n"
+            text += f"\n{NO_PLOTS}\n"
+            print(f"scale-fast bench: {NO_PLOTS}", file=sys.stderr, flush=True)
         else:
             for name in dict.fromkeys(r["op"] for r in records):
                 png = out / f"{stem}_{name}.png"
@@ -124,7 +129,7 @@ def run(args) -> Dict[str, Any]:
     names = [n.strip() for n in args.ops.split(",")] if args.ops else list(ops)
     unknown = [n for n in names if n not in ops]
     if unknown:
-        raise SystemExit(f"--ops: unknown op(s) {unknown}; choose among {', '.join(ops)}")
+        raise UsageError(f"--ops: unknown op(s) {', '.join(unknown)}; choose among {', '.join(ops)}")
     if args.list:
         for n in names:
             print(n + ": " + "; ".join(i.name + (f" (skipped: {i.skip})" if i.skip else "")
@@ -146,12 +151,16 @@ def run(args) -> Dict[str, Any]:
     return result
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = add_arguments(argparse.ArgumentParser(prog="scale-fast bench",
-                                              description="time and memory of the ops against naive PyTorch and "
-                                                          "installed peers"))
+def main(argv: Optional[List[str]] = None, parser_class=argparse.ArgumentParser) -> int:
+    """`scale-fast bench ARGV`; a mistake is a UsageError with parser_class=scale_fast.cli.Parser, else
+    argparse's usage message and exit status 2."""
+    p = add_arguments(parser_class(prog="scale-fast bench",
+                                   description="time and memory of the ops against naive PyTorch and installed peers"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.argv = argv
-    run(args)
+    try:
+        run(args)
+    except UsageError as e:
+        p.error(str(e))  # scale_fast.cli.Parser raises it again
     return 0

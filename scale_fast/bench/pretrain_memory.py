@@ -73,7 +73,7 @@ def step_times(batch: int, micro_batch: int, *, reps: int = 3) -> Dict[str, floa
 
     from ..data import SyntheticProducts, collate, mask_batch
     from ..model import MODALITIES, SCALEConfig, SCALEModel
-    from ..training import cached_step
+    from ..train.grad_cache import cached_step
 
     cfg = SCALEConfig.tiny()
     torch.manual_seed(0)

@@ -387,7 +387,7 @@ def mask_batch(batch: Batch, config: SCALEConfig, generator: torch.Generator, *,
 def mask_features(batch: Batch, masks: Dict[str, MaskedRows]) -> Batch:
     """The batch with its masked feature rows zeroed (new tensors for the masked modalities only):
     what `mask_batch(..., features="copy")` gives, from one made with features="defer" or any
-    slice of one (e.g. `scale_fast.training.batch_rows`)."""
+    slice of one (e.g. `scale_fast.train.grad_cache.batch_rows`)."""
     changes = {}
     for m, rows in masks.items():
         if m in FEATURE_MODALITIES:
@@ -395,4 +395,10 @@ def mask_features(batch: Batch, masks: Dict[str, MaskedRows]) -> Batch:
             feats[rows.sample, rows.position] = 0.0
             changes[f"{m}_feats"] = feats
     return replace(batch, **changes)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The masking generator of one training step (a function of (seed, step) and, under torchrun, the rank)."""
+    key = [seed, step, 77] + ([rank] if rank else [])
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 

@@ -13,14 +13,16 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
+from ..argtypes import UsageError
 from ..model.config import SCALEConfig
 
 FEATURE_KEYS = {"image": ("features", "boxes", "classes"), "video": ("features",), "audio": ("features",)}
 KNOWN_FIELDS = {"id", "text", "table", "image", "video", "audio"}
 
 
-class DataFormatError(ValueError):
-    """A malformed manifest or array: .file, .line (1-based, None for a whole file) and .field."""
+class DataFormatError(UsageError, ValueError):
+    """A malformed manifest or array: .file, .line (1-based, None for a whole file) and .field
+    (on the command line: a usage error, one line and exit status 2)."""
 
     def __init__(self, file: str, line: Optional[int], field: Optional[str], message: str):
         self.file, self.line, self.field = file, line, field

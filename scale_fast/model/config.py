@@ -101,6 +101,13 @@ class SCALEConfig:
                                       # part in the loss (present all True), exactly as the released code
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # the type of each field's default (an int also fits a float field)
+            value, kind = getattr(self, f.name), type(f.default)
+            ok = (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) if kind is tuple
+                  else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+                  else isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+            if not ok:
+                raise TypeError(f"SCALEConfig.{f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
         self.tasks = tuple(self.tasks)
         self.positional_rows = tuple(self.positional_rows)
         for name, value, choices in (
@@ -195,6 +202,7 @@ class SCALEConfig:
     def replace(self, **changes) -> "SCALEConfig":
         return dataclasses.replace(self, **changes)
 
+_KIND_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false", tuple: "a list of strings"}
 
 __all__ = ["SCALEConfig", "MODALITIES", "TOKEN_MODALITIES", "FEATURE_MODALITIES", "TASKS", "TASK_MODALITY",
            "MODALITY_TASK"]
