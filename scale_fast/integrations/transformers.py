@@ -56,13 +56,13 @@ def apply(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     if name in CONTRASTIVE:
         _check_contrastive(model)
         model._scale_fast = _Patch(backend, previous, loss_function=None)
-        model.forward = types.MethodType(_contrastive_forward, model)
+        model.forward = types.MethodType(_forward_of(type(model), _contrastive_forward), model)
         return model
     _check_causal_lm(model)
     model._scale_fast = _Patch(backend, previous, loss_function=model.__dict__.get("_loss_function"))
     model.loss_function = functools.partial(_causal_lm_loss, backend=backend)
     model.lm_head.forward = types.MethodType(_head_forward, model.lm_head)
-    model.forward = types.MethodType(_causal_forward, model)
+    model.forward = types.MethodType(_forward_of(type(model), _causal_forward), model)
     return model
 
 
@@ -96,6 +96,16 @@ class _Patch:
     def original(self, model):
         """The forward apply() found: an earlier instance-level one, or the class's."""
         return self.previous or types.MethodType(type(model).forward, model)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_of(cls, body):
+    """`body` under the name, docstring and signature of cls.forward (the Trainer reads the signature
+    to choose the dataset columns it passes, and whether the model takes num_items_in_batch)."""
+    @functools.wraps(cls.forward)
+    def forward(self, *args, **kwargs):
+        return body(self, *args, **kwargs)
+    return forward
 
 
 def _restore(module: nn.Module, attr: str, value) -> None:
@@ -220,9 +230,12 @@ def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_
     if target.shape[0] != hidden.shape[0]:
         raise ValueError(f"labels hold {target.shape[0]} positions but the model's logits {hidden.shape[0]} "
                          f"(labels shape {tuple(shift_labels.shape)}, logits {tuple(logits.shape)})")
+    scale = logits.scale
+    if scale is not None and not torch.is_tensor(scale):  # a float becomes float32: keep float64 exact
+        scale = torch.tensor(scale, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = linear_cross_entropy(hidden, logits.weight, target, logits.bias, ignore_index=ignore_index,
-                                scale=logits.scale, reduction=reduction, backend=backend)
+                                scale=scale, reduction=reduction, backend=backend)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
