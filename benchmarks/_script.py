@@ -1,9 +1,12 @@
 """What the scripts of this folder share: scale_fast.bench imported (the installed package first,
-else this source tree), their common flags, and one call that runs a table and writes it."""
+else this source tree), their common flags, one call that runs a table and writes it, and one that
+runs a script's measurement in a fresh process."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,3 +65,12 @@ def run_table(name: str, title: str, cases, args, device: str, *, argv, reps: in
     print(result["text"])
     print("written: " + " ".join(str(p) for p in paths))
     return 0
+
+
+def run_child(script: str, args) -> dict:
+    """`python script *args` in a fresh process: its last stdout line that is a JSON object, or {"error": ...}."""
+    out = subprocess.run([sys.executable, os.path.abspath(script), *map(str, args)], capture_output=True, text=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1])

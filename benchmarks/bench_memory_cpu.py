@@ -23,12 +23,11 @@ import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _script import RESULTS
+from _script import RESULTS, run_child
 from scale_fast.bench import contrastive, measure, naive, report
 
 PRESENT_RATES = contrastive.PRESENT_RATES
@@ -96,14 +95,6 @@ def timing_child(B: int, reps: int, threads: int) -> None:
     print(json.dumps({"B": B, "threads": threads, "times": times}), flush=True)
 
 
-def _run_child(args) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], capture_output=True, text=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(lines[-1])
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
@@ -125,19 +116,20 @@ def main() -> int:
         for threads in args.threads:
             for backend in args.backends:
                 load = os.getloadavg()[0]
-                rss = _run_child(["--child", "rss", backend, B, threads, tag])
+                rss = run_child(__file__, ["--child", "rss", backend, B, threads, tag])
                 rec = {"B": B, "backend": backend, "threads": threads, "load": load,
                        "peak RSS growth MiB": rss.get("mib"), "time ms": rss.get("ms"),
                        "of which embedding gradient MiB": M * B * D * 4 / 2 ** 20}
                 if not args.no_alloc:
-                    rec["peak allocated MiB"] = _run_child(["--child", "alloc", backend, B, threads, tag]).get("mib")
+                    alloc = run_child(__file__, ["--child", "alloc", backend, B, threads, tag])
+                    rec["peak allocated MiB"] = alloc.get("mib")
                 if "error" in rss:
                     rec["error"] = rss["error"]
                 rows.append(rec)
                 print(rec, flush=True)
     timing = None
     if args.timing:
-        timing = _run_child(["--timing-child", args.timing, args.reps, args.timing_threads])
+        timing = run_child(__file__, ["--timing-child", args.timing, args.reps, args.timing_threads])
         print(timing, flush=True)
     info["loadavg_end"] = report.loadavg()
     info["wall_s"] = round(time.time() - t_start)

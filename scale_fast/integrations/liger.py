@@ -18,7 +18,8 @@ from . import transformers as _hf
 def _alias(model_type: str):
     def apply_to(model: nn.Module | None = None, *, backend: str = "auto") -> nn.Module:
         if model is None:
-            raise TypeError(f"apply_scale_fast_to_{model_type}: pass model= (scale_fast patches instances, not classes)")
+            raise TypeError(f"apply_scale_fast_to_{model_type}: pass model= (scale_fast patches instances, "
+                            "not classes)")
         found = getattr(getattr(model, "config", None), "model_type", None)
         if found != model_type:
             raise TypeError(f"apply_scale_fast_to_{model_type}: the model has model_type {found!r}")
