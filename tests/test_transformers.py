@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from conftest import BACKENDS  # noqa: E402
+from conftest import BACKENDS, LOW_RTOL  # noqa: E402
 from scale_fast.integrations import liger  # noqa: E402
 from scale_fast.integrations import transformers as sft  # noqa: E402
 
@@ -57,7 +57,7 @@ def _assert_same_grads(model, ref, tol):
         r = named_ref[name]
         assert (p.grad is None) == (r.grad is None), name
         if p.grad is not None:
-            err = float((p.grad - r.grad).norm())
+            err = float((p.grad.double() - r.grad.double()).norm())
             assert err <= tol * max(float(r.grad.norm()), 1e-3 * total), (name, err, float(r.grad.norm()))
 
 
@@ -177,6 +177,24 @@ def test_causal_lm_loss_and_grads(kind, backend, dtype):
         torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, exact, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "CLIPModel"])
+def test_bfloat16(kind):
+    """The loss in transformers' dtype; close to the original, which rounds its logits to bfloat16."""
+    model, ref = _contrastive(kind, torch.bfloat16) if kind == "CLIPModel" else _causal(kind, torch.bfloat16)
+    sft.apply(model, backend="torch")
+    if kind == "CLIPModel":
+        inputs = dict(_pair_inputs(torch.bfloat16), return_loss=True)
+    else:
+        ids, labels = _tokens()
+        inputs = dict(input_ids=ids, labels=labels)
+    out, want = model(**inputs), ref(**inputs)
+    assert out.loss.dtype == want.loss.dtype
+    assert abs(out.loss.item() - want.loss.item()) <= LOW_RTOL * want.loss.item()
+    out.loss.backward()
+    want.loss.backward()
+    _assert_same_grads(model, ref, 3 * LOW_RTOL)
+
+
 @pytest.mark.parametrize("backend", HF_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -253,9 +271,10 @@ def test_apply_is_per_instance_and_revert_restores():
     torch.testing.assert_close(out.logits, ref(input_ids=ids, labels=labels).logits)
     with pytest.raises(ValueError, match="not patched by scale_fast"):
         sft.revert(model)
-    with sft.patched(model, backend="torch"):
+    with pytest.raises(RuntimeError, match="inside"), sft.patched(model, backend="torch"):
         assert model(input_ids=ids, labels=labels).logits is None
-    assert model(input_ids=ids, labels=labels).logits is not None
+        raise RuntimeError("inside")
+    assert model(input_ids=ids, labels=labels).logits is not None              # reverted on the way out
     clip, clip_ref = _contrastive("CLIPModel", torch.float32)
     assert inspect.signature(sft.apply(clip).forward) == inspect.signature(clip_ref.forward)
     sft.revert(clip)
@@ -277,6 +296,8 @@ def test_unsupported_models_raise():
     assert config.final_logit_softcapping
     with pytest.raises(TypeError, match="final-logit softcapping"):
         sft.apply(transformers.Gemma2ForCausalLM(config))
+    with pytest.raises(TypeError, match="z-loss"):
+        sft.apply(transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER, z_loss_coefficient=1e-4)))
     text, _ = _towers()
     with pytest.raises(TypeError, match="no loss for CLIPTextModelWithProjection"):
         sft.apply(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**text)))

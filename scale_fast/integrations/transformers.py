@@ -83,8 +83,11 @@ def revert(model: nn.Module) -> nn.Module:
 @contextmanager
 def patched(model: nn.Module, *, backend: str = "auto"):
     """``with patched(model): ...`` -- apply(model) inside the block, revert(model) after it."""
-    yield apply(model, backend=backend)
-    revert(model)
+    apply(model, backend=backend)
+    try:
+        yield model
+    finally:
+        revert(model)
 
 
 class _Patch:
