@@ -36,6 +36,8 @@ CAUSAL = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.37}),     # logits * logit_scale
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 3.0}),  # logits / logits_scaling
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                                        "output_router_logits": True, "router_aux_loss_coef": 0.1}),
 }
 
 
@@ -175,6 +177,20 @@ def test_causal_lm_loss_and_grads(kind, backend, dtype):
         logits = ref(input_ids=ids).logits
         exact = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
         torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, exact, rtol=1e-12, atol=0)
+
+
+def test_mixture_of_experts_router_loss_kept():
+    """Mixtral adds its router loss to the loss_function's (its experts run in float32 only)."""
+    model, ref = _causal("mixtral", torch.float32)
+    liger.apply_scale_fast_to_mixtral(model=model, backend="torch")
+    ids, labels = _tokens()
+    out, want = model(input_ids=ids, labels=labels), ref(input_ids=ids, labels=labels)
+    assert out.logits is None and out.aux_loss > 0
+    torch.testing.assert_close(out.aux_loss, want.aux_loss)
+    assert abs(out.loss.item() - want.loss.item()) <= 2e-5 * want.loss.item()
+    out.loss.backward()
+    want.loss.backward()
+    _assert_same_grads(model, ref, 2e-4)
 
 
 @pytest.mark.parametrize("kind", ["llama", "CLIPModel"])

@@ -1,6 +1,6 @@
 """Liger-Kernel's names for scale_fast's linear cross entropy, for code that switches from Liger.
 
-- ``apply_scale_fast_to_llama(model=model)`` (and qwen2, mistral, gemma, phi3, granite): the
+- ``apply_scale_fast_to_llama(model=model)`` (and qwen2, mistral, gemma, phi3, granite, mixtral): the
   ``apply_liger_kernel_to_*`` call on one instance, = ``transformers.apply(model)`` after checking
   the model type. Liger's kernel switches (rope, rms_norm, swiglu, ...) are not taken; there is no
   class-wide form (a model is always passed).
@@ -36,6 +36,7 @@ apply_scale_fast_to_mistral = _alias("mistral")
 apply_scale_fast_to_gemma = _alias("gemma")
 apply_scale_fast_to_phi3 = _alias("phi3")
 apply_scale_fast_to_granite = _alias("granite")
+apply_scale_fast_to_mixtral = _alias("mixtral")
 
 # Liger's constructor arguments that change the loss, their no-op value, and what they compute
 _UNSERVED = {"ce_weight": (None, "class weights"), "lse_square_scale": (0.0, "z-loss"),
