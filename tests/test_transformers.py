@@ -2,7 +2,7 @@
 
 Tiny models built from configs (no hub). Every patched model is compared with a deep copy of
 itself left unpatched: the loss, the outputs and the gradient of every parameter, in float64
-and float32, on the torch and cpp backends.
+and float32, on every backend of the suite (torch, cpp, triton).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from scale_fast.integrations import liger  # noqa: E402
 from scale_fast.integrations import transformers as sft  # noqa: E402
 
 hf_logging.set_verbosity_error()
-HF_BACKENDS = [b for b in ("torch", "cpp") if b in BACKENDS]
+HF_BACKENDS = BACKENDS   # torch, cpp, triton (interpreted on CPU: the shapes here are tiny)
 DTYPES = [torch.float64, torch.float32]
 VOCAB = 101
 TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
