@@ -34,7 +34,7 @@ setup(
     entry_points={"console_scripts": ["scale-fast=scale_fast.cli:main"]},
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0", "transformers>=5.0"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
 )
