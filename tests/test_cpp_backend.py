@@ -306,6 +306,21 @@ def test_sources_compile_from_one_copy_whatever_the_checkout(tmp_path, monkeypat
     assert (build_dir / "src" / "k.h").read_text() == "int k;"
 
 
+def test_library_that_does_not_load_is_rebuilt_with_one_line(tmp_path, monkeypatch, capsys):
+    """A library found in its folder is imported as it is; one left half-written by a killed build is relinked."""
+    from torch.utils import cpp_extension
+
+    settings = {"name": "scale_fast_cpu_x_0123456789ab", "extra_cflags": [], "extra_ldflags": [],
+                "build_directory": tmp_path / "scale_fast_cpu_x_0123456789ab"}
+    settings["build_directory"].mkdir()
+    _build.library_path(settings).write_bytes(b"\x7fELF truncated")
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: built.append(kw["name"]) or "module")
+    assert _build._load(settings) == "module" and built == [settings["name"]]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "rebuilding the C++ CPU kernels" in err[0] and "does not load" in err[0], err
+
+
 def test_first_build_says_so_in_one_line_and_builds_in_a_child(tmp_path, monkeypatch, capsys):
     settings = {"name": "scale_fast_cpu_x_0123456789ab", "extra_cflags": [], "extra_ldflags": [],
                 "build_directory": tmp_path / "scale_fast_cpu_x_0123456789ab"}

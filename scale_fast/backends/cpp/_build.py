@@ -114,9 +114,9 @@ def toolchain() -> List[str]:
     import torch
     from torch.utils import cpp_extension
 
-    return [_compiler(), sys.version, str(sysconfig.get_path("include", scheme="posix_prefix")),
-            torch.__version__, str(torch.version.git_version), *cpp_extension.include_paths("cpu"),
-            cpp_extension.TORCH_LIB_PATH]
+    python_include = sysconfig.get_path("include", scheme="nt" if os.name == "nt" else "posix_prefix")
+    return [_compiler(), sys.version, str(python_include), torch.__version__, str(torch.version.git_version),
+            *cpp_extension.include_paths("cpu"), cpp_extension.TORCH_LIB_PATH]
 
 
 def cache_key(flags: List[str]) -> str:
@@ -246,7 +246,11 @@ def _load(settings: dict) -> ModuleType:
     with BuildLock(build_dir):
         (build_dir / "lock").unlink(missing_ok=True)  # torch's lock: only a killed build leaves it now
         if library_path(settings).is_file():
-            return _import_library(settings)
+            try:
+                return _import_library(settings)
+            except ImportError as exc:  # left half-written by a killed build: ninja relinks it
+                print(f"scale_fast: rebuilding the C++ CPU kernels in {build_dir}: the library does not load "
+                      f"({_short(exc)})", file=sys.stderr, flush=True)
         sources = _copy_sources(build_dir)
         return cpp_extension.load(sources=[str(s) for s in sources], build_directory=str(build_dir),
                                   verbose=_truthy("SCALE_FAST_CPP_VERBOSE"),
