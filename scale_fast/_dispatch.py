@@ -110,14 +110,15 @@ def _reason_unavailable(name: str) -> str:
     return _readiness(name, build=True)[0]
 
 
-def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str, str]]:
+def available_backends(with_reasons: bool = False, build: bool = False) -> Union[List[str], Dict[str, str]]:
     """The backends that can run on this machine now.
 
     with_reasons=False: their names.  with_reasons=True: {name: "" if it can run, else why
     not} for every backend (e.g. triton without CUDA and without TRITON_INTERPRET=1).
-    Asking never compiles: an unbuilt cpp backend is reported as not built yet (it builds on first use).
+    Asking never compiles: an unbuilt cpp backend is reported as not built yet (it builds on first
+    use); build=True builds it first (what a first use would do), e.g. before a benchmark.
     """
-    reasons = {name: " ".join(_readiness(name, build=False)).strip() for name in NAMES}
+    reasons = {name: " ".join(_readiness(name, build)).strip() for name in NAMES}
     return reasons if with_reasons else [name for name, why in reasons.items() if not why]
 
 

@@ -152,6 +152,13 @@ def test_available_backends_and_explain_never_compile(tmp_path, monkeypatch, fre
     assert sf.explain_backend("contrastive", e).endswith(f"prefers cpp on cpu ({_build.NOT_BUILT})")
     assert not _build._state["tried"] and not list(tmp_path.iterdir())
 
+    def build_now():
+        raise RuntimeError("compiler ran")
+
+    monkeypatch.setattr(_build, "_compile", build_now)  # build=True: what a first use does
+    with pytest.warns(RuntimeWarning, match="compiler ran"):
+        assert "compiler ran" in sf.available_backends(with_reasons=True, build=True)["cpp"]
+
 
 # A second environment without making one: torch "installed" at another path (links to this torch's
 # include and lib folders, as another venv's copy of the same version), and tiny sources that compile in
