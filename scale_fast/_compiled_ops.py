@@ -96,16 +96,17 @@ class CompiledOp:
         non-tensor values (int, float, str, bool, int[], int[]?, float[]).
     returns: the schema's output, e.g. "Tensor", "(Tensor, Tensor, Tensor)" or "Tensor[]".
     differentiable: the names of the inputs that get a gradient (where they hold a floating tensor).
-    run(backend, *inputs): the eager implementation (the backend's op, chosen by the dispatcher).
     fake(*inputs): empty outputs of the right shapes and dtypes (no backend argument).
+    run(backend, *inputs): the eager implementation; by default the backend op of that name, chosen by
+        the dispatcher (a last input named row_range is passed as its row_range form).
     """
 
     name: str
     inputs: str
     returns: str
     differentiable: Tuple[str, ...]
-    run: Callable
     fake: Callable
+    run: Optional[Callable] = None
 
 
 def _parameters(inputs: str) -> List[Tuple[str, str]]:
@@ -151,10 +152,18 @@ def register(spec: CompiledOp):
     """Make ``scale_fast::<name>`` and ``scale_fast::<name>_backward`` (the recompute) from `spec`, with the
     autograd glue between them; returns the forward op."""
     params = _parameters(spec.inputs)
+    takes_rows = params[-1][1] == "row_range"
+
+    def run(backend, *inputs):
+        if spec.run is not None:
+            return spec.run(backend, *inputs)
+        if takes_rows:
+            return _eager(backend, spec.name, *inputs[:-1], row_range=inputs[-1])
+        return _eager(backend, spec.name, *inputs)
 
     def forward(*args):
         with torch.no_grad():
-            return _contiguous_copy(spec.run(args[-1], *args[:-1]))
+            return _contiguous_copy(run(args[-1], *args[:-1]))
 
     op = torch.library.custom_op(f"scale_fast::{spec.name}", forward, mutates_args=(),
                                  schema=f"({spec.inputs}, str backend) -> {spec.returns}")
@@ -164,7 +173,7 @@ def register(spec: CompiledOp):
     def backward(grads, *args):
         *values, backend = args
         flat = _flatten(values, params)
-        return _grads_by_recompute(lambda *leaves: spec.run(backend, *_unflatten(leaves, values, params)),
+        return _grads_by_recompute(lambda *leaves: run(backend, *_unflatten(leaves, values, params)),
                                    flat, _marks(values, params, spec.differentiable), grads)
 
     def backward_fake(grads, *args):
@@ -205,62 +214,30 @@ def register(spec: CompiledOp):
         return (*out, None)
 
     op.register_autograd(grad, setup_context=setup_context)
-    _CUSTOM_OPS[spec.name] = op
+    _CUSTOM_OPS[spec.name] = op, takes_rows
     return op
 
 
-_CUSTOM_OPS: Dict[str, Callable] = {}
+_CUSTOM_OPS: Dict[str, Tuple[Callable, bool]] = {}  # name: (op, whether its last input is row_range)
+
+
+def _eager(backend: str, name: str, *args, row_range=None):
+    """Backend op `name` on args, as the dispatcher chooses it (row_range: a process group's (start, stop) rows)."""
+    rows = () if row_range is None else (tuple(row_range),)
+    return get_op(backend, name, *args, row_range=row_range is not None)(*args, *rows)
 
 
 def _pair_fake(z, *rest):
     return z.new_empty((z.shape[0], z.shape[0]), dtype=accumulation_dtype(z.dtype))
 
 
-def _row_range(row_range):
-    """The optional row_range argument of the pair ops (a process group's rows), as the backends take it."""
-    return () if row_range is None else (tuple(row_range),)
-
-
-# --- the backend ops (contracts in scale_fast/_dispatch.py) ------------------------------------
-register(CompiledOp(
-    "contrastive", "Tensor z, Tensor present, Tensor logit_scale, Tensor? row_weights, str form, int[]? row_range",
-    "Tensor", ("z", "logit_scale", "row_weights"),
-    run=lambda backend, z, present, logit_scale, row_weights, form, row_range: get_op(
-        backend, "contrastive", z, row_range=row_range is not None)(
-        z, present, logit_scale, row_weights, form, *_row_range(row_range)),
-    fake=_pair_fake))
-
-register(CompiledOp(
-    "siglip", "Tensor z, Tensor present, Tensor logit_scale, Tensor logit_bias, Tensor? row_weights, int[]? row_range",
-    "Tensor", ("z", "logit_scale", "logit_bias", "row_weights"),
-    run=lambda backend, z, present, logit_scale, logit_bias, row_weights, row_range: get_op(
-        backend, "siglip", z, row_range=row_range is not None)(
-        z, present, logit_scale, logit_bias, row_weights, *_row_range(row_range)),
-    fake=_pair_fake))
+def _scalar_fake(a, *rest):
+    return a.new_empty((), dtype=accumulation_dtype(a.dtype))
 
 
 def _lce_fake(hidden, weight, target, bias, scale, ignore_index, reduction):
     shape = (hidden.shape[0],) if reduction == "none" else ()
     return hidden.new_empty(shape, dtype=accumulation_dtype(hidden.dtype))
-
-
-register(CompiledOp(
-    "linear_cross_entropy", "Tensor hidden, Tensor weight, Tensor target, Tensor? bias, Tensor? scale, "
-    "int ignore_index, str reduction", "Tensor", ("hidden", "weight", "target", "bias", "scale"),
-    run=lambda backend, hidden, weight, *rest: get_op(backend, "linear_cross_entropy", hidden, weight)(
-        hidden, weight, *rest),
-    fake=_lce_fake))
-
-register(CompiledOp(
-    "info_nce", "Tensor a, Tensor b, Tensor? row_weights, float scale", "Tensor", ("a", "b", "row_weights"),
-    run=lambda backend, a, b, *rest: get_op(backend, "info_nce", a, b)(a, b, *rest),
-    fake=lambda a, *rest: a.new_empty((), dtype=accumulation_dtype(a.dtype))))
-
-register(CompiledOp(
-    "info_nce_rows", "Tensor a, Tensor b, Tensor? row_weights, float scale, int offset", "Tensor",
-    ("a", "b", "row_weights"),
-    run=lambda backend, a, b, *rest: get_op(backend, "info_nce_rows", a, b)(a, b, *rest),
-    fake=lambda a, *rest: a.new_empty((), dtype=accumulation_dtype(a.dtype))))
 
 
 def _scores_fake(z, present, mode):
@@ -270,17 +247,28 @@ def _scores_fake(z, present, mode):
     return z.new_empty(shape, dtype=acc), z.new_empty(shape, dtype=acc), z.new_empty((M, M), dtype=torch.bool)
 
 
-register(CompiledOp(
-    "scores", "Tensor z, Tensor present, str mode", "(Tensor, Tensor, Tensor)", ("z",),
-    run=lambda backend, z, present, mode: tuple(get_op(backend, "scores", z)(z, present, mode)),
-    fake=_scores_fake))
+# --- the backend ops (contracts in scale_fast/_dispatch.py): name, inputs, output, differentiable, fake ---
+register(CompiledOp("contrastive", "Tensor z, Tensor present, Tensor logit_scale, Tensor? row_weights, str form, "
+                    "int[]? row_range", "Tensor", ("z", "logit_scale", "row_weights"), _pair_fake))
+register(CompiledOp("siglip", "Tensor z, Tensor present, Tensor logit_scale, Tensor logit_bias, Tensor? row_weights, "
+                    "int[]? row_range", "Tensor", ("z", "logit_scale", "logit_bias", "row_weights"), _pair_fake))
+register(CompiledOp("linear_cross_entropy", "Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
+                    "Tensor? scale, int ignore_index, str reduction", "Tensor",
+                    ("hidden", "weight", "target", "bias", "scale"), _lce_fake))
+register(CompiledOp("info_nce", "Tensor a, Tensor b, Tensor? row_weights, float scale", "Tensor",
+                    ("a", "b", "row_weights"), _scalar_fake))
+register(CompiledOp("info_nce_rows", "Tensor a, Tensor b, Tensor? row_weights, float scale, int offset", "Tensor",
+                    ("a", "b", "row_weights"), _scalar_fake))
+register(CompiledOp("scores", "Tensor z, Tensor present, str mode", "(Tensor, Tensor, Tensor)", ("z",),
+                    _scores_fake))
 
 
 def run_op(backend: str, name: str, *args, row_range=None):
     """Run backend op `name` (a resolved backend, see scale_fast/_dispatch.py); under torch.compile
     through its custom op (one graph node).  row_range: the (start, stop) rows of a process group's
     pair op (contrastive, siglip)."""
-    extra = () if name not in ("contrastive", "siglip") else (None if row_range is None else list(row_range),)
     if torch.compiler.is_compiling() and name in _CUSTOM_OPS:
-        return _CUSTOM_OPS[name](*args, *extra, backend)
-    return get_op(backend, name, *args, row_range=row_range is not None)(*args, *_row_range(row_range))
+        op, takes_rows = _CUSTOM_OPS[name]
+        rows = (None if row_range is None else list(row_range),) if takes_rows else ()
+        return op(*args, *rows, backend)
+    return _eager(backend, name, *args, row_range=row_range)

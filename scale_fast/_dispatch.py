@@ -106,10 +106,6 @@ def _readiness(name: str, build: bool) -> Tuple[str, str]:
     return record.unavailable_reason() or "not available", ""
 
 
-def _reason_unavailable(name: str) -> str:
-    return _readiness(name, build=True)[0]
-
-
 def available_backends(with_reasons: bool = False, build: bool = False) -> Union[List[str], Dict[str, str]]:
     """The backends that can run on this machine now.
 
@@ -118,7 +114,10 @@ def available_backends(with_reasons: bool = False, build: bool = False) -> Union
     Asking never compiles: an unbuilt cpp backend is reported as not built yet (it builds on first
     use); build=True builds it first (what a first use would do), e.g. before a benchmark.
     """
-    reasons = {name: " ".join(_readiness(name, build)).strip() for name in NAMES}
+    reasons = {}
+    for name in NAMES:
+        why, pending = _readiness(name, build)
+        reasons[name] = why or pending
     return reasons if with_reasons else [name for name, why in reasons.items() if not why]
 
 

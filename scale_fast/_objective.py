@@ -155,5 +155,5 @@ _OBJECTIVE_GROUP = register(CompiledOp(
     "scale_objective_group",
     "Tensor e, Tensor present, Tensor scale, Tensor? logit_bias, Tensor? task_embeddings, Tensor[] tasks, "
     "int[] task_layout, float[] nce_scales, str mode, str form, bool harmonize, bool detach_weights, str group",
-    "Tensor[]", ("e", "scale", "logit_bias", "task_embeddings", "tasks"),
-    run=_objective_group, fake=_objective_group_fake))
+    "Tensor[]", ("e", "scale", "logit_bias", "task_embeddings", "tasks"), _objective_group_fake,
+    run=_objective_group))
