@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS / "shapes_cpu.md"), help="the table's path")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    missing = [be for be in BACKENDS if be not in sf.available_backends()]
+    missing = [be for be in BACKENDS if be not in sf.available_backends(build=True)]
     if missing:
         p.error(f"backends {missing} are not available here: {sf.available_backends(with_reasons=True)}")
     info = report.machine_info("cpu")

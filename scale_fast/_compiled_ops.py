@@ -7,11 +7,16 @@ implementations they compile with ``fullgraph=True``.  Their backward reruns
 the op's forward with autograd enabled and differentiates it: one extra
 forward pass, paid only under torch.compile (eager calls go straight to the
 backend and keep their saved tensors).
+
+Every custom op comes from one ``CompiledOp`` record (``register``): its name, its inputs (a
+torch schema), the ones that get a gradient, its eager implementation and its fake.  From it
+``register`` makes the forward op, a backward op (the recompute) and the autograd glue.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -39,7 +44,8 @@ def _autograd_inside_custom_op():
 
 
 def _grads_by_recompute(run, inputs: Sequence[Optional[Tensor]], differentiable: Sequence[bool], grad_outputs):
-    """Gradients of run(*inputs) w.r.t. the differentiable inputs (zeros where unused or None)."""
+    """Gradients of run(*inputs) w.r.t. the differentiable inputs (zeros where unused; an empty tensor where
+    the input is None)."""
     with _autograd_inside_custom_op():
         leaves = [
             x.detach().requires_grad_(True) if (x is not None and diff) else x
@@ -49,13 +55,14 @@ def _grads_by_recompute(run, inputs: Sequence[Optional[Tensor]], differentiable:
         outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         wanted = [x for x, diff in zip(leaves, differentiable) if diff and x is not None]
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
-        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) if pairs and wanted else [None] * len(wanted)
+        got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) \
+            if pairs and wanted else [None] * len(wanted)
     result, it = [], iter(got)
     for x, diff in zip(inputs, differentiable):
         if not diff:
             continue
         if x is None:
-            result.append(torch.empty(0))
+            result.append(_empty_grad(inputs))
             continue
         g = next(it)
         result.append(x.new_zeros(x.shape) if g is None else g.contiguous())
@@ -67,263 +74,201 @@ def _dense_like(x: Tensor) -> Tensor:
     return x.new_empty(x.shape)
 
 
-# --- contrastive -----------------------------------------------------------------------------
-
-def _contrastive_run(backend, form):
-    def run(z, present, logit_scale, row_weights):
-        return get_op(backend, "contrastive", z)(z, present, logit_scale, row_weights, form)
-    return run
+def _empty_grad(tensors) -> Tensor:
+    """The backward op's entry for an absent (None) differentiable input: an empty tensor."""
+    device = next(x.device for x in tensors if isinstance(x, Tensor))
+    return torch.empty(0, device=device)
 
 
-@torch.library.custom_op("scale_fast::contrastive", mutates_args=())
-def contrastive(z: Tensor, present: Tensor, logit_scale: Tensor, row_weights: Optional[Tensor], form: str, backend: str) -> Tensor:
-    with torch.no_grad():
-        return _contrastive_run(backend, form)(z, present, logit_scale, row_weights).clone(memory_format=torch.contiguous_format)
+def _contiguous_copy(out):
+    """The op's output(s) as fresh contiguous tensors (a custom op may not return a view of an input)."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(t.clone(memory_format=torch.contiguous_format) for t in out)
+    return out.clone(memory_format=torch.contiguous_format)
 
 
-@contrastive.register_fake
-def _(z, present, logit_scale, row_weights, form, backend):
+@dataclass(frozen=True)
+class CompiledOp:
+    """One custom op: ``scale_fast::<name>``.
+
+    inputs: its schema's inputs, e.g. "Tensor z, Tensor present, str form"; a trailing ``str backend``
+        is added.  Types used: Tensor, Tensor?, Tensor[] (gradients: one list per list input), and
+        non-tensor values (int, float, str, bool, int[], int[]?, float[]).
+    returns: the schema's output, e.g. "Tensor", "(Tensor, Tensor, Tensor)" or "Tensor[]".
+    differentiable: the names of the inputs that get a gradient (where they hold a floating tensor).
+    fake(*inputs): empty outputs of the right shapes and dtypes (no backend argument).
+    run(backend, *inputs): the eager implementation; by default the backend op of that name, chosen by
+        the dispatcher (a last input named row_range is passed as its row_range form).
+    """
+
+    name: str
+    inputs: str
+    returns: str
+    differentiable: Tuple[str, ...]
+    fake: Callable
+    run: Optional[Callable] = None
+
+
+def _parameters(inputs: str) -> List[Tuple[str, str]]:
+    """[(type, name)] of a schema's inputs (defaults dropped)."""
+    pairs = [p.strip().split("=")[0].rsplit(" ", 1) for p in inputs.split(",")]
+    return [(kind.strip(), name.strip()) for kind, name in pairs]
+
+
+def _flatten(values, params) -> List[Optional[Tensor]]:
+    """Every tensor input, lists expanded, in order."""
+    flat = []
+    for (kind, _), x in zip(params, values):
+        if kind.startswith("Tensor"):
+            flat.extend(x if kind.endswith("[]") else [x])
+    return flat
+
+
+def _unflatten(tensors: Sequence[Optional[Tensor]], values, params) -> list:
+    """The inputs `values` with their tensor entries (lists included) taken in order from `tensors`."""
+    it = iter(tensors)
+    out = []
+    for (kind, _), x in zip(params, values):
+        if not kind.startswith("Tensor"):
+            out.append(x)
+        elif kind.endswith("[]"):
+            out.append([next(it) for _ in x])
+        else:
+            out.append(next(it))
+    return out
+
+
+def _marks(values, params, differentiable) -> List[bool]:
+    """Per flattened tensor input: whether it gets a gradient (a listed input, floating or None)."""
+    marks = []
+    for (kind, name), x in zip(params, values):
+        if kind.startswith("Tensor"):
+            marks += [name in differentiable and (t is None or t.is_floating_point())
+                      for t in (x if kind.endswith("[]") else [x])]
+    return marks
+
+
+def register(spec: CompiledOp):
+    """Make ``scale_fast::<name>`` and ``scale_fast::<name>_backward`` (the recompute) from `spec`, with the
+    autograd glue between them; returns the forward op."""
+    params = _parameters(spec.inputs)
+    takes_rows = params[-1][1] == "row_range"
+
+    def run(backend, *inputs):
+        if spec.run is not None:
+            return spec.run(backend, *inputs)
+        if takes_rows:
+            return _eager(backend, spec.name, *inputs[:-1], row_range=inputs[-1])
+        return _eager(backend, spec.name, *inputs)
+
+    def forward(*args):
+        with torch.no_grad():
+            return _contiguous_copy(run(args[-1], *args[:-1]))
+
+    op = torch.library.custom_op(f"scale_fast::{spec.name}", forward, mutates_args=(),
+                                 schema=f"({spec.inputs}, str backend) -> {spec.returns}")
+    op.register_fake(lambda *args: spec.fake(*args[:-1]))
+
+    # backward: one gradient per marked (flattened) input, an empty tensor where that input is None
+    def backward(grads, *args):
+        *values, backend = args
+        flat = _flatten(values, params)
+        return _grads_by_recompute(lambda *leaves: run(backend, *_unflatten(leaves, values, params)),
+                                   flat, _marks(values, params, spec.differentiable), grads)
+
+    def backward_fake(grads, *args):
+        values = args[:-1]
+        flat = _flatten(values, params)
+        return [_empty_grad(flat) if t is None else _dense_like(t)
+                for t, mark in zip(flat, _marks(values, params, spec.differentiable)) if mark]
+
+    backward_op = torch.library.custom_op(f"scale_fast::{spec.name}_backward", backward, mutates_args=(),
+                                          schema=f"(Tensor?[] grads, {spec.inputs}, str backend) -> Tensor[]")
+    backward_op.register_fake(backward_fake)
+
+    def setup_context(ctx, inputs, output):
+        values = inputs[:-1]
+        ctx.save_for_backward(*_flatten(values, params))
+        ctx.values = [None if kind.startswith("Tensor") else x for (kind, _), x in zip(params, values)]
+        ctx.sizes = [len(x) if kind == "Tensor[]" else 0 for (kind, _), x in zip(params, values)]
+        ctx.backend = inputs[-1]
+
+    def grad(ctx, *grads):
+        if spec.returns == "Tensor[]":  # one list of gradients for the list output
+            (grads,) = grads
+        values = [[None] * n if kind == "Tensor[]" else x for (kind, _), x, n in zip(params, ctx.values, ctx.sizes)]
+        values = _unflatten(ctx.saved_tensors, values, params)
+        flat = _flatten(values, params)
+        got = iter(backward_op(list(grads), *values, ctx.backend))
+        per_tensor = []
+        for t, mark in zip(flat, _marks(values, params, spec.differentiable)):
+            g = next(got) if mark else None
+            per_tensor.append(None if t is None else g)
+        per_tensor = iter(per_tensor)
+        out = []  # the inputs' structure: a list of gradients per tensor list
+        for (kind, _), x in zip(params, values):
+            if kind.startswith("Tensor"):
+                out.append([next(per_tensor) for _ in x] if kind.endswith("[]") else next(per_tensor))
+            else:  # autograd's rule: a list is one input unless it holds only tensors (an empty one: none)
+                out.append([] if isinstance(x, list) and not x else None)
+        return (*out, None)
+
+    op.register_autograd(grad, setup_context=setup_context)
+    _CUSTOM_OPS[spec.name] = op, takes_rows
+    return op
+
+
+_CUSTOM_OPS: Dict[str, Tuple[Callable, bool]] = {}  # name: (op, whether its last input is row_range)
+
+
+def _eager(backend: str, name: str, *args, row_range=None):
+    """Backend op `name` on args, as the dispatcher chooses it (row_range: a process group's (start, stop) rows)."""
+    rows = () if row_range is None else (tuple(row_range),)
+    return get_op(backend, name, *args, row_range=row_range is not None)(*args, *rows)
+
+
+def _pair_fake(z, *rest):
     return z.new_empty((z.shape[0], z.shape[0]), dtype=accumulation_dtype(z.dtype))
 
 
-@torch.library.custom_op("scale_fast::contrastive_backward", mutates_args=())
-def contrastive_backward(grad: Tensor, z: Tensor, present: Tensor, logit_scale: Tensor,
-                         row_weights: Optional[Tensor], form: str, backend: str) -> list[Tensor]:
-    return _grads_by_recompute(_contrastive_run(backend, form), [z, present, logit_scale, row_weights],
-                               [True, False, True, True], [grad])
+def _scalar_fake(a, *rest):
+    return a.new_empty((), dtype=accumulation_dtype(a.dtype))
 
 
-@contrastive_backward.register_fake
-def _(grad, z, present, logit_scale, row_weights, form, backend):
-    return [_dense_like(z), _dense_like(logit_scale),
-            torch.empty(0, device=z.device) if row_weights is None else _dense_like(row_weights)]
-
-
-def _contrastive_setup(ctx, inputs, output):
-    z, present, logit_scale, row_weights, form, backend = inputs
-    ctx.save_for_backward(z, present, logit_scale, row_weights)
-    ctx.options = (form, backend)
-    ctx.has_weights = row_weights is not None
-
-
-def _contrastive_grad(ctx, grad):
-    z, present, logit_scale, row_weights = ctx.saved_tensors
-    dz, dscale, dweights = contrastive_backward(grad, z, present, logit_scale, row_weights, *ctx.options)
-    return dz, None, dscale, (dweights if ctx.has_weights else None), None, None
-
-
-contrastive.register_autograd(_contrastive_grad, setup_context=_contrastive_setup)
-
-
-# --- siglip (the sigmoid pair loss, form="siglip") ---------------------------------------------
-
-def _siglip_run(backend):
-    def run(z, present, logit_scale, logit_bias, row_weights):
-        return get_op(backend, "siglip", z)(z, present, logit_scale, logit_bias, row_weights)
-    return run
-
-
-@torch.library.custom_op("scale_fast::siglip", mutates_args=())
-def siglip(z: Tensor, present: Tensor, logit_scale: Tensor, logit_bias: Tensor, row_weights: Optional[Tensor],
-           backend: str) -> Tensor:
-    with torch.no_grad():
-        out = _siglip_run(backend)(z, present, logit_scale, logit_bias, row_weights)
-        return out.clone(memory_format=torch.contiguous_format)
-
-
-@siglip.register_fake
-def _(z, present, logit_scale, logit_bias, row_weights, backend):
-    return z.new_empty((z.shape[0], z.shape[0]), dtype=accumulation_dtype(z.dtype))
-
-
-@torch.library.custom_op("scale_fast::siglip_backward", mutates_args=())
-def siglip_backward(grad: Tensor, z: Tensor, present: Tensor, logit_scale: Tensor, logit_bias: Tensor,
-                    row_weights: Optional[Tensor], backend: str) -> list[Tensor]:
-    return _grads_by_recompute(_siglip_run(backend), [z, present, logit_scale, logit_bias, row_weights],
-                               [True, False, True, True, True], [grad])
-
-
-@siglip_backward.register_fake
-def _(grad, z, present, logit_scale, logit_bias, row_weights, backend):
-    return [_dense_like(z), _dense_like(logit_scale), _dense_like(logit_bias),
-            torch.empty(0, device=z.device) if row_weights is None else _dense_like(row_weights)]
-
-
-def _siglip_setup(ctx, inputs, output):
-    z, present, logit_scale, logit_bias, row_weights, backend = inputs
-    ctx.save_for_backward(z, present, logit_scale, logit_bias, row_weights)
-    ctx.backend = backend
-    ctx.has_weights = row_weights is not None
-
-
-def _siglip_grad(ctx, grad):
-    z, present, logit_scale, logit_bias, row_weights = ctx.saved_tensors
-    dz, dscale, dbias, dweights = siglip_backward(grad, z, present, logit_scale, logit_bias, row_weights, ctx.backend)
-    return dz, None, dscale, dbias, (dweights if ctx.has_weights else None), None
-
-
-siglip.register_autograd(_siglip_grad, setup_context=_siglip_setup)
-
-
-# --- linear cross-entropy --------------------------------------------------------------------
-
-def _lce_run(backend, ignore_index, reduction):
-    def run(hidden, weight, target, bias, scale):
-        return get_op(backend, "linear_cross_entropy", hidden, weight)(hidden, weight, target, bias, scale, ignore_index, reduction)
-    return run
-
-
-@torch.library.custom_op("scale_fast::linear_cross_entropy", mutates_args=())
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-                         ignore_index: int, reduction: str, backend: str) -> Tensor:
-    with torch.no_grad():
-        return _lce_run(backend, ignore_index, reduction)(hidden, weight, target, bias, scale).clone(memory_format=torch.contiguous_format)
-
-
-@linear_cross_entropy.register_fake
-def _(hidden, weight, target, bias, scale, ignore_index, reduction, backend):
+def _lce_fake(hidden, weight, target, bias, scale, ignore_index, reduction):
     shape = (hidden.shape[0],) if reduction == "none" else ()
     return hidden.new_empty(shape, dtype=accumulation_dtype(hidden.dtype))
 
 
-@torch.library.custom_op("scale_fast::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward(grad: Tensor, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                                  scale: Optional[Tensor], ignore_index: int, reduction: str, backend: str) -> list[Tensor]:
-    soft = target.is_floating_point()
-    return _grads_by_recompute(_lce_run(backend, ignore_index, reduction), [hidden, weight, target, bias, scale],
-                               [True, True, soft, True, True], [grad])
-
-
-@linear_cross_entropy_backward.register_fake
-def _(grad, hidden, weight, target, bias, scale, ignore_index, reduction, backend):
-    out = [_dense_like(hidden), _dense_like(weight)]
-    if target.is_floating_point():
-        out.append(_dense_like(target))
-    for x in (bias, scale):
-        out.append(torch.empty(0, device=hidden.device) if x is None else _dense_like(x))
-    return out
-
-
-def _lce_setup(ctx, inputs, output):
-    hidden, weight, target, bias, scale, ignore_index, reduction, backend = inputs
-    ctx.save_for_backward(hidden, weight, target, bias, scale)
-    ctx.options = (ignore_index, reduction, backend)
-    ctx.present = (bias is not None, scale is not None, target.is_floating_point())
-
-
-def _lce_grad(ctx, grad):
-    hidden, weight, target, bias, scale = ctx.saved_tensors
-    grads = list(linear_cross_entropy_backward(grad, hidden, weight, target, bias, scale, *ctx.options))
-    has_bias, has_scale, soft = ctx.present
-    dhidden, dweight = grads[0], grads[1]
-    dtarget = grads[2] if soft else None
-    dbias, dscale = grads[-2], grads[-1]
-    return (dhidden, dweight, dtarget, dbias if has_bias else None, dscale if has_scale else None, None, None, None)
-
-
-linear_cross_entropy.register_autograd(_lce_grad, setup_context=_lce_setup)
-
-
-# --- info_nce (the "nce" masked task) ----------------------------------------------------------
-
-def _nce_run(backend, scale):
-    def run(a, b, row_weights):
-        return get_op(backend, "info_nce", a, b)(a, b, row_weights, scale)
-    return run
-
-
-@torch.library.custom_op("scale_fast::info_nce", mutates_args=())
-def info_nce(a: Tensor, b: Tensor, row_weights: Optional[Tensor], scale: float, backend: str) -> Tensor:
-    with torch.no_grad():
-        return _nce_run(backend, scale)(a, b, row_weights).clone(memory_format=torch.contiguous_format)
-
-
-@info_nce.register_fake
-def _(a, b, row_weights, scale, backend):
-    return a.new_empty((), dtype=accumulation_dtype(a.dtype))
-
-
-@torch.library.custom_op("scale_fast::info_nce_backward", mutates_args=())
-def info_nce_backward(grad: Tensor, a: Tensor, b: Tensor, row_weights: Optional[Tensor], scale: float, backend: str) -> list[Tensor]:
-    return _grads_by_recompute(_nce_run(backend, scale), [a, b, row_weights], [True, True, True], [grad])
-
-
-@info_nce_backward.register_fake
-def _(grad, a, b, row_weights, scale, backend):
-    return [_dense_like(a), _dense_like(b),
-            torch.empty(0, device=a.device) if row_weights is None else _dense_like(row_weights)]
-
-
-def _nce_setup(ctx, inputs, output):
-    a, b, row_weights, scale, backend = inputs
-    ctx.save_for_backward(a, b, row_weights)
-    ctx.options = (scale, backend)
-    ctx.has_weights = row_weights is not None
-
-
-def _nce_grad(ctx, grad):
-    a, b, row_weights = ctx.saved_tensors
-    da, db, dw = info_nce_backward(grad, a, b, row_weights, *ctx.options)
-    return da, db, (dw if ctx.has_weights else None), None, None
-
-
-info_nce.register_autograd(_nce_grad, setup_context=_nce_setup)
-
-
-# --- scores ---------------------------------------------------------------------------------
-
-def _scores_run(backend, mode):
-    def run(z, present):
-        return get_op(backend, "scores", z)(z, present, mode)
-    return run
-
-
-@torch.library.custom_op("scale_fast::scores", mutates_args=())
-def scores(z: Tensor, present: Tensor, mode: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    with torch.no_grad():
-        return tuple(t.clone(memory_format=torch.contiguous_format) for t in _scores_run(backend, mode)(z, present))
-
-
-@scores.register_fake
-def _(z, present, mode, backend):
+def _scores_fake(z, present, mode):
     M, B = z.shape[0], z.shape[1]
     shape = (B, M, M) if mode == "sample" else (M, M)
     acc = accumulation_dtype(z.dtype)
     return z.new_empty(shape, dtype=acc), z.new_empty(shape, dtype=acc), z.new_empty((M, M), dtype=torch.bool)
 
 
-@torch.library.custom_op("scale_fast::scores_backward", mutates_args=())
-def scores_backward(grad_s: Tensor, grad_s_prime: Tensor, z: Tensor, present: Tensor, mode: str, backend: str) -> Tensor:
-    (dz,) = _grads_by_recompute(_scores_run(backend, mode), [z, present], [True, False], [grad_s, grad_s_prime, None])
-    return dz
+# --- the backend ops (contracts in scale_fast/_dispatch.py): name, inputs, output, differentiable, fake ---
+register(CompiledOp("contrastive", "Tensor z, Tensor present, Tensor logit_scale, Tensor? row_weights, str form, "
+                    "int[]? row_range", "Tensor", ("z", "logit_scale", "row_weights"), _pair_fake))
+register(CompiledOp("siglip", "Tensor z, Tensor present, Tensor logit_scale, Tensor logit_bias, Tensor? row_weights, "
+                    "int[]? row_range", "Tensor", ("z", "logit_scale", "logit_bias", "row_weights"), _pair_fake))
+register(CompiledOp("linear_cross_entropy", "Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
+                    "Tensor? scale, int ignore_index, str reduction", "Tensor",
+                    ("hidden", "weight", "target", "bias", "scale"), _lce_fake))
+register(CompiledOp("info_nce", "Tensor a, Tensor b, Tensor? row_weights, float scale", "Tensor",
+                    ("a", "b", "row_weights"), _scalar_fake))
+register(CompiledOp("info_nce_rows", "Tensor a, Tensor b, Tensor? row_weights, float scale, int offset", "Tensor",
+                    ("a", "b", "row_weights"), _scalar_fake))
+register(CompiledOp("scores", "Tensor z, Tensor present, str mode", "(Tensor, Tensor, Tensor)", ("z",),
+                    _scores_fake))
 
 
-@scores_backward.register_fake
-def _(grad_s, grad_s_prime, z, present, mode, backend):
-    return _dense_like(z)
-
-
-def _scores_setup(ctx, inputs, output):
-    z, present, mode, backend = inputs
-    ctx.save_for_backward(z, present)
-    ctx.options = (mode, backend)
-
-
-def _scores_grad(ctx, grad_s, grad_s_prime, grad_active):
-    z, present = ctx.saved_tensors
-    return scores_backward(grad_s, grad_s_prime, z, present, *ctx.options), None, None, None
-
-
-scores.register_autograd(_scores_grad, setup_context=_scores_setup)
-
-
-_CUSTOM_OPS = {"contrastive": contrastive, "siglip": siglip, "linear_cross_entropy": linear_cross_entropy,
-               "info_nce": info_nce, "scores": scores}
-
-
-def run_op(backend: str, name: str, *args):
+def run_op(backend: str, name: str, *args, row_range=None):
     """Run backend op `name` (a resolved backend, see scale_fast/_dispatch.py); under torch.compile
-    through its custom op (one graph node)."""
+    through its custom op (one graph node).  row_range: the (start, stop) rows of a process group's
+    pair op (contrastive, siglip)."""
     if torch.compiler.is_compiling() and name in _CUSTOM_OPS:
-        return _CUSTOM_OPS[name](*args, backend)
-    return get_op(backend, name, *args)(*args)
+        op, takes_rows = _CUSTOM_OPS[name]
+        rows = (None if row_range is None else list(row_range),) if takes_rows else ()
+        return op(*args, *rows, backend)
+    return _eager(backend, name, *args, row_range=row_range)

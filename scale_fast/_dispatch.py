@@ -90,21 +90,34 @@ def capability(name: str) -> Capability:
     return _records[name]
 
 
-def _reason_unavailable(name: str) -> str:
+def _readiness(name: str, build: bool) -> Tuple[str, str]:
+    """(why backend `name` cannot run here, "" when it can; what its first use still does, "" if nothing).
+
+    build=False (the reports) never starts that work (the cpp build): a backend waiting for it comes back
+    as ("", why it waits); build=True (running an op) does the work, after which it is ready or not.
+    """
     record = capability(name)
+    if not build:
+        pending = record.pending_reason()
+        if pending:
+            return "", pending
     if record.is_available():
-        return ""
-    return record.unavailable_reason() or "not available"
+        return "", ""
+    return record.unavailable_reason() or "not available", ""
 
 
-def available_backends(with_reasons: bool = False) -> Union[List[str], Dict[str, str]]:
+def available_backends(with_reasons: bool = False, build: bool = False) -> Union[List[str], Dict[str, str]]:
     """The backends that can run on this machine now.
 
     with_reasons=False: their names.  with_reasons=True: {name: "" if it can run, else why
     not} for every backend (e.g. triton without CUDA and without TRITON_INTERPRET=1).
-    Asking builds the cpp extension if it was not tried yet.
+    Asking never compiles: an unbuilt cpp backend is reported as not built yet (it builds on first
+    use); build=True builds it first (what a first use would do), e.g. before a benchmark.
     """
-    reasons = {name: _reason_unavailable(name) for name in NAMES}
+    reasons = {}
+    for name in NAMES:
+        why, pending = _readiness(name, build)
+        reasons[name] = why or pending
     return reasons if with_reasons else [name for name, why in reasons.items() if not why]
 
 
@@ -114,23 +127,24 @@ def _ops_module(name: str) -> ModuleType:
     return _ops[name]
 
 
-def _auto(device: torch.device) -> Tuple[str, str]:
-    """(backend, why) for backend="auto" on `device`."""
+def _auto(device: torch.device, build: bool) -> Tuple[str, str]:
+    """(backend, why) for backend="auto" on `device` (build: as in _readiness)."""
     skipped = []
     for name in NAMES:
         record = capability(name)
         if device.type not in record.preferred_on:
             continue
-        why = _reason_unavailable(name) or record.lacks(record.ops[0], device)
+        why, pending = _readiness(name, build)
+        why = why or record.lacks(record.ops[0], device)
         if not why:
-            return name, f"backend='auto' prefers {name} on {device.type}"
+            return name, f"backend='auto' prefers {name} on {device.type}" + (f" ({pending})" if pending else "")
         skipped.append(f"{name}: {why}")
     if skipped:
         return FALLBACK, f"backend='auto' uses {FALLBACK} on {device.type} ({'; '.join(skipped)})"
     return FALLBACK, f"backend='auto' uses {FALLBACK} on {device.type} (no backend is preferred there)"
 
 
-def _resolve(backend: str, device: torch.device) -> Tuple[str, str]:
+def _resolve(backend: str, device: torch.device, build: bool = True) -> Tuple[str, str]:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -140,8 +154,8 @@ def _resolve(backend: str, device: torch.device) -> Tuple[str, str]:
                 raise ValueError(f"SCALE_FAST_BACKEND must be one of {BACKENDS}, got {env!r}")
             backend = env
     if backend == "auto":
-        return _auto(device)
-    why = _reason_unavailable(backend)
+        return _auto(device, build)
+    why, pending = _readiness(backend, build)
     if why:
         raise ValueError(f"backend={backend!r} is not available: {why}")
     record = capability(backend)
@@ -150,7 +164,7 @@ def _resolve(backend: str, device: torch.device) -> Tuple[str, str]:
             if backend == "triton" else ""
         raise ValueError(f"backend={backend!r} runs on {'/'.join(record.devices)} tensors only; "
                          f"got tensors on {device}{hint}")
-    return backend, f"backend={backend!r} requested"
+    return backend, f"backend={backend!r} requested" + (f" ({pending})" if pending else "")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -189,7 +203,8 @@ def get_op(backend: str, name: str, *args, row_range: bool = False) -> Callable:
 
 
 def explain_backend(op: str, *inputs, backend: str = "auto", row_range: bool = False) -> str:
-    """One line: which backend runs `op` on these inputs, and why.
+    """One line: which backend runs `op` on these inputs, and why (never compiles: an unbuilt cpp
+    backend is named with a note that its first use builds it).
 
     inputs: the op's leading tensor arguments as the backend contract takes them (the [M, B, D]
     embeddings for "scores" / "contrastive", hidden and weight for "linear_cross_entropy",
@@ -201,7 +216,7 @@ def explain_backend(op: str, *inputs, backend: str = "auto", row_range: bool = F
     where = f"{op}[{device.type}, {str(dtype).replace('torch.', '')}" + (
         f", M={modalities}]" if modalities is not None else "]")
     try:
-        resolved, why = _resolve(backend, device)
+        resolved, why = _resolve(backend, device, build=False)
     except ValueError as exc:
         return f"{where} -> error: {exc}"
     chosen, lacks = _choose(resolved, op, inputs, row_range)

@@ -3,6 +3,12 @@
 One process is the world-size-1 case of the process-group path (scale_fast/distributed.py),
 written out where that is simpler: no gathers, the contrastive op over all rows, the masked
 tasks divided by their local counts and no final sum over ranks.
+
+Under torch.compile the ops of one process are custom ops (scale_fast/_compiled_ops.py).  The
+process-group path first exchanges the ranks' layout (batch sizes, task rows and counts): Python
+integers that shape the gathers, which a traced graph cannot hold, so under torch.compile that path
+runs whole as one custom op of the same table, ``scale_fast::scale_objective_group``, with
+the process group passed by name.
 """
 from __future__ import annotations
 
@@ -11,12 +17,11 @@ from typing import Dict, Optional
 import torch
 
 from . import distributed as D
-from ._compiled_ops import run_op
-from ._dispatch import get_op
+from ._compiled_ops import CompiledOp, register, run_op
 from ._normalize import accumulation_dtype
 from ._tasks import TaskRanks, count, local_counts, row_weights, task_loss
 from .backends._scores import harmonize as harmonize_scores
-from .types import MaskedTask, SCALELossOutput
+from .types import TASK_KINDS, MaskedTask, SCALELossOutput
 
 
 def _batch_scores(e, present, backend, active, counts, group):
@@ -39,6 +44,9 @@ def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
                     task_embeddings: Optional[torch.Tensor], mode: str, form: str, harmonize: bool,
                     detach_weights: bool, backend: str, group=None, logit_bias=None) -> SCALELossOutput:
     """scale_loss of this process's batch (group None) or of the group's global batch (see scale_fast/distributed.py)."""
+    if group is not None and torch.compiler.is_compiling():
+        return _objective_op(e, present, scale, tasks, task_embeddings, mode, form, harmonize, detach_weights,
+                             backend, group, logit_bias)
     M, B, _ = e.shape
     acc = accumulation_dtype(e.dtype)
     layout = None
@@ -70,8 +78,7 @@ def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
     if group is None:
         pair = run_op(backend, op, e, present, *args)
     else:
-        rows = (layout.start, layout.start + B)
-        pair = get_op(backend, op, e_all, row_range=True)(e_all, present_all, *args, rows).to(acc)
+        pair = run_op(backend, op, e_all, present_all, *args, row_range=(layout.start, layout.start + B)).to(acc)
 
     masked = torch.zeros(M, dtype=pair.dtype, device=e.device)
     if tasks:
@@ -101,3 +108,52 @@ def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
     n_active = torch.triu(active, diagonal=1).sum()
     total = pair.sum() / n_active.clamp(min=1).to(pair.dtype) + masked.sum()
     return SCALELossOutput(total, pair, masked, S, S_prime, active)
+
+
+# ------------------------------------------------------------------ the process-group path under torch.compile
+_TASK_FIELDS = ("hidden", "target", "weight", "bias", "sample_index")
+
+
+def _objective_op(e, present, scale, tasks, task_embeddings, mode, form, harmonize, detach_weights, backend, group,
+                  logit_bias) -> SCALELossOutput:
+    """scale_objective under a process group as the one custom op scale_fast::scale_objective_group."""
+    fields = [[getattr(tasks[m], f) for f in _TASK_FIELDS] for m in sorted(tasks)]
+    tensors = [t for row in fields for t in row if t is not None]  # a tensor list may not hold None
+    layout = [v for m, row in zip(sorted(tasks), fields)
+              for v in (m, TASK_KINDS.index(tasks[m].kind), tasks[m].ignore_index, *(t is not None for t in row))]
+    nce_scales = [float(tasks[m].nce_scale) for m in sorted(tasks)]
+    out = _OBJECTIVE_GROUP(e, present, scale, logit_bias, task_embeddings, tensors, layout, nce_scales, mode, form,
+                           harmonize, detach_weights, group.group_name, backend)
+    return SCALELossOutput(*out)
+
+
+def _objective_group(backend, e, present, scale, logit_bias, task_embeddings, tensors, layout, nce_scales, mode,
+                     form, harmonize, detach_weights, group_name):
+    """The eager objective of _objective_op's flattened arguments, as a list of SCALELossOutput's fields."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    tasks, given, width = {}, iter(tensors), 3 + len(_TASK_FIELDS)
+    for i, nce_scale in enumerate(nce_scales):
+        m, kind, ignore_index, *has = layout[width * i: width * (i + 1)]
+        fields = {f: next(given) if h else None for f, h in zip(_TASK_FIELDS, has)}
+        tasks[m] = MaskedTask(TASK_KINDS[kind], ignore_index=ignore_index, nce_scale=nce_scale, **fields)
+    out = scale_objective(e, present, scale, tasks, task_embeddings, mode, form, harmonize, detach_weights, backend,
+                          _resolve_process_group(group_name), logit_bias)
+    return [out.total, out.contrastive, out.masked, out.scores, out.weights, out.active]
+
+
+def _objective_group_fake(e, present, scale, logit_bias, task_embeddings, tensors, layout, nce_scales, mode, *rest):
+    M, B, _ = e.shape
+    acc = accumulation_dtype(e.dtype)
+    scores_shape = (B, M, M) if mode == "sample" else (M, M)
+    return [e.new_empty((), dtype=acc), e.new_empty((M, M), dtype=acc), e.new_empty((M,), dtype=acc),
+            e.new_empty(scores_shape, dtype=acc), e.new_empty(scores_shape, dtype=acc),
+            e.new_empty((M, M), dtype=torch.bool)]
+
+
+_OBJECTIVE_GROUP = register(CompiledOp(
+    "scale_objective_group",
+    "Tensor e, Tensor present, Tensor scale, Tensor? logit_bias, Tensor? task_embeddings, Tensor[] tasks, "
+    "int[] task_layout, float[] nce_scales, str mode, str form, bool harmonize, bool detach_weights, str group",
+    "Tensor[]", ("e", "scale", "logit_bias", "task_embeddings", "tasks"), _objective_group_fake,
+    run=_objective_group))

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from ._compiled_ops import run_op
-from ._dispatch import get_op
 from ._normalize import accumulation_dtype
 from .types import TASK_KINDS, MaskedTask
 
@@ -90,7 +89,7 @@ def _nce(task, w_rows, backend, ranks):
     if ranks is None:  # one process: the backend's fused mean over the rows, as a sum
         return run_op(backend, "info_nce", a, b, w, float(task.nce_scale)) * a.shape[0]
     b_all = ranks.gather(b)  # every rank joins, rows or not
-    return get_op(backend, "info_nce_rows", a, b_all)(a, b_all, w, float(task.nce_scale), ranks.offset)
+    return run_op(backend, "info_nce_rows", a, b_all, w, float(task.nce_scale), ranks.offset)
 
 
 KINDS: Dict[str, TaskKind] = {

@@ -45,8 +45,10 @@ per differentiable one (embeddings, losses, Gram sums, "nce" targets).
 
 The contrastive op runs on a backend whose record declares its ``row_range`` form (torch;
 triton for ntxent / clip; cpp for siglip; otherwise scale_fast/_dispatch.py falls back to
-torch); scores and the masked tasks keep their backend.  The distributed path is eager-only (not wrapped in custom ops for
-torch.compile).
+torch); scores and the masked tasks keep their backend.  Under torch.compile the whole path is one
+custom op (scale_fast/_objective.py): the layout exchange yields Python integers that shape the
+gathers, which a traced graph cannot hold, so ``torch.compile(fullgraph=True)`` of scale_loss under
+a group runs the path eagerly inside that op (its backward recomputes it, collectives included).
 """
 from __future__ import annotations
 

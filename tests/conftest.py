@@ -31,6 +31,10 @@ INTERPRETED = DEVICE == "cpu"
 import scale_fast as _sf  # noqa: E402
 from scale_fast._dispatch import capability  # noqa: E402
 
+# available_backends() never compiles by itself: build the compiled backend here (once per build
+# folder, cached) so that the suite runs its ops; a failed build leaves it out with one warning.
+_sf.available_backends(build=True)
+
 
 def _runs_here(name: str) -> bool:
     """Available on this machine and declared for the test tensors' device (cpp: CPU only)."""

@@ -9,6 +9,7 @@ fallback of the tile GEMMs, many row blocks -- in bfloat16, float32 and float64.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -124,6 +125,103 @@ def test_cache_key_hashes_every_source_and_the_flags(tmp_path, monkeypatch):
     assert _build.source_paths() == [csrc / "a.cpp", csrc / "b.cpp"]
 
 
+def test_cache_key_names_the_torch_install(monkeypatch):
+    """Two venvs with the same torch version compile with other include and library paths: other folders."""
+    from torch.utils import cpp_extension
+
+    key = _build.cache_key(["-O3"])
+    monkeypatch.setattr(cpp_extension, "_TORCH_PATH", "/elsewhere/venv/lib/python3.11/site-packages/torch")
+    other = _build.cache_key(["-O3"])
+    assert other != key
+    monkeypatch.setattr(cpp_extension, "TORCH_LIB_PATH", "/elsewhere/venv/lib/python3.11/site-packages/torch/lib")
+    assert _build.cache_key(["-O3"]) not in (key, other)
+
+
+def test_available_backends_and_explain_never_compile(tmp_path, monkeypatch, fresh_build):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built here
+    monkeypatch.delenv("SCALE_FAST_DISABLE_CPP", raising=False)
+    monkeypatch.delenv("SCALE_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_build, "_check_tools", lambda: None)
+    monkeypatch.setattr(_build, "_compile", lambda: pytest.fail("compiled"))
+    reasons = sf.available_backends(with_reasons=True)
+    assert reasons["cpp"] == _build.NOT_BUILT and "cpp" not in sf.available_backends()
+    assert "scale-fast build-ext" in _build.NOT_BUILT and "first use" in _build.NOT_BUILT
+    e = torch.randn(3, 4, 5)
+    assert sf.explain_backend("contrastive", e, backend="cpp") == (
+        f"contrastive[cpu, float32, M=3] -> cpp: backend='cpp' requested ({_build.NOT_BUILT})")
+    assert sf.explain_backend("contrastive", e).endswith(f"prefers cpp on cpu ({_build.NOT_BUILT})")
+    assert not _build._state["tried"] and not list(tmp_path.iterdir())
+
+    def build_now():
+        raise RuntimeError("compiler ran")
+
+    monkeypatch.setattr(_build, "_compile", build_now)  # build=True: what a first use does
+    with pytest.warns(RuntimeWarning, match="compiler ran"):
+        assert "compiler ran" in sf.available_backends(with_reasons=True, build=True)["cpp"]
+
+
+# A second environment without making one: torch "installed" at another path (links to this torch's
+# include and lib folders, as another venv's copy of the same version), and tiny sources that compile in
+# seconds.  A sitecustomize sets both up in every process, the build child included.
+SITECUSTOMIZE = """
+import os
+from pathlib import Path
+if os.environ.get("SF_TEST_TORCH_PATH"):
+    from torch.utils import cpp_extension
+    cpp_extension._TORCH_PATH = os.environ["SF_TEST_TORCH_PATH"]
+    cpp_extension.TORCH_LIB_PATH = os.path.join(cpp_extension._TORCH_PATH, "lib")
+if os.environ.get("SF_TEST_CSRC"):
+    from scale_fast.backends.cpp import _build
+    _build.csrc_dir = lambda: Path(os.environ["SF_TEST_CSRC"])
+"""
+TINY_SOURCE = """#include <pybind11/pybind11.h>
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("one", [] { return 1; }); }
+"""
+USE_EXTENSION = """
+from scale_fast.backends.cpp import _build
+ext = _build.extension()  # what every backend="cpp" op calls
+assert ext is not None, _build.reason()
+lib = _build.library_path(_build.build_settings())
+print(ext.one(), lib, lib.stat().st_mtime_ns)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symlinked torch install (POSIX)")
+def test_two_environments_build_once_each(tmp_path):
+    """Alternating between two environments with the same torch: one build each, announced, never again
+    (the second environment's include paths once made ninja rebuild the shared folder on every switch)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    if not (shutil.which(os.environ.get("CXX", "c++")) and cpp_extension.is_ninja_available()):
+        pytest.skip("no compiler or ninja")
+    site, csrc, other_torch = tmp_path / "site", tmp_path / "csrc", tmp_path / "venv2" / "torch"
+    for folder in (site, csrc, other_torch):
+        folder.mkdir(parents=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (csrc / "tiny.cpp").write_text(TINY_SOURCE)
+    this_torch = Path(torch.__file__).resolve().parent
+    for name in ("include", "lib"):
+        (other_torch / name).symlink_to(this_torch / name)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SCALE_FAST_", "SF_TEST_"))}
+    base.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"), SF_TEST_CSRC=str(csrc),
+                PYTHONPATH=os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    envs = {"a": base, "b": {**base, "SF_TEST_TORCH_PATH": str(other_torch)}}
+    seen = {}
+    for step, name in enumerate("abab"):
+        out = subprocess.run([sys.executable, "-c", USE_EXTENSION], capture_output=True, text=True,
+                             env=envs[name], timeout=600)
+        assert out.returncode == 0, out.stderr
+        one, lib, mtime = out.stdout.split()
+        announced = [line for line in out.stderr.splitlines() if "compiling the C++ CPU kernels" in line]
+        assert one == "1"
+        if step < 2:  # the first use in each environment builds, and says so in one line
+            assert len(announced) == 1, out.stderr
+            seen[name] = (lib, mtime)
+        else:  # then its own library is used as it is: no line, no rebuild
+            assert announced == [] and (lib, mtime) == seen[name], (name, out.stderr)
+    assert seen["a"][0] != seen["b"][0]
+
+
 OWNER_THEN_KILLED = """
 import fcntl, os, signal, sys
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
@@ -213,6 +311,21 @@ def test_sources_compile_from_one_copy_whatever_the_checkout(tmp_path, monkeypat
         _build._load({"name": "x", "extra_cflags": [], "extra_ldflags": [], "build_directory": build_dir})
     assert compiled[0] == compiled[1] == [str(build_dir / "src" / "k.cpp")]
     assert (build_dir / "src" / "k.h").read_text() == "int k;"
+
+
+def test_library_that_does_not_load_is_rebuilt_with_one_line(tmp_path, monkeypatch, capsys):
+    """A library found in its folder is imported as it is; one left half-written by a killed build is relinked."""
+    from torch.utils import cpp_extension
+
+    settings = {"name": "scale_fast_cpu_x_0123456789ab", "extra_cflags": [], "extra_ldflags": [],
+                "build_directory": tmp_path / "scale_fast_cpu_x_0123456789ab"}
+    settings["build_directory"].mkdir()
+    _build.library_path(settings).write_bytes(b"\x7fELF truncated")
+    built = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: built.append(kw["name"]) or "module")
+    assert _build._load(settings) == "module" and built == [settings["name"]]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "rebuilding the C++ CPU kernels" in err[0] and "does not load" in err[0], err
 
 
 def test_first_build_says_so_in_one_line_and_builds_in_a_child(tmp_path, monkeypatch, capsys):

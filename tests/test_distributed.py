@@ -96,33 +96,38 @@ def local_slice(case, rank):
 
 
 def run_loss(present, e, te, raw_tasks, logit_scale, mode, form, harmonize, detach, with_te, group=None,
-             backend="torch"):
-    """scale_loss with fresh leaves; returns (output, {name: grad})."""
+             backend="torch", compiler=None):
+    """scale_loss with fresh leaves; returns (output, {name: grad}).  compiler: run it under
+    torch.compile(fullgraph=True, backend=compiler)."""
     leaves = {"e": e.clone().requires_grad_(), "logit_scale": logit_scale.clone().requires_grad_()}
     if with_te:
         leaves["te"] = te.clone().requires_grad_()
     if form == "siglip":
         leaves["logit_bias"] = torch.tensor(-2.5, dtype=logit_scale.dtype, requires_grad=True)
-    tasks = {}
     for m, t in raw_tasks.items():
-        h = leaves[f"hidden{m}"] = t["hidden"].clone().requires_grad_()
-        W = b = None
-        if t["weight"] is not None:
-            W = leaves[f"weight{m}"] = t["weight"].clone().requires_grad_()
-        if t["bias"] is not None:
-            b = leaves[f"bias{m}"] = t["bias"].clone().requires_grad_()
-        target = t["target"]
-        if target.is_floating_point():
-            target = leaves[f"target{m}"] = target.clone().requires_grad_()
-        tasks[m] = sf.MaskedTask(t["kind"], h, target, weight=W, bias=b, sample_index=t["sample_index"])
-    out = sf.scale_loss(leaves["e"], present, logit_scale=leaves["logit_scale"], tasks=tasks,
-                        task_embeddings=leaves.get("te"), mode=mode, form=form, harmonize=harmonize,
-                        detach_weights=detach, backend=backend, process_group=group,
-                        logit_bias=leaves.get("logit_bias"))
+        leaves[f"hidden{m}"] = t["hidden"].clone().requires_grad_()
+        for field in ("weight", "bias", "target"):
+            if t[field] is not None and t[field].is_floating_point():
+                leaves[f"{field}{m}"] = t[field].clone().requires_grad_()
+
+    def loss(leaves):
+        tasks = {m: sf.MaskedTask(t["kind"], leaves[f"hidden{m}"], leaves.get(f"target{m}", t["target"]),
+                                  weight=leaves.get(f"weight{m}"), bias=leaves.get(f"bias{m}"),
+                                  sample_index=t["sample_index"]) for m, t in raw_tasks.items()}
+        out = sf.scale_loss(leaves["e"], present, logit_scale=leaves["logit_scale"], tasks=tasks,
+                            task_embeddings=leaves.get("te"), mode=mode, form=form, harmonize=harmonize,
+                            detach_weights=detach, backend=backend, process_group=group,
+                            logit_bias=leaves.get("logit_bias"))
+        return tuple(getattr(out, f) for f in OUTPUTS)
+
+    if compiler is not None:
+        loss = torch.compile(loss, fullgraph=True, backend=compiler)
+    out = sf.SCALELossOutput(*loss(leaves))
     out.total.backward()
     return out, {k: (torch.zeros_like(v) if v.grad is None else v.grad) for k, v in leaves.items()}
 
 
+OUTPUTS = ("total", "contrastive", "masked", "scores", "weights", "active")
 LOCAL = ("e", "te") + tuple(f"{p}{m}" for p in ("hidden", "target") for m in range(M))
 REPLICATED = ("logit_scale", "logit_bias") + tuple(f"{p}{m}" for p in ("weight", "bias") for m in range(M))
 
@@ -167,6 +172,29 @@ def _worker(rank, world, init, outdir):
         dist.destroy_process_group()
 
 
+# torch.compile(fullgraph=True) under the group: these cases, compiled and eager on every rank
+COMPILED = [c[0] for c in CASES].index("sample-ntxent"), [c[0] for c in CASES].index("batch-clip"), SIGLIP
+
+
+def _compile_worker(rank, world, init, outdir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        results = {}
+        for idx in COMPILED:
+            name, mode, form, dtype, harmonize, detach, with_te = CASES[idx]
+            case = make_case(idx, SIZES[world], dtype)
+            present, e, te, tasks, _ = local_slice(case, rank)
+            for compiler in (None, "aot_eager"):
+                torch._dynamo.reset()
+                out, g = run_loss(present, e, te, tasks, case["logit_scale"], mode, form, harmonize, detach, with_te,
+                                  group=dist.group.WORLD, compiler=compiler)
+                results[name, compiler] = dict({f: getattr(out, f).detach() for f in OUTPUTS}, grads=g)
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def _key(name, backend):
     return name if backend == "torch" else f"{name}-{backend}"
 
@@ -177,9 +205,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world, tmp_path_factory):
+def _spawn(world, tmp_path_factory, worker=_worker):
     outdir = str(tmp_path_factory.mktemp(f"dist{world}"))
-    mp.spawn(_worker, args=(world, f"tcp://127.0.0.1:{_free_port()}", outdir), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, f"tcp://127.0.0.1:{_free_port()}", outdir), nprocs=world, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
@@ -257,6 +285,23 @@ def test_cpp_siglip_ranks_match_single_process(request, world):
 def test_module_passes_process_group(ranks2):
     for res in ranks2:
         torch.testing.assert_close(res["module_total"], res[CASES[0][0]]["total"], rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_under_a_process_group_matches_eager(tmp_path_factory):
+    """torch.compile(fullgraph=True) of scale_loss under a 2-process gloo group: one graph (the
+    objective's custom op), the eager values and every gradient on every rank."""
+    for rank, res in enumerate(_spawn(2, tmp_path_factory, _compile_worker)):
+        for idx in COMPILED:
+            name = CASES[idx][0]
+            eager, compiled = res[name, None], res[name, "aot_eager"]
+            for f in OUTPUTS:
+                torch.testing.assert_close(compiled[f], eager[f], rtol=1e-10, atol=1e-12,
+                                           msg=lambda s: f"{name} rank {rank} {f}: {s}")
+            assert set(compiled["grads"]) == set(eager["grads"])
+            assert eager["grads"]["e"].norm() > 0 and eager["grads"]["logit_scale"] != 0
+            for key, want in eager["grads"].items():
+                torch.testing.assert_close(compiled["grads"][key], want, rtol=1e-9, atol=1e-12,
+                                           msg=lambda s: f"{name} rank {rank} grad {key}: {s}")
 
 
 def test_pretrain_data_shards_cover_the_global_batch():

@@ -35,7 +35,10 @@ class Capability:
     max_modalities: {op: largest M it handles} (larger M goes to the torch backend).
     preferred_on: device types where backend="auto" picks it (the first preferred available
         backend in registry order wins; torch is the last resort everywhere).
-    is_available / unavailable_reason: whether it can run on this machine now, and why not.
+    is_available / unavailable_reason: whether it can run on this machine now, and why not
+        (is_available may do the work a first use does: the cpp build).
+    pending_reason: what that first use would still do ("" when nothing), without doing it: the
+        reports (available_backends, explain_backend) read it instead of calling is_available.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Capability:
     preferred_on: Tuple[str, ...] = ()
     is_available: Callable[[], bool] = _always
     unavailable_reason: Callable[[], str] = _no_reason
+    pending_reason: Callable[[], str] = _no_reason
 
     def lacks(self, op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
               modalities: Optional[int] = None, row_range: bool = False) -> str:

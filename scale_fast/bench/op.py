@@ -67,7 +67,7 @@ def scale_fast_impls(device: str, build_for: Callable[[str], Callable], backends
     from scale_fast._dispatch import capability
 
     out = []
-    unavailable = sf.available_backends(with_reasons=True)
+    unavailable = sf.available_backends(with_reasons=True, build=True)  # builds the backends it measures
     for be in backends or sf.backend_names():
         name = f"scale_fast {be}"
         lacks = op and capability(be).lacks(op, torch.device(device))

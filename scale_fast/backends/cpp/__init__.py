@@ -1,8 +1,8 @@
 """The "cpp" backend: compiled CPU kernels (csrc/*.cpp) for the fused ops.
 
-Importing this module compiles nothing; ``is_available()`` (called by the dispatcher the
-first time backend "cpp" -- or "auto" on CPU, or ``sf.available_backends()`` -- is asked
-for) JIT-builds the extension with torch.utils.cpp_extension (ninja + pybind11) into a
+Importing this module compiles nothing, nor do ``sf.available_backends()`` and
+``sf.explain_backend()`` (they report an unbuilt backend as not built yet); ``is_available()``
+(called by the dispatcher the first time an op runs on backend "cpp", or "auto" on CPU) JIT-builds the extension with torch.utils.cpp_extension (ninja + pybind11) into a
 cache directory, see ``_build``.  A failed build gives one RuntimeWarning and leaves the
 backend unavailable: "auto" then uses the torch backend, and backend="cpp" raises
 ValueError with the reason.
@@ -32,7 +32,7 @@ from .scores import scores
 
 
 def is_available() -> bool:
-    """True when the extension is built (building it now if it was not tried yet)."""
+    """True when the extension is loaded (building it now if it was not tried yet)."""
     return _build.extension() is not None
 
 
@@ -56,6 +56,7 @@ CAPABILITY = Capability(
     preferred_on=("cpu",),
     is_available=is_available,
     unavailable_reason=unavailable_reason,
+    pending_reason=_build.pending,  # "not built yet" without building (available_backends, explain_backend)
 )
 
 

@@ -1,23 +1,25 @@
 """JIT build of the compiled CPU kernels (csrc/*.cpp).
 
 The extension is built with ``torch.utils.cpp_extension.load`` (ninja + pybind11) the first
-time it is needed -- never at ``import scale_fast`` -- into a cache directory named after
-everything the library depends on, so two checkouts or two versions never rebuild each
-other's library:
+time it is needed -- never at ``import scale_fast``, nor by ``available_backends()`` or
+``explain_backend()`` -- into a cache directory named after everything the compiler is given,
+so two checkouts, two versions or two virtual environments never rebuild each other's library:
 
     <cache>/scale_fast_cpu_<avx2|generic>_<key>/
     <cache> = $TORCH_EXTENSIONS_DIR (torch's own variable), else
               $XDG_CACHE_HOME/scale_fast/torch_extensions (~/.cache/... by default)
-    <key>   = a hash of every file under csrc/, the compiler and its flags, Python and torch
-    (the sources are compiled from a copy in that directory: one build serves every checkout,
-    venv or wheel install holding the same sources)
+    <key>   = a hash of every file under csrc/, the compiler (its resolved path) and its flags,
+              Python (version and include path) and torch (version, build id and the include and
+              library paths of its install, which differ between two venvs with the same torch)
+    (the sources are compiled from a copy in that directory: one build serves every checkout
+    or wheel install holding the same sources)
 
-A first build (no library in that directory yet) says so in one line on stderr, then runs the
+A build (no library in that directory yet) says so in one line on stderr, then runs the
 compiler in a child process (``python -m scale_fast.backends.cpp --build``) in its own process
 group: if this process is interrupted the group is killed, compiler included, and if this
-process dies the child kills its group itself.  Later processes load the cached library
-(ninja sees nothing to do: well under a second).  ``scale-fast build-ext`` builds ahead of
-time (e.g. in a container image).
+process dies the child kills its group itself.  A library found in its directory is imported
+as it is, without asking ninja: the key names everything its build depended on, so nothing
+rebuilds it silently.  ``scale-fast build-ext`` builds ahead of time (e.g. in a container image).
 
 Builders of one directory take turns on ``owner.lock``: an flock that the kernel releases when
 its owner dies, holding the owner's PID (a waiting process says once whose build it waits
@@ -54,6 +56,7 @@ except ImportError:  # pragma: no cover - Windows: torch's own lock only
     fcntl = None
 
 FIRST_BUILD_TIME = "about a minute on 2 cores"  # measured: 47 s on a shared 2-core EPYC
+NOT_BUILT = "compiled backend not built yet: builds on first use (~1 min) or with `scale-fast build-ext`"
 _lock = threading.RLock()
 _state: dict = {"tried": False, "ext": None, "reason": None, "warned": False}
 
@@ -96,15 +99,33 @@ def _cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scale_fast" / "torch_extensions"
 
 
-def cache_key(flags: List[str]) -> str:
-    """12 hex digits of a hash of every file under csrc/ (path and bytes), the compiler, flags, Python and torch."""
-    import torch
+def _compiler() -> str:
+    """The C++ compiler torch's build runs ($CXX, else c++), resolved to its file where it is on PATH."""
+    cxx = os.environ.get("CXX", "c++")
+    found = shutil.which(cxx)
+    return os.path.realpath(found) if found else cxx
 
+
+def toolchain() -> List[str]:
+    """What the compile and link commands hold besides the sources and our flags: the compiler, Python
+    and torch, with the include and library paths of this install (another venv has others)."""
+    import sysconfig
+
+    import torch
+    from torch.utils import cpp_extension
+
+    python_include = sysconfig.get_path("include", scheme="nt" if os.name == "nt" else "posix_prefix")
+    return [_compiler(), sys.version, str(python_include), torch.__version__, str(torch.version.git_version),
+            *cpp_extension.include_paths("cpu"), cpp_extension.TORCH_LIB_PATH]
+
+
+def cache_key(flags: List[str]) -> str:
+    """12 hex digits of a hash of every file under csrc/ (path and bytes), the flags and the toolchain."""
     h = hashlib.sha256()
     root = csrc_dir()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update("\0".join([os.environ.get("CXX", "c++"), *flags, sys.version, torch.__version__]).encode())
+    h.update("\0".join([*flags, *toolchain()]).encode())
     return h.hexdigest()[:12]
 
 
@@ -206,13 +227,30 @@ def _copy_sources(build_dir: Path) -> List[Path]:
     return [dest / p.relative_to(root) for p in source_paths()]
 
 
+def _import_library(settings: dict) -> ModuleType:
+    """Import the built library as it is (ninja is not asked: its folder's key says it is up to date)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(settings["name"], library_path(settings))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load(settings: dict) -> ModuleType:
-    """Build if needed and import the extension in this process, holding the directory's lock."""
+    """Import the extension in this process, building it first where its library is missing, holding the
+    directory's lock (a library being linked by another process is imported once that build is done)."""
     from torch.utils import cpp_extension
 
     build_dir = settings["build_directory"]
     with BuildLock(build_dir):
         (build_dir / "lock").unlink(missing_ok=True)  # torch's lock: only a killed build leaves it now
+        if library_path(settings).is_file():
+            try:
+                return _import_library(settings)
+            except ImportError as exc:  # left half-written by a killed build: ninja relinks it
+                print(f"scale_fast: rebuilding the C++ CPU kernels in {build_dir}: the library does not load "
+                      f"({_short(exc)})", file=sys.stderr, flush=True)
         sources = _copy_sources(build_dir)
         return cpp_extension.load(sources=[str(s) for s in sources], build_directory=str(build_dir),
                                   verbose=_truthy("SCALE_FAST_CPP_VERBOSE"),
@@ -277,11 +315,11 @@ def run_as_child() -> None:
 
 
 def _compile() -> ModuleType:
-    """Build (in a child process, the first time) and load the extension; raises on any failure."""
+    """Build (in a child process, where its folder holds no library) and load the extension; raises on any failure."""
     _check_tools()
     settings = build_settings()
     if not library_path(settings).is_file():
-        print(f"scale_fast: compiling the C++ CPU kernels (backend='cpp'), once for this version: "
+        print(f"scale_fast: compiling the C++ CPU kernels (backend='cpp'), once for this version and environment: "
               f"{FIRST_BUILD_TIME}, cached in {settings['build_directory']}", file=sys.stderr, flush=True)
         _build_in_child(settings)
     return _load(settings)
@@ -317,6 +355,8 @@ def _short(exc: BaseException) -> str:
     if len(head) > 300:
         head = head[:300] + "..."
     return f"{type(exc).__name__}: {head}"
+
+
 def extension() -> ModuleType | None:
     """The compiled module, building it on first use; None (after one warning) when it cannot be built."""
     if _state["tried"]:
@@ -342,6 +382,27 @@ def extension() -> ModuleType | None:
                     )
         _state["tried"] = True
         return _state["ext"]
+
+
+def loaded() -> ModuleType:
+    """The compiled module for the backend's ops (the dispatcher routes to them only once it is built)."""
+    ext = extension()
+    if ext is None:  # pragma: no cover - the dispatcher only routes here when built
+        raise RuntimeError(f"backend='cpp' is not available: {reason()}")
+    return ext
+
+
+def pending() -> str:
+    """Why the backend is not ready without a build (NOT_BUILT, or what would stop the build); "" when
+    it is loaded, its library is built, or the build was tried.  Never compiles."""
+    if _state["tried"] or _truthy("SCALE_FAST_DISABLE_CPP"):
+        return ""
+    try:
+        _check_tools()
+        built = library_path(build_settings()).is_file()
+    except Exception as exc:  # noqa: BLE001 - the build would fail the same way: say why now
+        return f"could not build the C++ extension ({_short(exc)})"
+    return "" if built else NOT_BUILT
 
 
 def reason() -> str:

@@ -11,18 +11,11 @@ from __future__ import annotations
 
 from .. import _allpairs
 from .._allpairs import PairKernels, all_pairs, pair_forms
-from . import _build
+from ._build import loaded as _ext
 
 # Rows of one [TILE, TILE] Gram tile: 256 x 256 float32 (256 KiB) stays in L2 with its
 # operands at D = 256; 128 and 512 measured no faster on the benchmark machine.
 TILE = 256
-
-
-def _ext():
-    ext = _build.extension()
-    if ext is None:  # pragma: no cover - the dispatcher only routes here when built
-        raise RuntimeError(f"backend='cpp' is not available: {_build.reason()}")
-    return ext
 
 
 def ntxent_forward(u, rs):

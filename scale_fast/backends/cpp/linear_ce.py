@@ -11,15 +11,7 @@ ignored rows skipped entirely.
 from __future__ import annotations
 
 from .._lce_driver import contract_op, host_engine
-from . import _build
-
-
-
-def _ext():
-    ext = _build.extension()
-    if ext is None:  # pragma: no cover - the dispatcher only routes here when built
-        raise RuntimeError(f"backend='cpp' is not available: {_build.reason()}")
-    return ext
+from ._build import loaded as _ext
 
 
 def row_pass(x, g, *, bias, scale, target, ignore_index, lse_in, coef, loss, lse, dscale, dtarget):

@@ -11,14 +11,7 @@ import torch
 
 from ..._normalize import accumulation_dtype
 from .._scores import scores as shared_scores
-from . import _build
-
-
-def _ext():
-    ext = _build.extension()
-    if ext is None:  # pragma: no cover - the dispatcher only routes here when built
-        raise RuntimeError(f"backend='cpp' is not available: {_build.reason()}")
-    return ext
+from ._build import loaded as _ext
 
 
 class _SampleGram(torch.autograd.Function):

@@ -22,7 +22,8 @@ MAX_MODALITIES = 16
 _import_error: list = []
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
+    """True when triton interprets the kernels on CPU (TRITON_INTERPRET=1, read when triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -40,7 +41,7 @@ def is_available() -> bool:
 def unavailable_reason() -> str:
     if _import_error and _import_error[0]:
         return _import_error[0]
-    if not torch.cuda.is_available() and not _interpreted():
+    if not torch.cuda.is_available() and not interpreted():
         return "no CUDA device (set TRITON_INTERPRET=1 before importing to interpret the kernels on CPU)"
     return ""
 
@@ -48,7 +49,7 @@ def unavailable_reason() -> str:
 CAPABILITY = Capability(
     name="triton",
     module="scale_fast.backends.triton.ops",
-    devices=("cuda", "cpu") if _interpreted() else ("cuda",),
+    devices=("cuda", "cpu") if interpreted() else ("cuda",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     ops=("scores", "contrastive", "siglip", "info_nce", "linear_cross_entropy"),
     row_range_ops=("contrastive",),  # a process group runs the fused kernel on its local rows

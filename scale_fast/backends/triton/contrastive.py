@@ -71,9 +71,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreted
+
 ALLOW_TF32 = os.environ.get("SCALE_FAST_TF32", "0") == "1"
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreted()
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _FORMS = ("ntxent", "clip")

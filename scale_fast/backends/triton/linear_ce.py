@@ -43,10 +43,11 @@ import triton
 import triton.language as tl
 
 from .._lce_driver import Engine, LinearCrossEntropy, chunk_rows
+from . import interpreted
 
 __all__ = ["linear_cross_entropy"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreted()
 # Columns per tile and warps of the row kernel (the interpreter's tile is small so that the
 # CPU tests cross several tiles).
 BLOCK_K = 64 if _INTERPRET else 2048

@@ -14,13 +14,13 @@ column block of k each load once per tile.  Accumulation is float32 (float64 for
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import interpreted
+
+_INTERPRET = interpreted()
 
 
 def _blocks(D: int):
