@@ -69,47 +69,49 @@ def _dense_like(x: Tensor) -> Tensor:
 
 # --- contrastive -----------------------------------------------------------------------------
 
-def _contrastive_run(backend, form):
+def _contrastive_run(backend, form, normalize):
     def run(z, present, logit_scale, row_weights):
-        return get_op(backend, "contrastive", z)(z, present, logit_scale, row_weights, form)
+        return get_op(backend, "contrastive", z)(z, present, logit_scale, row_weights, form, normalize=normalize)
     return run
 
 
 @torch.library.custom_op("scale_fast::contrastive", mutates_args=())
-def contrastive(z: Tensor, present: Tensor, logit_scale: Tensor, row_weights: Optional[Tensor], form: str, backend: str) -> Tensor:
+def contrastive(z: Tensor, present: Tensor, logit_scale: Tensor, row_weights: Optional[Tensor], form: str,
+                normalize: bool, backend: str) -> Tensor:
     with torch.no_grad():
-        return _contrastive_run(backend, form)(z, present, logit_scale, row_weights).clone(memory_format=torch.contiguous_format)
+        out = _contrastive_run(backend, form, normalize)(z, present, logit_scale, row_weights)
+        return out.clone(memory_format=torch.contiguous_format)
 
 
 @contrastive.register_fake
-def _(z, present, logit_scale, row_weights, form, backend):
+def _(z, present, logit_scale, row_weights, form, normalize, backend):
     return z.new_empty((z.shape[0], z.shape[0]), dtype=accumulation_dtype(z.dtype))
 
 
 @torch.library.custom_op("scale_fast::contrastive_backward", mutates_args=())
 def contrastive_backward(grad: Tensor, z: Tensor, present: Tensor, logit_scale: Tensor,
-                         row_weights: Optional[Tensor], form: str, backend: str) -> list[Tensor]:
-    return _grads_by_recompute(_contrastive_run(backend, form), [z, present, logit_scale, row_weights],
+                         row_weights: Optional[Tensor], form: str, normalize: bool, backend: str) -> list[Tensor]:
+    return _grads_by_recompute(_contrastive_run(backend, form, normalize), [z, present, logit_scale, row_weights],
                                [True, False, True, True], [grad])
 
 
 @contrastive_backward.register_fake
-def _(grad, z, present, logit_scale, row_weights, form, backend):
+def _(grad, z, present, logit_scale, row_weights, form, normalize, backend):
     return [_dense_like(z), _dense_like(logit_scale),
             torch.empty(0, device=z.device) if row_weights is None else _dense_like(row_weights)]
 
 
 def _contrastive_setup(ctx, inputs, output):
-    z, present, logit_scale, row_weights, form, backend = inputs
+    z, present, logit_scale, row_weights, form, normalize, backend = inputs
     ctx.save_for_backward(z, present, logit_scale, row_weights)
-    ctx.options = (form, backend)
+    ctx.options = (form, normalize, backend)
     ctx.has_weights = row_weights is not None
 
 
 def _contrastive_grad(ctx, grad):
     z, present, logit_scale, row_weights = ctx.saved_tensors
     dz, dscale, dweights = contrastive_backward(grad, z, present, logit_scale, row_weights, *ctx.options)
-    return dz, None, dscale, (dweights if ctx.has_weights else None), None, None
+    return dz, None, dscale, (dweights if ctx.has_weights else None), None, None, None
 
 
 contrastive.register_autograd(_contrastive_grad, setup_context=_contrastive_setup)
@@ -117,49 +119,49 @@ contrastive.register_autograd(_contrastive_grad, setup_context=_contrastive_setu
 
 # --- siglip (the sigmoid pair loss, form="siglip") ---------------------------------------------
 
-def _siglip_run(backend):
+def _siglip_run(backend, normalize):
     def run(z, present, logit_scale, logit_bias, row_weights):
-        return get_op(backend, "siglip", z)(z, present, logit_scale, logit_bias, row_weights)
+        return get_op(backend, "siglip", z)(z, present, logit_scale, logit_bias, row_weights, normalize=normalize)
     return run
 
 
 @torch.library.custom_op("scale_fast::siglip", mutates_args=())
 def siglip(z: Tensor, present: Tensor, logit_scale: Tensor, logit_bias: Tensor, row_weights: Optional[Tensor],
-           backend: str) -> Tensor:
+           normalize: bool, backend: str) -> Tensor:
     with torch.no_grad():
-        out = _siglip_run(backend)(z, present, logit_scale, logit_bias, row_weights)
+        out = _siglip_run(backend, normalize)(z, present, logit_scale, logit_bias, row_weights)
         return out.clone(memory_format=torch.contiguous_format)
 
 
 @siglip.register_fake
-def _(z, present, logit_scale, logit_bias, row_weights, backend):
+def _(z, present, logit_scale, logit_bias, row_weights, normalize, backend):
     return z.new_empty((z.shape[0], z.shape[0]), dtype=accumulation_dtype(z.dtype))
 
 
 @torch.library.custom_op("scale_fast::siglip_backward", mutates_args=())
 def siglip_backward(grad: Tensor, z: Tensor, present: Tensor, logit_scale: Tensor, logit_bias: Tensor,
-                    row_weights: Optional[Tensor], backend: str) -> list[Tensor]:
-    return _grads_by_recompute(_siglip_run(backend), [z, present, logit_scale, logit_bias, row_weights],
+                    row_weights: Optional[Tensor], normalize: bool, backend: str) -> list[Tensor]:
+    return _grads_by_recompute(_siglip_run(backend, normalize), [z, present, logit_scale, logit_bias, row_weights],
                                [True, False, True, True, True], [grad])
 
 
 @siglip_backward.register_fake
-def _(grad, z, present, logit_scale, logit_bias, row_weights, backend):
+def _(grad, z, present, logit_scale, logit_bias, row_weights, normalize, backend):
     return [_dense_like(z), _dense_like(logit_scale), _dense_like(logit_bias),
             torch.empty(0, device=z.device) if row_weights is None else _dense_like(row_weights)]
 
 
 def _siglip_setup(ctx, inputs, output):
-    z, present, logit_scale, logit_bias, row_weights, backend = inputs
+    z, present, logit_scale, logit_bias, row_weights, normalize, backend = inputs
     ctx.save_for_backward(z, present, logit_scale, logit_bias, row_weights)
-    ctx.backend = backend
+    ctx.options = (normalize, backend)
     ctx.has_weights = row_weights is not None
 
 
 def _siglip_grad(ctx, grad):
     z, present, logit_scale, logit_bias, row_weights = ctx.saved_tensors
-    dz, dscale, dbias, dweights = siglip_backward(grad, z, present, logit_scale, logit_bias, row_weights, ctx.backend)
-    return dz, None, dscale, dbias, (dweights if ctx.has_weights else None), None
+    dz, dscale, dbias, dweights = siglip_backward(grad, z, present, logit_scale, logit_bias, row_weights, *ctx.options)
+    return dz, None, dscale, dbias, (dweights if ctx.has_weights else None), None, None
 
 
 siglip.register_autograd(_siglip_grad, setup_context=_siglip_setup)
@@ -272,20 +274,21 @@ info_nce.register_autograd(_nce_grad, setup_context=_nce_setup)
 
 # --- scores ---------------------------------------------------------------------------------
 
-def _scores_run(backend, mode):
+def _scores_run(backend, mode, normalize):
     def run(z, present):
-        return get_op(backend, "scores", z)(z, present, mode)
+        return get_op(backend, "scores", z)(z, present, mode, normalize=normalize)
     return run
 
 
 @torch.library.custom_op("scale_fast::scores", mutates_args=())
-def scores(z: Tensor, present: Tensor, mode: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def scores(z: Tensor, present: Tensor, mode: str, normalize: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     with torch.no_grad():
-        return tuple(t.clone(memory_format=torch.contiguous_format) for t in _scores_run(backend, mode)(z, present))
+        out = _scores_run(backend, mode, normalize)(z, present)
+        return tuple(t.clone(memory_format=torch.contiguous_format) for t in out)
 
 
 @scores.register_fake
-def _(z, present, mode, backend):
+def _(z, present, mode, normalize, backend):
     M, B = z.shape[0], z.shape[1]
     shape = (B, M, M) if mode == "sample" else (M, M)
     acc = accumulation_dtype(z.dtype)
@@ -293,25 +296,27 @@ def _(z, present, mode, backend):
 
 
 @torch.library.custom_op("scale_fast::scores_backward", mutates_args=())
-def scores_backward(grad_s: Tensor, grad_s_prime: Tensor, z: Tensor, present: Tensor, mode: str, backend: str) -> Tensor:
-    (dz,) = _grads_by_recompute(_scores_run(backend, mode), [z, present], [True, False], [grad_s, grad_s_prime, None])
+def scores_backward(grad_s: Tensor, grad_s_prime: Tensor, z: Tensor, present: Tensor, mode: str, normalize: bool,
+                    backend: str) -> Tensor:
+    (dz,) = _grads_by_recompute(_scores_run(backend, mode, normalize), [z, present], [True, False],
+                                [grad_s, grad_s_prime, None])
     return dz
 
 
 @scores_backward.register_fake
-def _(grad_s, grad_s_prime, z, present, mode, backend):
+def _(grad_s, grad_s_prime, z, present, mode, normalize, backend):
     return _dense_like(z)
 
 
 def _scores_setup(ctx, inputs, output):
-    z, present, mode, backend = inputs
+    z, present, mode, normalize, backend = inputs
     ctx.save_for_backward(z, present)
-    ctx.options = (mode, backend)
+    ctx.options = (mode, normalize, backend)
 
 
 def _scores_grad(ctx, grad_s, grad_s_prime, grad_active):
     z, present = ctx.saved_tensors
-    return scores_backward(grad_s, grad_s_prime, z, present, *ctx.options), None, None, None
+    return scores_backward(grad_s, grad_s_prime, z, present, *ctx.options), None, None, None, None
 
 
 scores.register_autograd(_scores_grad, setup_context=_scores_setup)
@@ -321,9 +326,9 @@ _CUSTOM_OPS = {"contrastive": contrastive, "siglip": siglip, "linear_cross_entro
                "info_nce": info_nce, "scores": scores}
 
 
-def run_op(backend: str, name: str, *args):
+def run_op(backend: str, name: str, *args, **options):
     """Run backend op `name` (a resolved backend, see scale_fast/_dispatch.py); under torch.compile
-    through its custom op (one graph node)."""
+    through its custom op (one graph node).  options: the op's keyword options (normalize=)."""
     if torch.compiler.is_compiling() and name in _CUSTOM_OPS:
-        return _CUSTOM_OPS[name](*args, backend)
-    return get_op(backend, name, *args)(*args)
+        return _CUSTOM_OPS[name](*args, *options.values(), backend)
+    return get_op(backend, name, *args)(*args, **options)

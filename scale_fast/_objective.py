@@ -13,15 +13,15 @@ import torch
 from . import distributed as D
 from ._compiled_ops import run_op
 from ._dispatch import get_op
-from ._normalize import accumulation_dtype
+from ._normalize import accumulation_dtype, within_unit_ball
 from ._tasks import TaskRanks, count, local_counts, row_weights, task_loss
 from .backends._scores import harmonize as harmonize_scores
 from .types import MaskedTask, SCALELossOutput
 
 
-def _batch_scores(e, present, backend, active, counts, group):
+def _batch_scores(e, present, backend, active, counts, group, normalize=True):
     """Global batch-mode (S, S'): local Gram sums all-reduced with gradient."""
-    S_local, _, _ = run_op(backend, "scores", e, present, "batch")
+    S_local, _, _ = run_op(backend, "scores", e, present, "batch", normalize=normalize)
     pf = present.to(S_local.dtype)
     gram_sum = D.all_reduce_sum(S_local * (pf @ pf.T), group)  # S_local is the local mean: back to a sum
     S = torch.where(active, gram_sum / counts.clamp(min=1), torch.zeros_like(gram_sum))
@@ -35,9 +35,44 @@ def pair_op(form: str, scale: torch.Tensor, bias: torch.Tensor | None, row_weigh
     return "contrastive", (scale, row_weights, form)
 
 
+def pair_losses(e, present, scale, bias, row_weights, form: str, backend: str, normalize: bool = True,
+                row_range=None, columns_grad: bool = True):
+    """[M, M] pair losses (docs/contract.md §4) of e [M, B, D]; row_range=(start, stop): the terms of
+    those samples' rows only, e and present holding every rank's batch (scale_fast/distributed.py).
+    normalize=False: the present rows as given (brought inside the unit ball by a power of two,
+    the scale multiplied back: the same logits)."""
+    if not normalize:
+        e, r2 = within_unit_ball(e, present)
+        scale = scale * r2
+    op, args = pair_op(form, scale, bias, row_weights)
+    if row_range is None:
+        return run_op(backend, op, e, present, *args, normalize=normalize)
+    options = {"normalize": normalize} if columns_grad else {"normalize": normalize, "columns_grad": False}
+    return get_op(backend, op, e, row_range=True, columns_grad=columns_grad)(e, present, *args, row_range, **options)
+
+
+def group_pair_losses(e, present, scale, bias, row_weights, form: str, backend: str, normalize: bool, group,
+                      gather_with_grad: bool = True, partial: bool = False):
+    """multi_pair_info_nce over a process group: every rank passes its local batch (docs/contract.md §7).
+
+    This rank's rows against every rank's columns, over the global normaliser (its share); partial:
+    that share, else the sum over ranks (with gradient, as scale_loss).  gather_with_grad=False: the
+    other ranks' rows are constants and this rank's rows get the gradient of their query terms only.
+    """
+    layout = D.exchange_layout(e, {}, None, {}, group)
+    gather = D.gather_rows if gather_with_grad else D.gather_rows_no_grad
+    e_all = gather(e, layout.sizes, 1, group)
+    present_all = D.gather_rows(present.to(torch.uint8), layout.sizes, 1, group).bool()
+    rows = (layout.start, layout.start + e.shape[1])
+    share = pair_losses(e_all, present_all, scale, bias, row_weights, form, backend, normalize, rows,
+                        columns_grad=gather_with_grad).to(accumulation_dtype(e.dtype))
+    return share if partial else D.all_reduce_sum(share, group)
+
+
 def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor, tasks: Dict[int, MaskedTask],
                     task_embeddings: Optional[torch.Tensor], mode: str, form: str, harmonize: bool,
-                    detach_weights: bool, backend: str, group=None, logit_bias=None) -> SCALELossOutput:
+                    detach_weights: bool, backend: str, group=None, logit_bias=None,
+                    normalize: bool = True) -> SCALELossOutput:
     """scale_loss of this process's batch (group None) or of the group's global batch (see scale_fast/distributed.py)."""
     M, B, _ = e.shape
     acc = accumulation_dtype(e.dtype)
@@ -52,8 +87,8 @@ def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
     # 3. scores (sample mode: the local samples' own; batch mode: from the global Gram sums)
     def scores(x):
         if mode == "batch" and group is not None:
-            return _batch_scores(x, present, backend, active, counts, group)
-        S, S_prime, _ = run_op(backend, "scores", x, present, mode)
+            return _batch_scores(x, present, backend, active, counts, group, normalize)
+        S, S_prime, _ = run_op(backend, "scores", x, present, mode, normalize=normalize)
         return S, S_prime
 
     pf = present_all.to(acc)
@@ -66,12 +101,12 @@ def scale_objective(e: torch.Tensor, present: torch.Tensor, scale: torch.Tensor,
         pair_weights = weights if mode == "sample" else weights.expand(B, M, M)
 
     # 4. the contrastive losses (under a group: the terms of this rank's rows, against every column)
-    op, args = pair_op(form, scale, logit_bias, pair_weights)
     if group is None:
-        pair = run_op(backend, op, e, present, *args)
+        pair = pair_losses(e, present, scale, logit_bias, pair_weights, form, backend, normalize)
     else:
         rows = (layout.start, layout.start + B)
-        pair = get_op(backend, op, e_all, row_range=True)(e_all, present_all, *args, rows).to(acc)
+        pair = pair_losses(e_all, present_all, scale, logit_bias, pair_weights, form, backend, normalize,
+                           rows).to(acc)
 
     masked = torch.zeros(M, dtype=pair.dtype, device=e.device)
     if tasks:
