@@ -16,11 +16,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import scale_fast as sf
 from reference import ref_pair_losses, ref_rows
-from test_distributed import _free_port
+from conftest import run_ranks
 
 M, D = 3, 5
 SIZES = {2: [3, 5], 3: [2, 4, 3]}
@@ -88,9 +87,7 @@ def _worker(rank, world, init, outdir):
 
 
 def _spawn(world, tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp(f"pairs{world}"))
-    mp.spawn(_worker, args=(world, f"tcp://127.0.0.1:{_free_port()}", outdir), nprocs=world, join=True)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return run_ranks(_worker, world, tmp_path_factory, "pairs")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 try:
@@ -23,7 +22,7 @@ except Exception as exc:  # noqa: BLE001 - ImportError, or torchvision's operato
     pytest.skip(f"open_clip does not import here: {type(exc).__name__}: {exc}", allow_module_level=True)
 
 from scale_fast.integrations import open_clip as sf_open_clip  # noqa: E402
-from test_distributed import _free_port  # noqa: E402
+from conftest import run_ranks  # noqa: E402
 
 ORIGINAL = {name: getattr(oc_loss, name) for name in ("ClipLoss", "SigLipLoss", "CoCaLoss")}
 N, D = 4, 8  # local batch, feature width
@@ -251,9 +250,7 @@ def _worker(rank, world, init, outdir):
 
 
 def _spawn(world, tmp_path_factory):
-    outdir = str(tmp_path_factory.mktemp(f"open_clip{world}"))
-    mp.spawn(_worker, args=(world, f"tcp://127.0.0.1:{_free_port()}", outdir), nprocs=world, join=True)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return run_ranks(_worker, world, tmp_path_factory, "open_clip")
 
 
 @pytest.fixture(scope="module")

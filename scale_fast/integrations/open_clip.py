@@ -142,29 +142,22 @@ def _subclasses(mod) -> Dict[str, type]:
         __init__.__doc__ = orig.__init__.__doc__
         return __init__
 
-    def clip_forward_impl(self, *args, **kwargs):
-        a = clip_forward.bind(self, *args, **kwargs)
-        a.apply_defaults()
-        a = a.arguments
-        value = _clip_value(self, a["image_features"], a["text_features"], a["logit_scale"], a.get("logit_bias"),
-                            "clip")
-        return {"contrastive_loss": value} if a.get("output_dict") else value
+    def forward_with(signature, form):
+        def forward(self, *args, **kwargs):
+            a = signature.bind(self, *args, **kwargs)
+            a.apply_defaults()
+            a = a.arguments
+            value = _clip_value(self, a["image_features"], a["text_features"], a["logit_scale"], a.get("logit_bias"),
+                                form)
+            return {"contrastive_loss": value} if a.get("output_dict") else value
+        forward.__signature__ = signature
+        return forward
 
-    def siglip_forward_impl(self, *args, **kwargs):
-        a = siglip_forward.bind(self, *args, **kwargs)
-        a.apply_defaults()
-        a = a.arguments
-        value = _clip_value(self, a["image_features"], a["text_features"], a["logit_scale"], a.get("logit_bias"),
-                            "siglip")
-        return {"contrastive_loss": value} if a.get("output_dict") else value
-
-    clip_forward_impl.__signature__ = clip_forward
-    siglip_forward_impl.__signature__ = siglip_forward
     ClipLoss = type("ClipLoss", (OrigClip,), {
-        "__init__": init_with(OrigClip), "forward": clip_forward_impl, "__module__": __name__,
+        "__init__": init_with(OrigClip), "forward": forward_with(clip_forward, "clip"), "__module__": __name__,
         "__doc__": f"open_clip's ClipLoss computed by scale_fast (see {__name__}).\n\n{OrigClip.__doc__ or ''}"})
     SigLipLoss = type("SigLipLoss", (OrigSigLip,), {
-        "__init__": init_with(OrigSigLip), "forward": siglip_forward_impl, "__module__": __name__,
+        "__init__": init_with(OrigSigLip), "forward": forward_with(siglip_forward, "siglip"), "__module__": __name__,
         "__doc__": f"open_clip's SigLipLoss computed by scale_fast (see {__name__}).\n\n{OrigSigLip.__doc__ or ''}"})
     # CoCaLoss.forward calls super().forward: with the patched ClipLoss next in the MRO that is scale_fast's
     CoCaLoss = type("CoCaLoss", (OrigCoCa, ClipLoss), {
