@@ -94,9 +94,10 @@ def within_unit_ball(e: torch.Tensor, present: torch.Tensor):
     constant (no gradient), so the gradients are exactly those of the rows as given.
     """
     kept = keep_present(e, present)
-    with torch.no_grad():
-        top = torch.linalg.vector_norm(kept.to(accumulation_dtype(e.dtype)), dim=-1).max() if kept.numel() else None
-        exp = 0 if top is None or not torch.isfinite(top) or top <= 0 else int(torch.ceil(torch.log2(top)).item())
-    if exp == 0:
+    if kept.numel() == 0:
         return kept, 1.0
-    return kept * 2.0 ** -exp, 4.0 ** exp
+    with torch.no_grad():  # tensors only (no host sync): torch.compile traces it whole
+        top = torch.linalg.vector_norm(kept.to(accumulation_dtype(e.dtype)), dim=-1).amax()
+        exp = torch.ceil(torch.log2(top))
+        exp = torch.where(torch.isfinite(exp), exp, torch.zeros_like(exp))  # all rows 0 (or not finite)
+    return kept * torch.exp2(-exp).to(e.dtype), torch.exp2(2 * exp)

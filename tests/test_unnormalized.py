@@ -140,3 +140,20 @@ def test_group_options_need_a_process_group():
         sf.multi_pair_info_nce(torch.randn(2, 3, 4), partial=True)
     with pytest.raises(ValueError, match="under a process_group only"):
         sf.multi_pair_info_nce(torch.randn(2, 3, 4), gather_with_grad=False)
+
+
+def test_compiles_in_one_graph():
+    """normalize=False adds no host sync: torch.compile(fullgraph=True) traces it, same value and gradient."""
+    present = torch.ones(3, 6, dtype=torch.bool)
+    present[2, :2] = False
+    e = _embeddings(torch_gen(9), present, 5, unit_rows=False).float().requires_grad_(True)
+
+    def step(x):
+        return sf.scale_loss(x, present, form="clip", backend="torch", normalize=False).total
+
+    eager = step(e)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(e)
+    torch.testing.assert_close(compiled, eager)
+    (g_eager,) = torch.autograd.grad(eager, e)
+    (g_compiled,) = torch.autograd.grad(compiled, e)
+    torch.testing.assert_close(g_compiled, g_eager)
