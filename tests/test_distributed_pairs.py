@@ -1,4 +1,4 @@
-"""multi_pair_info_nce under a process group (partial shares, gather without gradient, normalize=False)
+"""multi_pair_info_nce (partial shares, gather without gradient, normalize=False) and scale_loss(normalize=False) under a process group
 against a float64 single-process reference on the global batch, 2 and 3 gloo processes.
 
 - partial=False: every rank's [M, M] is the global loss; the gradient on local inputs is world_size x
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import scale_fast as sf
-from reference import ref_pair_losses, ref_rows
+from reference import ref_pair_losses, ref_rows, ref_scale_loss
 from conftest import run_ranks
 
 M, D = 3, 5
@@ -27,6 +27,9 @@ FORMS = ("ntxent", "clip", "siglip")
 # (form, normalize, gather_with_grad, partial)
 CASES = list(itertools.product(FORMS, (True, False), (True, False), (True, False)))
 BACKENDS = sf.available_backends()
+
+
+SCALE_CASES = [("sample", "clip"), ("batch", "ntxent")]
 
 
 def _native(backend, form, with_grad):
@@ -81,6 +84,14 @@ def _worker(rank, world, init, outdir):
                 leaves = [e, w, s] + ([b] if b is not None else [])
                 gs = torch.autograd.grad((out * case["G"]).sum(), leaves)
                 results[(backend, idx)] = dict(out=out.detach(), grads=[x.detach() for x in gs])
+        for mode, form in SCALE_CASES:  # scale_loss(normalize=False) under the group
+            case = make_case(100, SIZES[world])
+            present, e, _ = _local(case, SIZES[world], rank)
+            e = e.clone().requires_grad_(True)
+            out = sf.scale_loss(e, present, logit_scale=case["scale"], mode=mode, form=form, backend="torch",
+                                normalize=False, process_group=dist.group.WORLD)
+            (g,) = torch.autograd.grad(out.total, [e])
+            results[("scale_loss", mode, form)] = dict(total=out.total.detach(), grad=g)
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -212,3 +223,22 @@ def test_two_ranks(ranks2, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_three_ranks(ranks3, backend):
     _check(ranks3, 3, backend)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("mode,form", SCALE_CASES)
+def test_scale_loss_as_given_under_a_group(request, world, mode, form):
+    """scale_loss(normalize=False, process_group=...): the global total on every rank, world_size x the
+    single-process gradient on the local embeddings."""
+    results = request.getfixturevalue(f"ranks{world}")
+    sizes = SIZES[world]
+    case = make_case(100, sizes)
+    e = case["e"].clone().requires_grad_(True)
+    ref = ref_scale_loss(e, case["present"], case["scale"], mode=mode, form=form, normalize=False)
+    (g_ref,) = torch.autograd.grad(ref["total"], [e])
+    for rank in range(world):
+        got = results[rank][("scale_loss", mode, form)]
+        start = sum(sizes[:rank])
+        _close(got["total"], ref["total"].detach(), 1e-9, f"scale_loss {mode} {form} rank {rank}: total")
+        _close(got["grad"], world * torch.nan_to_num(g_ref[:, start:start + sizes[rank]]), 1e-8,
+               f"scale_loss {mode} {form} rank {rank}: d embeddings")
