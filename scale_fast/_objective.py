@@ -53,7 +53,7 @@ def pair_losses(e, present, scale, bias, row_weights, form: str, backend: str, n
 
 def group_pair_losses(e, present, scale, bias, row_weights, form: str, backend: str, normalize: bool, group,
                       gather_with_grad: bool = True, partial: bool = False):
-    """multi_pair_info_nce over a process group: every rank passes its local batch (docs/contract.md §7).
+    """multi_pair_info_nce over a process group: every rank passes its local batch (docs/contract.md §10).
 
     This rank's rows against every rank's columns, over the global normaliser (its share); partial:
     that share, else the sum over ranks (with gradient, as scale_loss).  gather_with_grad=False: the

@@ -1,5 +1,6 @@
-"""multi_pair_info_nce (partial shares, gather without gradient, normalize=False) and scale_loss(normalize=False) under a process group
-against a float64 single-process reference on the global batch, 2 and 3 gloo processes.
+"""multi_pair_info_nce (partial shares, gather without gradient, normalize=False) and
+scale_loss(normalize=False) under a process group against a float64 single-process reference on the
+global batch, 2 and 3 gloo processes.
 
 - partial=False: every rank's [M, M] is the global loss; the gradient on local inputs is world_size x
   the single-process gradient (gather_with_grad=True) or world_size x the gradient of the rank's own
