@@ -98,7 +98,10 @@ class CompiledOp:
     differentiable: the names of the inputs that get a gradient (where they hold a floating tensor).
     fake(*inputs): empty outputs of the right shapes and dtypes (no backend argument).
     run(backend, *inputs): the eager implementation; by default the backend op of that name, chosen by
-        the dispatcher (a last input named row_range is passed as its row_range form).
+        the dispatcher (an input named row_range is passed as its row_range form).
+    keywords: ((name, default), ...) of the inputs that the backend op takes as keywords; they follow
+        the positional inputs in the schema (row_range, if any, comes last), and one at its default is
+        not passed (a backend without that option serves the default).
     """
 
     name: str
@@ -107,6 +110,7 @@ class CompiledOp:
     differentiable: Tuple[str, ...]
     fake: Callable
     run: Optional[Callable] = None
+    keywords: Tuple[Tuple[str, object], ...] = ()
 
 
 def _parameters(inputs: str) -> List[Tuple[str, str]]:
@@ -153,13 +157,14 @@ def register(spec: CompiledOp):
     autograd glue between them; returns the forward op."""
     params = _parameters(spec.inputs)
     takes_rows = params[-1][1] == "row_range"
+    n_positional = len(params) - len(spec.keywords) - takes_rows
 
     def run(backend, *inputs):
         if spec.run is not None:
             return spec.run(backend, *inputs)
-        if takes_rows:
-            return _eager(backend, spec.name, *inputs[:-1], row_range=inputs[-1])
-        return _eager(backend, spec.name, *inputs)
+        options = dict(zip((k for k, _ in spec.keywords), inputs[n_positional:]))
+        return _eager(backend, spec.name, *inputs[:n_positional], row_range=inputs[-1] if takes_rows else None,
+                      **{k: options[k] for k, default in spec.keywords if options[k] != default})
 
     def forward(*args):
         with torch.no_grad():
@@ -214,17 +219,20 @@ def register(spec: CompiledOp):
         return (*out, None)
 
     op.register_autograd(grad, setup_context=setup_context)
-    _CUSTOM_OPS[spec.name] = op, takes_rows
+    _CUSTOM_OPS[spec.name] = op, spec, takes_rows
     return op
 
 
-_CUSTOM_OPS: Dict[str, Tuple[Callable, bool]] = {}  # name: (op, whether its last input is row_range)
+_CUSTOM_OPS: Dict[str, Tuple[Callable, CompiledOp, bool]] = {}  # name: (op, record, whether it takes row_range)
 
 
-def _eager(backend: str, name: str, *args, row_range=None):
-    """Backend op `name` on args, as the dispatcher chooses it (row_range: a process group's (start, stop) rows)."""
+def _eager(backend: str, name: str, *args, row_range=None, **options):
+    """Backend op `name` on args, as the dispatcher chooses it (row_range: a process group's (start, stop) rows;
+    options: the op's keyword options)."""
     rows = () if row_range is None else (tuple(row_range),)
-    return get_op(backend, name, *args, row_range=row_range is not None)(*args, *rows)
+    chosen = get_op(backend, name, *args, row_range=row_range is not None,
+                    columns_grad=options.get("columns_grad", True))
+    return chosen(*args, *rows, **options)
 
 
 def _pair_fake(z, *rest):
@@ -240,7 +248,7 @@ def _lce_fake(hidden, weight, target, bias, scale, ignore_index, reduction):
     return hidden.new_empty(shape, dtype=accumulation_dtype(hidden.dtype))
 
 
-def _scores_fake(z, present, mode):
+def _scores_fake(z, present, mode, *rest):
     M, B = z.shape[0], z.shape[1]
     shape = (B, M, M) if mode == "sample" else (M, M)
     acc = accumulation_dtype(z.dtype)
@@ -248,10 +256,13 @@ def _scores_fake(z, present, mode):
 
 
 # --- the backend ops (contracts in scale_fast/_dispatch.py): name, inputs, output, differentiable, fake ---
+_PAIR_OPTIONS = (("normalize", True), ("columns_grad", True))
 register(CompiledOp("contrastive", "Tensor z, Tensor present, Tensor logit_scale, Tensor? row_weights, str form, "
-                    "int[]? row_range", "Tensor", ("z", "logit_scale", "row_weights"), _pair_fake))
+                    "bool normalize, bool columns_grad, int[]? row_range", "Tensor",
+                    ("z", "logit_scale", "row_weights"), _pair_fake, keywords=_PAIR_OPTIONS))
 register(CompiledOp("siglip", "Tensor z, Tensor present, Tensor logit_scale, Tensor logit_bias, Tensor? row_weights, "
-                    "int[]? row_range", "Tensor", ("z", "logit_scale", "logit_bias", "row_weights"), _pair_fake))
+                    "bool normalize, bool columns_grad, int[]? row_range", "Tensor",
+                    ("z", "logit_scale", "logit_bias", "row_weights"), _pair_fake, keywords=_PAIR_OPTIONS))
 register(CompiledOp("linear_cross_entropy", "Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
                     "Tensor? scale, int ignore_index, str reduction", "Tensor",
                     ("hidden", "weight", "target", "bias", "scale"), _lce_fake))
@@ -259,16 +270,16 @@ register(CompiledOp("info_nce", "Tensor a, Tensor b, Tensor? row_weights, float 
                     ("a", "b", "row_weights"), _scalar_fake))
 register(CompiledOp("info_nce_rows", "Tensor a, Tensor b, Tensor? row_weights, float scale, int offset", "Tensor",
                     ("a", "b", "row_weights"), _scalar_fake))
-register(CompiledOp("scores", "Tensor z, Tensor present, str mode", "(Tensor, Tensor, Tensor)", ("z",),
-                    _scores_fake))
+register(CompiledOp("scores", "Tensor z, Tensor present, str mode, bool normalize", "(Tensor, Tensor, Tensor)",
+                    ("z",), _scores_fake, keywords=(("normalize", True),)))
 
 
-def run_op(backend: str, name: str, *args, row_range=None):
+def run_op(backend: str, name: str, *args, row_range=None, **options):
     """Run backend op `name` (a resolved backend, see scale_fast/_dispatch.py); under torch.compile
     through its custom op (one graph node).  row_range: the (start, stop) rows of a process group's
-    pair op (contrastive, siglip)."""
+    pair op (contrastive, siglip); options: the op's keyword options (normalize=, columns_grad=)."""
     if torch.compiler.is_compiling() and name in _CUSTOM_OPS:
-        op, takes_rows = _CUSTOM_OPS[name]
+        op, spec, takes_rows = _CUSTOM_OPS[name]
         rows = (None if row_range is None else list(row_range),) if takes_rows else ()
-        return op(*args, *rows, backend)
-    return _eager(backend, name, *args, row_range=row_range)
+        return op(*args, *(options.get(k, default) for k, default in spec.keywords), *rows, backend)
+    return _eager(backend, name, *args, row_range=row_range, **options)

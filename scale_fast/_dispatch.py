@@ -31,7 +31,12 @@ Backend op contracts (inputs are already validated; backends trust them):
     Differentiable in e, logit_scale and row_weights.  Backends whose record lists
     it in ``row_range_ops`` take a sixth argument row_range=(start, stop): e holds
     the global batch and only the terms of the rows of samples start..stop-1 are
-    summed, over the global normaliser (scale_fast/backends/_allpairs.py).
+    summed, over the global normaliser (scale_fast/backends/_allpairs.py); those whose record
+    lists it in ``constant_columns_ops`` also take ``columns_grad=False``: only those rows, as
+    queries, get a gradient (a gather without gradient).  Every modality op (scores,
+    contrastive, siglip) takes ``normalize=False``: the present rows are used as given (no
+    normalisation, no projection of the gradient); the pair ops then need rows of norm <= 1
+    (their logits are bounded by |s w|: scale_fast/_normalize.py within_unit_ball).
 
 ``siglip(e, present, logit_scale, logit_bias, row_weights) -> pair_losses``
     The sigmoid (SigLIP) form of ``contrastive`` (docs/contract.md §4): logit_bias a
@@ -186,20 +191,21 @@ def _features(name: str, args) -> Tuple[torch.device, Optional[torch.dtype], Opt
     return tensors[0].device, dtype, modalities
 
 
-def _choose(backend: str, name: str, args, row_range: bool) -> Tuple[str, str]:
+def _choose(backend: str, name: str, args, row_range: bool, columns_grad: bool = True) -> Tuple[str, str]:
     """(backend that runs op `name` on `args`, why not the resolved `backend`; "" when it does)."""
     device, dtype, modalities = _features(name, args)
-    lacks = capability(backend).lacks(name, device, dtype, modalities, row_range)
+    lacks = capability(backend).lacks(name, device, dtype, modalities, row_range, columns_grad)
     return (FALLBACK, lacks) if lacks else (backend, "")
 
 
-def get_op(backend: str, name: str, *args, row_range: bool = False) -> Callable:
+def get_op(backend: str, name: str, *args, row_range: bool = False, columns_grad: bool = True) -> Callable:
     """The implementation of op `name` for inputs `args` (only their device, dtype and M are read).
 
     backend is a resolved name; where its record lacks the op or these inputs, the torch
-    backend's op is returned.  row_range=True: the caller passes a row_range argument.
+    backend's op is returned.  row_range=True: the caller passes a row_range argument;
+    columns_grad=False: and columns_grad=False (constant columns).
     """
-    return getattr(_ops_module(_choose(backend, name, args, row_range)[0]), name)
+    return getattr(_ops_module(_choose(backend, name, args, row_range, columns_grad)[0]), name)
 
 
 def explain_backend(op: str, *inputs, backend: str = "auto", row_range: bool = False) -> str:

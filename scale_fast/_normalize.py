@@ -78,3 +78,26 @@ class NormalizePresent(torch.autograd.Function):
 def normalize_present(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """z [M, B, D]: unit rows for present entries, 0 for absent ones."""
     return NormalizePresent.apply(e, present)
+
+
+def keep_present(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """e [M, B, D] as given where present, exactly 0 (and 0 gradient) where absent: normalize=False."""
+    return torch.where(present[..., None], e, torch.zeros((), dtype=e.dtype, device=e.device))
+
+
+def within_unit_ball(e: torch.Tensor, present: torch.Tensor):
+    """(keep_present(e) / R, R * R) with R the smallest power of two >= the largest present row norm.
+
+    normalize=False: the pair kernels bound every logit by |s w| (true for rows of norm <= 1), so
+    rows used as given are brought inside the unit ball and the logit scale multiplied by R^2:
+    (s R^2) (x / R) . (y / R) = s x . y, and dividing by a power of two rounds nothing.  R is a
+    constant (no gradient), so the gradients are exactly those of the rows as given.
+    """
+    kept = keep_present(e, present)
+    if kept.numel() == 0:
+        return kept, 1.0
+    with torch.no_grad():  # tensors only (no host sync): torch.compile traces it whole
+        top = torch.linalg.vector_norm(kept.to(accumulation_dtype(e.dtype)), dim=-1).amax()
+        exp = torch.ceil(torch.log2(top))
+        exp = torch.where(torch.isfinite(exp), exp, torch.zeros_like(exp))  # all rows 0 (or not finite)
+    return kept * torch.exp2(-exp).to(e.dtype), torch.exp2(2 * exp)

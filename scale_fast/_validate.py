@@ -31,6 +31,13 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
+def as_flag(name: str, value) -> bool:
+    """A bool option (True/False only: a tensor or a string here is a mistake, not a truth value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_tensor(name: str, value, *, ndim: int | None = None, floating: bool | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

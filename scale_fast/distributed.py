@@ -79,6 +79,22 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+class _SumGrads(torch.autograd.Function):
+    """Identity; backward: the sum over ranks of the incoming gradients (a replicated input whose
+    gradient every rank must see in full)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
 class _AllGather(torch.autograd.Function):
     """[world, *x.shape]: every rank's x; backward: rank r gets the sum over ranks of the gradient of slot r.
 
@@ -117,6 +133,11 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     return _AllReduceSum.apply(x, group)
 
 
+def sum_grads(x: torch.Tensor, group) -> torch.Tensor:
+    """x, whose backward sums the gradients of every rank (each rank gets the total)."""
+    return _SumGrads.apply(x, group)
+
+
 def gather_rows(x: torch.Tensor, sizes: List[int], dim: int, group) -> torch.Tensor:
     """Concatenate every rank's x along `dim` (rank r holds sizes[r] rows there): pad, all_gather, unpad.
 
@@ -130,6 +151,16 @@ def gather_rows(x: torch.Tensor, sizes: List[int], dim: int, group) -> torch.Ten
         x = torch.cat([x, x.new_zeros(shape)], dim=dim)
     parts = _AllGather.apply(x, group).unbind(0)
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+
+
+def gather_rows_no_grad(x: torch.Tensor, sizes: List[int], dim: int, group) -> torch.Tensor:
+    """gather_rows without gradient through the other ranks' rows: they are constants here, and
+    this rank's own rows are x itself (its gradient stays local; no collective in backward)."""
+    with torch.no_grad():
+        full = gather_rows(x.detach(), sizes, dim, group)
+    start = sum(sizes[:dist.get_rank(group)])
+    stop = start + x.shape[dim]
+    return torch.cat([full.narrow(dim, 0, start), x, full.narrow(dim, stop, full.shape[dim] - stop)], dim=dim)
 
 
 def _gather_meta(values: List[int], device, group) -> torch.Tensor:

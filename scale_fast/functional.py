@@ -8,7 +8,7 @@ import torch
 from . import _validate as V
 from ._compiled_ops import run_op
 from ._dispatch import resolve_backend
-from ._objective import pair_op, scale_objective
+from ._objective import group_pair_losses, pair_losses, scale_objective
 from .types import MaskedTask, SCALELossOutput
 
 Embeddings = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -24,10 +24,12 @@ def _prepare(embeddings, present, names=None):
     return e, present
 
 
-def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None = None, *, mode: str = "sample"):
+def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None = None, *, mode: str = "sample",
+                          normalize: bool = True):
     """Scores S, matching scores S' and the active-pair mask (docs/contract.md §3).
 
-    embeddings: [M, B, D] or M tensors [B, D]; present: [M, B] bool.
+    embeddings: [M, B, D] or M tensors [B, D]; present: [M, B] bool; normalize=False: the
+    rows as given (dot products, not cosines).
     Returns (S, S_prime, active): S and S_prime are [B, M, M] (mode="sample")
     or [M, M] (mode="batch"), float32 (float64 for float64 input); active is
     [M, M] bool.
@@ -35,7 +37,7 @@ def inter_modality_scores(embeddings: Embeddings, present: torch.Tensor | None =
     V.check_choice("mode", mode, V.MODES)
     e, present = _prepare(embeddings, present)
     backend = resolve_backend("auto", e.device)
-    return run_op(backend, "scores", e, present, mode)
+    return run_op(backend, "scores", e, present, mode, normalize=V.as_flag("normalize", normalize))
 
 
 def multi_pair_info_nce(
@@ -47,6 +49,10 @@ def multi_pair_info_nce(
     form: str = "ntxent",
     backend: str = "auto",
     logit_bias: float | torch.Tensor | None = None,
+    normalize: bool = True,
+    process_group=None,
+    gather_with_grad: bool = True,
+    partial: bool = False,
 ) -> torch.Tensor:
     """Contrastive loss of every modality pair i < j (docs/contract.md §4).
 
@@ -54,7 +60,18 @@ def multi_pair_info_nce(
     logits of the rows of sample b in pair (i, j).
     form: "ntxent", "clip" or "siglip" (sigmoid loss; logit_bias: a float or 0-dim
     tensor added to every logit, default 0, receiving its gradient like logit_scale).
+    normalize: True: rows L2-normalised first (cosine logits); False: used as given (features a
+    model already normalised: their gradient is not projected).
     Returns [M, M]: L(i, j) in the upper triangle of active pairs, 0 elsewhere.
+
+    process_group: every rank passes its local batch; the loss is that of the global batch (the
+    ranks' batches concatenated in rank order), with scale_loss's gradient contract
+    (scale_fast/distributed.py); weights are the local [B_r, M, M].  partial=True: this rank's
+    share instead (the terms of its rows against every column, over the global normaliser; the
+    shares sum to the global loss), without the sum over ranks: backpropagating every rank's
+    share gives each rank's inputs the single-process gradient of the global loss.
+    gather_with_grad=False: the other ranks' rows are constants (no collective in backward) and
+    this rank's rows get only the gradient of their own (query) terms.
     """
     V.check_choice("form", form, V.FORMS)
     e, present = _prepare(embeddings, present)
@@ -62,9 +79,14 @@ def multi_pair_info_nce(
     scale = V.as_logit_scale(logit_scale, e.device)
     bias = V.as_logit_bias(logit_bias, form, e.device)
     row_weights = V.as_pair_weights(weights, M, B, e.device)
+    normalize = V.as_flag("normalize", normalize)
     backend = resolve_backend(backend, e.device)
-    name, args = pair_op(form, scale, bias, row_weights)
-    return run_op(backend, name, e, present, *args)
+    if process_group is None:
+        if partial or not V.as_flag("gather_with_grad", gather_with_grad):
+            raise ValueError("partial=True and gather_with_grad=False apply under a process_group only")
+        return pair_losses(e, present, scale, bias, row_weights, form, backend, normalize)
+    return group_pair_losses(e, present, scale, bias, row_weights, form, backend, normalize, process_group,
+                             V.as_flag("gather_with_grad", gather_with_grad), V.as_flag("partial", partial))
 
 
 
@@ -139,6 +161,7 @@ def scale_loss(
     backend: str = "auto",
     process_group=None,
     logit_bias: float | torch.Tensor | None = None,
+    normalize: bool = True,
 ) -> SCALELossOutput:
     """The SCALE objective (docs/contract.md §6): harmonized contrastive pairs plus masked tasks.
 
@@ -156,6 +179,9 @@ def scale_loss(
     scale_fast/distributed.py for the contract).  Then total, contrastive, masked and
     active are global (the same on every rank); scores and weights are the rank's local
     samples' [B_r, M, M] in mode="sample" and the global [M, M] in mode="batch".
+
+    normalize=False: the embeddings are used as given (scores are dot products, the pair
+    logits s x . y), for features a model already normalised.
     """
     V.check_choice("mode", mode, V.MODES)
     V.check_choice("form", form, V.FORMS)
@@ -173,7 +199,7 @@ def scale_loss(
     if task_embeddings is not None and harmonize and tasks:
         te = _check_task_embeddings(task_embeddings, e)
     return scale_objective(e, present, scale, tasks, te, mode, form, harmonize, detach_weights, backend,
-                           process_group, bias)
+                           process_group, bias, V.as_flag("normalize", normalize))
 
 
 def _task_table(tasks, M: int, names) -> dict:

@@ -28,6 +28,7 @@ class SCALELoss(nn.Module):
         mode, form, harmonize, detach_weights, backend: as in scale_fast.scale_loss.
         process_group: a torch.distributed process group: the loss of the global batch,
             each rank passing its local batch (scale_fast.scale_loss, scale_fast/distributed.py).
+        normalize: False: embeddings used as given (a model that normalises its own features).
 
     forward(embeddings [M, B, D], present [M, B] bool = None,
             tasks {modality name or index: MaskedTask} = None,
@@ -49,9 +50,11 @@ class SCALELoss(nn.Module):
         detach_weights: bool = False,
         backend: str = "auto",
         process_group=None,
+        normalize: bool = True,
     ):
         super().__init__()
         self.process_group = process_group
+        self.normalize = V.as_flag("normalize", normalize)
         self.modalities = tuple(modalities)
         if len(self.modalities) < 2 or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be at least 2 distinct names, got {self.modalities}")
@@ -107,8 +110,9 @@ class SCALELoss(nn.Module):
             e, present, logit_scale=scale, tasks=tasks, task_embeddings=task_embeddings, modalities=self.modalities,
             mode=self.mode, form=self.form, harmonize=self.harmonize,
             detach_weights=self.detach_weights, backend=self.backend, process_group=self.process_group,
-            logit_bias=None if bias is None else bias.to(e.device),
+            logit_bias=None if bias is None else bias.to(e.device), normalize=self.normalize,
         )
 
     def extra_repr(self) -> str:
-        return f"modalities={self.modalities}, mode={self.mode!r}, form={self.form!r}, harmonize={self.harmonize}"
+        return (f"modalities={self.modalities}, mode={self.mode!r}, form={self.form!r}, harmonize={self.harmonize}"
+                + ("" if self.normalize else ", normalize=False"))

@@ -248,3 +248,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- #
+# process groups
+# --------------------------------------------------------------------------- #
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world: int, tmp_path_factory, name: str):
+    """Every rank's results of worker(rank, world, init_method, outdir) in `world` spawned processes; the
+    worker saves its results to outdir/rank<r>.pt."""
+    import os
+    import torch.multiprocessing as mp
+    outdir = str(tmp_path_factory.mktemp(f"{name}{world}"))
+    mp.spawn(worker, args=(world, f"tcp://127.0.0.1:{free_port()}", outdir), nprocs=world, join=True)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -44,6 +44,13 @@ def ref_normalize(e: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, z, torch.zeros((), dtype=e.dtype, device=e.device))
 
 
+def ref_rows(e: torch.Tensor, present: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """ref_normalize, or (normalize=False) the present rows as given and absent rows exactly 0."""
+    if normalize:
+        return ref_normalize(e, present)
+    return torch.where(present[..., None], e, torch.zeros((), dtype=e.dtype, device=e.device))
+
+
 # --------------------------------------------------------------------------- #
 # §3 scores
 # --------------------------------------------------------------------------- #
@@ -80,12 +87,12 @@ def ref_active(present: torch.Tensor) -> torch.Tensor:
                         device=present.device)
 
 
-def ref_scores(embeddings, present=None, mode: str = "sample"):
+def ref_scores(embeddings, present=None, mode: str = "sample", normalize: bool = True):
     """(S, S_prime, active): S, S' are [B, M, M] (sample) or [M, M] (batch)."""
     e = as_stack(embeddings)
     present = default_present(e, present)
     M, B, _ = e.shape
-    z = ref_normalize(e, present)
+    z = ref_rows(e, present, normalize)
     active = ref_active(present)
     if mode == "sample":
         S_rows = []
@@ -169,12 +176,12 @@ def ref_pair_loss(zi, zj, w, s, form: str, bias=0.0) -> torch.Tensor:
 
 
 def ref_pair_losses(embeddings, present=None, logit_scale=1 / 0.07, weights=None, form: str = "ntxent",
-                    logit_bias=None):
+                    logit_bias=None, normalize: bool = True):
     """[M, M]: L(i, j) in the upper triangle for active pairs, zeros elsewhere."""
     e = as_stack(embeddings)
     present = default_present(e, present)
     M = e.shape[0]
-    z = ref_normalize(e, present)
+    z = ref_rows(e, present, normalize)
     s = _scale_tensor(logit_scale, z)
     P = ref_pair_sets(present)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
@@ -285,24 +292,25 @@ def ref_masked_task(kind, hidden, target, row_weights=None, weight=None, bias=No
 # §6 total
 # --------------------------------------------------------------------------- #
 def ref_scale_loss(embeddings, present=None, logit_scale=1 / 0.07, tasks=None, task_embeddings=None,
-                   mode="sample", form="ntxent", harmonize=True, detach_weights=False, logit_bias=None):
+                   mode="sample", form="ntxent", harmonize=True, detach_weights=False, logit_bias=None,
+                   normalize=True):
     """dict(total, contrastive, masked, scores, weights, active)."""
     e = as_stack(embeddings)
     present = default_present(e, present)
     M, B, _ = e.shape
-    S, Sp, active = ref_scores(e, present, mode)
+    S, Sp, active = ref_scores(e, present, mode, normalize)
     if harmonize:
         Wc = Sp.detach() if detach_weights else Sp
     else:
         Wc = None
-    pair = ref_pair_losses(e, present, logit_scale, Wc, form, logit_bias)
+    pair = ref_pair_losses(e, present, logit_scale, Wc, form, logit_bias, normalize)
     n_active = sum(1 for i in range(M) for j in range(i + 1, M) if bool(active[i, j]))
     contrastive_term = pair.sum() / n_active if n_active > 0 else pair.sum() * 0.0
 
     # weights of the masked tasks: S' of task_embeddings when given
     if harmonize and tasks:
         if task_embeddings is not None:
-            _, Sp_task, _ = ref_scores(as_stack(task_embeddings), present, mode)
+            _, Sp_task, _ = ref_scores(as_stack(task_embeddings), present, mode, normalize)
         else:
             Sp_task = Sp
         if detach_weights:

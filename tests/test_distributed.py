@@ -13,14 +13,13 @@ All cases of one world size run in one spawn (module-scoped fixture) to keep the
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import scale_fast as sf
+from conftest import run_ranks
 
 import importlib
 
@@ -199,16 +198,8 @@ def _key(name, backend):
     return name if backend == "torch" else f"{name}-{backend}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world, tmp_path_factory, worker=_worker):
-    outdir = str(tmp_path_factory.mktemp(f"dist{world}"))
-    mp.spawn(worker, args=(world, f"tcp://127.0.0.1:{_free_port()}", outdir), nprocs=world, join=True)
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return run_ranks(worker, world, tmp_path_factory, "dist")
 
 
 @pytest.fixture(scope="module")

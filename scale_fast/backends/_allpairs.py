@@ -73,7 +73,8 @@ class PairForm(Protocol):
     # divided by the pair's full normaliser; rs holds the scales of those rows only.
     def rows_forward(self, a, b, rs, local) -> Tuple[torch.Tensor, object]: ...
 
-    def rows_backward(self, a, b, rs, local, stats, coef) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    # columns_grad=False: the gradient of the rows `local` as queries only (the columns are constants)
+    def rows_backward(self, a, b, rs, local, stats, coef, columns_grad=True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class NTXent:
@@ -104,13 +105,15 @@ class NTXent:
         total, lse, pos_dot = self.k.rows_forward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), pos, self_idx)
         return total / (2 * n), (lse, pos_dot)
 
-    def rows_backward(self, a, b, rs, local, stats, coef):
+    def rows_backward(self, a, b, rs, local, stats, coef, columns_grad=True):
         n = a.shape[0]
         q_idx, pos, self_idx = self._queries(n, local)
         lse, pos_dot = stats
         u = joined(a, b)
         dq, du, d_rs = self.k.rows_backward(u.index_select(0, q_idx), u, torch.cat([rs, rs]), lse, pos, self_idx,
                                             pos_dot, coef / (2 * n))
+        if not columns_grad:
+            du.zero_()
         du.index_add_(0, q_idx, dq)
         L = local.numel()
         return du[:n], du[n:], d_rs[:L] + d_rs[L:]
@@ -135,12 +138,15 @@ class Clip:
         s2, lse2, pd2 = self.k.rows_forward(b.index_select(0, local), a, rs, local, None)
         return 0.5 * (s1 + s2) / n, (lse1, pd1, lse2, pd2)
 
-    def rows_backward(self, a, b, rs, local, stats, coef):
+    def rows_backward(self, a, b, rs, local, stats, coef, columns_grad=True):
         n = a.shape[0]
         lse1, pd1, lse2, pd2 = stats
         c = coef / (2 * n)
         dq1, db, d_rs1 = self.k.rows_backward(a.index_select(0, local), b, rs, lse1, local, None, pd1, c)
         dq2, da, d_rs2 = self.k.rows_backward(b.index_select(0, local), a, rs, lse2, local, None, pd2, c)
+        if not columns_grad:
+            da.zero_()
+            db.zero_()
         da.index_add_(0, local, dq1)
         db.index_add_(0, local, dq2)
         return da, db, d_rs1 + d_rs2
@@ -167,8 +173,10 @@ class SigLIP:
     def rows_forward(self, a, b, rs, local, bias):
         return self.k.siglip_forward(a.index_select(0, local), b, rs, local, bias) / a.shape[0], None
 
-    def rows_backward(self, a, b, rs, local, bias, stats, coef):
+    def rows_backward(self, a, b, rs, local, bias, stats, coef, columns_grad=True):
         dq, db, d_rs, d_bias = self.k.siglip_backward(a.index_select(0, local), b, rs, local, bias, coef / a.shape[0])
+        if not columns_grad:
+            db.zero_()
         da = torch.zeros_like(a).index_add_(0, local, dq)
         return da, db, d_rs, d_bias
 
@@ -191,10 +199,11 @@ def joined(a, b):
     return torch.cat([a, b])
 
 
-def gather_pair(e, i, j, rows, acc):
+def gather_pair(e, i, j, rows, acc, normalize=True):
     """The rows `rows` of modalities i and j, normalised (all are present), gathered straight into
     the two halves of one [2n, D] buffer, so that NT-Xent's [a; b] needs no copy:
-    ((a, inv_a, projected_a), (b, inv_b, projected_b))."""
+    ((a, inv_a, projected_a), (b, inv_b, projected_b)); normalize=False: the rows as given,
+    ((a, None, None), (b, None, None))."""
     n = rows.numel()
     u = torch.empty(2 * n, e.shape[-1], dtype=acc, device=e.device)
     out = []
@@ -203,7 +212,7 @@ def gather_pair(e, i, j, rows, acc):
             torch.index_select(e[m], 0, rows, out=half)
         else:
             half.copy_(e[m].index_select(0, rows))
-        out.append(normalize_rows_(half))
+        out.append(normalize_rows_(half) if normalize else (half, None, None))
     return out
 
 
@@ -243,7 +252,8 @@ class _AllPairs(torch.autograd.Function):
     """Every active pair i < j of e [M, B, D] in one Function (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, pair: PairForm, e, present, scale, row_weights, row_range, bias=None):
+    def forward(ctx, pair: PairForm, e, present, scale, row_weights, row_range, bias=None, normalize=True,
+                columns_grad=True):
         M = e.shape[0]
         acc = accumulation_dtype(e.dtype)
         s = scale.detach().to(acc)
@@ -262,7 +272,7 @@ class _AllPairs(torch.autograd.Function):
                         local = torch.nonzero((rows >= row_range[0]) & (rows < row_range[1])).squeeze(1)
                         if local.numel() == 0:
                             continue
-                    (a, _, _), (b, _, _) = gather_pair(e, i, j, rows, acc)
+                    (a, _, _), (b, _, _) = gather_pair(e, i, j, rows, acc, normalize)
                     if local is None:
                         out[i, j], stats = pair.forward(a, b, pair_row_scale(s, row_weights, rows, i, j, acc), *extra)
                     else:
@@ -273,6 +283,7 @@ class _AllPairs(torch.autograd.Function):
                     pair_done(rows.numel())  # its [2n, D] buffer is free
         ctx.save_for_backward(e, scale, row_weights, bias)
         ctx.pair, ctx.pairs, ctx.row_range = pair, pairs, row_range
+        ctx.normalize, ctx.columns_grad = normalize, columns_grad
         return out
 
     @staticmethod
@@ -292,7 +303,7 @@ class _AllPairs(torch.autograd.Function):
             for i, j, rows, local, stats in ctx.pairs:
                 if not used[i][j]:  # this pair's loss is not used: its gradient is exactly 0
                     continue
-                (a, inv_a, proj_a), (b, inv_b, proj_b) = gather_pair(e, i, j, rows, acc)
+                (a, inv_a, proj_a), (b, inv_b, proj_b) = gather_pair(e, i, j, rows, acc, ctx.normalize)
                 if local is None:
                     w_rows = rows
                     rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
@@ -300,12 +311,15 @@ class _AllPairs(torch.autograd.Function):
                 else:
                     w_rows = rows.index_select(0, local) - row_range[0]
                     rs = pair_row_scale(s, row_weights, w_rows, i, j, acc)
-                    grads = pair.rows_backward(a, b, rs, local, *extra, stats, grad[i, j])
+                    grads = pair.rows_backward(a, b, rs, local, *extra, stats, grad[i, j], ctx.columns_grad)
                 da, db, d_rs = grads[:3]
                 if extra:
                     d_bias += grads[3]
-                de[i].index_add_(0, rows, normalize_rows_backward(a, da, inv_a, proj_a))
-                de[j].index_add_(0, rows, normalize_rows_backward(b, db, inv_b, proj_b))
+                if ctx.normalize:
+                    da = normalize_rows_backward(a, da, inv_a, proj_a)
+                    db = normalize_rows_backward(b, db, inv_b, proj_b)
+                de[i].index_add_(0, rows, da)
+                de[j].index_add_(0, rows, db)
                 d_rows[w_rows, i, j] = d_rs
                 del a, b, da, db, grads
                 pair_done(rows.numel())
@@ -316,11 +330,11 @@ class _AllPairs(torch.autograd.Function):
             w = 1.0 if row_weights is None else row_weights.to(acc)
             dscale = (d_rows * w).sum().to(scale.dtype)
         dbias = d_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[6] else None
-        return None, de.to(e.dtype), None, dscale, dweights, None, dbias
+        return None, de.to(e.dtype), None, dscale, dweights, None, dbias, None, None
 
 
 def all_pairs(forms: Mapping[str, PairForm], e, present, logit_scale, row_weights, form, row_range=None,
-              logit_bias=None):
+              logit_bias=None, normalize=True, columns_grad=True):
     """[M, M] pair losses of every active pair i < j (backend contract in scale_fast/_dispatch.py).
 
     forms: the backend's pair forms by name.  row_range=(start, stop) (the process-group path,
@@ -328,11 +342,14 @@ def all_pairs(forms: Mapping[str, PairForm], e, present, logit_scale, row_weight
     rows whose sample lies in [start, stop) are summed (against every column), divided by the
     global normaliser, and row_weights is the local [stop - start, M, M]; summing the outputs
     over a partition of [0, B) gives the full loss.  logit_bias: a 0-dim tensor for the forms that
-    take one ("siglip"), None for the others.
+    take one ("siglip"), None for the others.  normalize=False: the rows are used as given (their
+    norms at most 1, see scale_fast/_normalize.py within_unit_ball).  columns_grad=False (with
+    row_range): the columns are constants, only the rows [start, stop) as queries get a gradient.
     """
     if row_range is not None:
         row_range = (int(row_range[0]), int(row_range[1]))
-    return _AllPairs.apply(forms[form], e, present, logit_scale, row_weights, row_range, logit_bias)
+    return _AllPairs.apply(forms[form], e, present, logit_scale, row_weights, row_range, logit_bias, normalize,
+                           columns_grad)
 
 
 def _scaled_rows(a, weights, scale: float):

@@ -32,6 +32,8 @@ class Capability:
     ops: the contract ops it implements (others go to the torch backend).
     row_range_ops: ops that accept ``row_range`` (this rank's rows against every column,
         the process-group path of scale_fast/distributed.py).
+    constant_columns_ops: row_range ops that also take ``columns_grad=False`` (the columns are
+        constants: a gather without gradient).
     max_modalities: {op: largest M it handles} (larger M goes to the torch backend).
     preferred_on: device types where backend="auto" picks it (the first preferred available
         backend in registry order wins; torch is the last resort everywhere).
@@ -47,6 +49,7 @@ class Capability:
     dtypes: Tuple[torch.dtype, ...]
     ops: Tuple[str, ...]
     row_range_ops: Tuple[str, ...] = ()
+    constant_columns_ops: Tuple[str, ...] = ()
     max_modalities: Mapping[str, int] = field(default_factory=dict)
     preferred_on: Tuple[str, ...] = ()
     is_available: Callable[[], bool] = _always
@@ -54,7 +57,7 @@ class Capability:
     pending_reason: Callable[[], str] = _no_reason
 
     def lacks(self, op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-              modalities: Optional[int] = None, row_range: bool = False) -> str:
+              modalities: Optional[int] = None, row_range: bool = False, columns_grad: bool = True) -> str:
         """Why this backend cannot run `op` on these inputs ("" when it can); availability aside."""
         if op not in self.ops:
             return f"{self.name} has no {op} op"
@@ -67,4 +70,6 @@ class Capability:
             return f"{self.name} {op} handles M <= {limit}, got M={modalities}"
         if row_range and op not in self.row_range_ops:
             return f"{self.name} {op} has no row_range (local rows x global columns) form"
+        if not columns_grad and op not in self.constant_columns_ops:
+            return f"{self.name} {op} has no row_range form with constant columns"
         return ""

@@ -32,6 +32,13 @@ def harmonize(scores: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     return F.normalize(scores * masked_softmax(scores, active), dim=-1, eps=1e-12)
 
 
+def gram_as_given(e: torch.Tensor, present: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """The Gram entries x_i . x_j of the present rows as given (normalize=False; 0 where absent)."""
+    kept = torch.where(present[..., None], e, torch.zeros((), dtype=e.dtype, device=e.device))
+    kept = kept.to(accumulation_dtype(e.dtype))
+    return torch.einsum("mbd,nbd->bmn" if per_sample else "mbd,nbd->mn", kept, kept)
+
+
 def scores(e: torch.Tensor, present: torch.Tensor, mode: str, gram: Gram):
     """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in scale_fast/_dispatch.py)."""
     acc = accumulation_dtype(e.dtype)

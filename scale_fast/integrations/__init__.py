@@ -1,4 +1,5 @@
-"""Drop-in use of scale_fast's losses inside other libraries' models and training code.
+"""Drop-in use of scale_fast inside other training libraries, one module each.
 
-Each submodule imports its library only when it is itself imported: scale_fast needs none of them.
+Importing this package imports nothing heavy: each integration module imports its library only
+when it is used (``scale_fast.integrations.open_clip.patch()`` imports open_clip).
 """

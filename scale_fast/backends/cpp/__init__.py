@@ -53,6 +53,7 @@ CAPABILITY = Capability(
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     ops=("scores", "contrastive", "siglip", "info_nce", "linear_cross_entropy"),
     row_range_ops=("siglip",),  # its row-block form needs only the siglip kernels
+    constant_columns_ops=("siglip",),
     preferred_on=("cpu",),
     is_available=is_available,
     unavailable_reason=unavailable_reason,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..._normalize import accumulation_dtype
-from .._scores import scores as shared_scores
+from .._scores import gram_as_given, scores as shared_scores
 from ._build import loaded as _ext
 
 
@@ -39,6 +39,9 @@ def _gram(e: torch.Tensor, present: torch.Tensor, per_sample: bool) -> torch.Ten
     return g if per_sample else g.sum(0)
 
 
-def scores(e: torch.Tensor, present: torch.Tensor, mode: str):
-    """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in _dispatch.py)."""
-    return shared_scores(e, present, mode, _gram)
+def scores(e: torch.Tensor, present: torch.Tensor, mode: str, *, normalize: bool = True):
+    """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in _dispatch.py).
+
+    normalize=False: the rows as given (the shared Gram; the C++ one normalises on the fly).
+    """
+    return shared_scores(e, present, mode, _gram if normalize else gram_as_given)

@@ -18,6 +18,7 @@ CAPABILITY = Capability(
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     ops=("scores", "contrastive", "siglip", "info_nce", "info_nce_rows", "linear_cross_entropy"),
     row_range_ops=("contrastive", "siglip"),
+    constant_columns_ops=("contrastive", "siglip"),
 )
 
 __all__ = ["CAPABILITY", "scores", "contrastive", "siglip", "info_nce", "info_nce_rows", "linear_cross_entropy"]

@@ -357,17 +357,18 @@ KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_back
 FORMS = pair_forms(KERNELS)
 
 
-def contrastive(e, present, logit_scale, row_weights, form, row_range=None):
+def contrastive(e, present, logit_scale, row_weights, form, row_range=None, *, normalize=True, columns_grad=True):
     """[M, M] pair losses of every active pair i < j (backend contract in _dispatch.py).
 
     row_range=(start, stop): only the rows of samples start..stop-1 (see scale_fast/backends/_allpairs.py).
     """
-    return all_pairs(FORMS, e, present, logit_scale, row_weights, form, row_range)
+    return all_pairs(FORMS, e, present, logit_scale, row_weights, form, row_range, None, normalize, columns_grad)
 
 
-def siglip(e, present, logit_scale, logit_bias, row_weights, row_range=None):
+def siglip(e, present, logit_scale, logit_bias, row_weights, row_range=None, *, normalize=True, columns_grad=True):
     """[M, M] sigmoid (SigLIP) pair losses (backend contract in _dispatch.py); row_range as in contrastive."""
-    return all_pairs(FORMS, e, present, logit_scale, row_weights, "siglip", row_range, logit_bias)
+    return all_pairs(FORMS, e, present, logit_scale, row_weights, "siglip", row_range, logit_bias, normalize,
+                     columns_grad)
 
 
 def info_nce(a, b, row_weights, scale):

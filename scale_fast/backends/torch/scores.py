@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..._normalize import accumulation_dtype, normalize_rows, normalize_rows_backward
-from .._scores import scores as shared_scores
+from .._scores import gram_as_given, scores as shared_scores
 
 # Forward and backward hold about four [M, chunk, D] temporaries (backward next to two
 # [M, B, D] gradients: its own and the contrastive loss's, which autograd adds up): small
@@ -66,6 +66,7 @@ class _Gram(torch.autograd.Function):
         return de, None, None
 
 
-def scores(e: torch.Tensor, present: torch.Tensor, mode: str):
-    """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in _dispatch.py)."""
-    return shared_scores(e, present, mode, _Gram.apply)
+def scores(e: torch.Tensor, present: torch.Tensor, mode: str, *, normalize: bool = True):
+    """(S, S_prime, active) from raw embeddings e [M, B, D] (backend contract in _dispatch.py);
+    normalize=False: the rows as given (the shared Gram)."""
+    return shared_scores(e, present, mode, _Gram.apply if normalize else gram_as_given)

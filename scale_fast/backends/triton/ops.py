@@ -1,5 +1,5 @@
 """The "triton" backend's ops, under the names of the contract in scale_fast/_dispatch.py."""
-from scale_fast._normalize import normalize_present
+from scale_fast._normalize import keep_present, normalize_present
 
 from .._allpairs import PairKernels, SigLIP, all_pairs
 from . import contrastive as _contrastive
@@ -9,13 +9,18 @@ from .contrastive import info_nce
 from .linear_ce import linear_cross_entropy
 
 
-# The kernels take normalised rows; the backend contract hands over raw embeddings.
-def scores(e, present, mode):
-    return _scores.scores(normalize_present(e, present), present, mode)
+# The kernels take normalised rows; the backend contract hands over raw embeddings (normalize=False:
+# used as given, absent rows 0).
+def _rows(e, present, normalize):
+    return normalize_present(e, present) if normalize else keep_present(e, present)
 
 
-def contrastive(e, present, logit_scale, row_weights, form, row_range=None):
-    return _contrastive.contrastive(normalize_present(e, present), present, logit_scale, row_weights, form,
+def scores(e, present, mode, *, normalize=True):
+    return _scores.scores(_rows(e, present, normalize), present, mode)
+
+
+def contrastive(e, present, logit_scale, row_weights, form, row_range=None, *, normalize=True):
+    return _contrastive.contrastive(_rows(e, present, normalize), present, logit_scale, row_weights, form,
                                     row_range)
 
 
@@ -24,8 +29,8 @@ _SIGLIP = {"siglip": SigLIP(PairKernels(None, None, None, None, siglip_forward=_
                                         siglip_backward=_siglip.siglip_backward))}
 
 
-def siglip(e, present, logit_scale, logit_bias, row_weights):
-    return all_pairs(_SIGLIP, e, present, logit_scale, row_weights, "siglip", None, logit_bias)
+def siglip(e, present, logit_scale, logit_bias, row_weights, *, normalize=True):
+    return all_pairs(_SIGLIP, e, present, logit_scale, row_weights, "siglip", None, logit_bias, normalize)
 
 
 __all__ = ["scores", "contrastive", "siglip", "info_nce", "linear_cross_entropy"]
