@@ -278,8 +278,11 @@ def run_op(backend: str, name: str, *args, row_range=None, **options):
     """Run backend op `name` (a resolved backend, see scale_fast/_dispatch.py); under torch.compile
     through its custom op (one graph node).  row_range: the (start, stop) rows of a process group's
     pair op (contrastive, siglip); options: the op's keyword options (normalize=, columns_grad=)."""
-    if torch.compiler.is_compiling() and name in _CUSTOM_OPS:
-        op, spec, takes_rows = _CUSTOM_OPS[name]
+    if name not in _CUSTOM_OPS:
+        return _eager(backend, name, *args, row_range=row_range, **options)
+    op, spec, takes_rows = _CUSTOM_OPS[name]
+    if torch.compiler.is_compiling():
         rows = (None if row_range is None else list(row_range),) if takes_rows else ()
         return op(*args, *(options.get(k, default) for k, default in spec.keywords), *rows, backend)
-    return _eager(backend, name, *args, row_range=row_range, **options)
+    return _eager(backend, name, *args, row_range=row_range,
+                  **{k: options[k] for k, default in spec.keywords if options.get(k, default) != default})
