@@ -8,6 +8,7 @@ import torch
 from . import _validate as V
 from ._compiled_ops import run_op
 from ._dispatch import resolve_backend
+from ._normalize import accumulation_dtype
 from ._objective import group_pair_losses, pair_losses, scale_objective
 from .types import MaskedTask, SCALELossOutput
 
@@ -124,13 +125,14 @@ def linear_cross_entropy(
     else:
         V.check_tensor("target", target, floating=False)
         V.check_class_targets("target", target, n, k, ignore_index)
-    row_scale = _row_scale(scale, n, device)
+    row_scale = _row_scale(scale, n, device, accumulation_dtype(hidden.dtype))
     backend = resolve_backend(backend, device)
     return run_op(backend, "linear_cross_entropy", hidden, weight, target, bias, row_scale, ignore_index, reduction)
 
 
-def _row_scale(scale, n: int, device) -> torch.Tensor | None:
-    """None, or an [N] tensor (a float or 0-dim tensor is broadcast, keeping its gradient)."""
+def _row_scale(scale, n: int, device, dtype: torch.dtype) -> torch.Tensor | None:
+    """None, or an [N] tensor (a float or 0-dim tensor is broadcast, keeping its gradient; a float in the
+    loss's dtype, so that a float64 loss stays exact)."""
     if scale is None:
         return None
     if isinstance(scale, torch.Tensor):
@@ -143,7 +145,7 @@ def _row_scale(scale, n: int, device) -> torch.Tensor | None:
         return scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be None, a float or a tensor, got {type(scale).__name__}")
-    return torch.full((n,), float(scale), device=device)
+    return torch.full((n,), float(scale), device=device, dtype=dtype)
 
 
 def scale_loss(

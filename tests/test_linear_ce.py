@@ -353,3 +353,20 @@ def test_half_precision_inputs(backend, dtype):
         case = _make(backend, 91, soft=soft, reduction="mean", scale_kind="rows", bias=True, N=12, H=16, K=40,
                      dtype=dtype)
         _check(backend, case, rtol=LOW_RTOL, atol=LOW_RTOL, grtol=LOW_RTOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_scale_keeps_float64_exact(backend):
+    """A Python float `scale` with float64 inputs is applied in float64 (not rounded to float32 first)."""
+    gen = torch.Generator().manual_seed(83)
+    h = torch.randn(9, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    t = torch.randint(0, 7, (9,), generator=gen)
+    s = 1 / 3  # not a float32 number
+    out = sf.linear_cross_entropy(h, w, t, scale=s, backend=backend)
+    ref = torch.nn.functional.cross_entropy(s * (h @ w.T), t)
+    assert out.dtype == torch.float64
+    assert abs(out.item() - ref.item()) <= 1e-14 * abs(ref.item())
+    (g,) = torch.autograd.grad(out, [h])
+    (g_ref,) = torch.autograd.grad(ref, [h])
+    assert torch.allclose(g, g_ref, rtol=1e-12, atol=1e-15)

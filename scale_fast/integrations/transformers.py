@@ -233,12 +233,9 @@ def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_
     if target.shape[0] != hidden.shape[0]:
         raise ValueError(f"labels hold {target.shape[0]} positions but the model's logits {hidden.shape[0]} "
                          f"(labels shape {tuple(shift_labels.shape)}, logits {tuple(logits.shape)})")
-    scale = logits.scale
-    if scale is not None and not torch.is_tensor(scale):  # a float becomes float32: keep float64 exact
-        scale = torch.tensor(scale, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = linear_cross_entropy(hidden, logits.weight, target, logits.bias, ignore_index=ignore_index,
-                                scale=scale, reduction=reduction, backend=backend)
+                                scale=logits.scale, reduction=reduction, backend=backend)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
