@@ -136,3 +136,14 @@ def siglip_backward(q, k, rs, pos, bias, coef):
     _cols_kernel[(triton.cdiv(C, block),)](q, k, rs, pos, bias, dk, R, C, D, c, q.stride(0), k.stride(0), dk.stride(0),
                                            ACC64=acc64, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
     return dq, dk, d_rs, d_bias.sum()
+
+
+def report_kernels(dtype: torch.dtype, D: int):
+    """(name, kernel, constexprs and launch options) of every kernel launch at this dtype and D, for
+    benchmarks/kernel_report.py."""
+    block, block_d = _blocks(D)
+    acc64 = dtype == torch.float64
+    tiles = dict(ACC64=acc64, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
+    return [("siglip_fwd", _rows_kernel, dict(tiles, BACKWARD=False)),
+            ("siglip_bwd_rows", _rows_kernel, dict(tiles, BACKWARD=True)),
+            ("siglip_bwd_cols", _cols_kernel, tiles)]
