@@ -15,11 +15,12 @@ architecture on the CPU, then reads:
 * from the SASS (nvdisasm): MEMBAR.*.GPU / .SYS fences and atomics (ATOM*, RED*) that carry
   such a fence (the default acq_rel semantics of tl.atomic_add), each flagged when it lies
   inside a loop (between a backward branch and its target); HGMMA (wgmma) / HMMA counts;
-* the hot loop (the innermost loop that holds an MMA; without one, the longest innermost loop):
-  its SASS instructions ("hot"), the FSELs that write an MMA accumulator register in it ("fsel":
-  a select that resets the accumulator), and the pendings of each wgmma wait in it ("waits",
-  WARPGROUP.DEPBAR.LE gsb0, N: N >= 1 lets the MMA run on while the loop goes on; 0 waits for
-  every MMA);
+* the hot loops (the innermost loops that hold an MMA; without one, the longest innermost loop):
+  SASS instructions of the largest ("hot"; "outer": of the loop around it, e.g. a column-tile
+  loop whose softmax epilogue follows an inner D loop), the FSELs that write an MMA accumulator
+  register ("fsel": a select that resets the accumulator), and the pendings of each wgmma wait
+  ("waits", WARPGROUP.DEPBAR.LE gsb0, N: N >= 1 lets the MMA run on while the loop goes on,
+  0 waits for every MMA);
 * from the TTGIR: the stages actually used ("stg": the buffer count of the pipelined loads'
   shared-memory rings; 1 = not pipelined).
 
@@ -64,7 +65,7 @@ ARCHS = {
     "sm_90a": dict(cap=90, regs=65536, smem_sm=228 * 1024, smem_cta=227 * 1024, reserved=1024, warps=64, ctas=32),
     "sm_80": dict(cap=80, regs=65536, smem_sm=164 * 1024, smem_cta=163 * 1024, reserved=1024, warps=64, ctas=32),
 }
-REPORT_VERSION = 2  # bump when analyse() reads more: older cache entries lack the new fields
+REPORT_VERSION = 4  # bump when analyse() reads more: older cache entries lack the new fields
 TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -164,7 +165,7 @@ def autotuned_cases(kernel, name, variant, types, constexprs, nargs, kwargs, *, 
         for pname, p in zip(fn.arg_names, fn.params):
             if p.is_constexpr and pname not in ce and p.has_default:
                 ce[pname] = p.default
-        label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if not k.startswith("GROUP")) + \
+        label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if not k.startswith(("GROUP", "STAGES"))) + \
             f" w{cfg.num_warps} s{cfg.num_stages}"
         cases.append(Case(name, variant, fn, _fill_types(fn, types, ce), ce, cfg.num_warps, cfg.num_stages,
                           label, pick))
@@ -458,44 +459,54 @@ _DST = re.compile(r"^\S+\s+R(\d+)")
 
 
 def _hot_loop(insns, loops, op) -> dict:
-    """The innermost loop holding an MMA (else the longest innermost loop): its instruction count,
-    the FSELs writing an accumulator register of its MMAs, and the pendings of its wgmma waits."""
+    """The innermost loops holding an MMA (a kernel may hold several copies of its loop, e.g. one per
+    constexpr path), else the longest innermost loop: the largest one's instruction count and that
+    of the loop around it, the FSELs writing an accumulator register of their MMAs, the pendings of
+    their wgmma waits, and whether every one of them has a wait with pendings >= 1 (or no wait)."""
     def body(lo, hi):
         return [(a, t) for a, t in insns if lo <= a <= hi]
 
     def has_mma(lo, hi):
         return any(op(t).startswith(("HGMMA", "HMMA")) for _, t in body(lo, hi))
 
-    mma_loops = [lp for lp in loops if has_mma(*lp)]
-    if mma_loops:
-        lo, hi = min(mma_loops, key=lambda lp: lp[1] - lp[0])
-    else:
-        inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-        if not inner:
-            return dict(hot_insns=0, acc_fsel=0, waits=[])
-        lo, hi = max(inner, key=lambda lp: len(body(*lp)))
-    insns_in = body(lo, hi)
-    acc = set()
-    for _, t in insns_in:
-        text = re.sub(r"^@!?U?P\w+\s+", "", t)
-        m = _HGMMA.match(text)
-        if m:  # a 64 x N warpgroup tile: N/2 fp32 (N/4 packed fp16) registers per thread
-            n, base = int(m.group(1)), int(m.group(3))
-            acc.update(range(base, base + (n // 2 if m.group(2) == "F32" else n // 4)))
-        m = _HMMA.match(text)
-        if m:  # one m16n8 fragment: 4 fp32 (2 packed fp16) registers
-            base = int(m.group(2))
-            acc.update(range(base, base + (4 if m.group(1) == "F32" else 2)))
-    fsel, waits = 0, []
-    for _, t in insns_in:
-        text = re.sub(r"^@!?U?P\w+\s+", "", t)
-        if text.startswith("FSEL"):
-            m = _DST.match(text)
-            fsel += bool(m and int(m.group(1)) in acc)
-        m = _WAIT.search(text)
-        if m:
-            waits.append(int(m.group(1), 0))
-    return dict(hot_insns=len(insns_in), acc_fsel=fsel, waits=waits)
+    def innermost(cands):
+        return [lp for lp in cands if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in cands)]
+
+    hot = innermost([lp for lp in loops if has_mma(*lp)])
+    if not hot:
+        inner = innermost(loops)
+        hot = [max(inner, key=lambda lp: len(body(*lp)))] if inner else []
+    out = dict(hot_insns=0, outer_insns=0, acc_fsel=0, waits=[], overlapped=True)
+    for lo, hi in hot:
+        insns_in = body(lo, hi)
+        # the loop around it (a tile loop whose epilogue follows an inner MMA loop), 0 when none
+        outer = [lp for lp in loops if lp != (lo, hi) and lp[0] <= lo and hi <= lp[1]]
+        out["outer_insns"] = max(out["outer_insns"],
+                                 len(body(*min(outer, key=lambda lp: lp[1] - lp[0]))) if outer else 0)
+        out["hot_insns"] = max(out["hot_insns"], len(insns_in))
+        acc = set()
+        for _, t in insns_in:
+            text = re.sub(r"^@!?U?P\w+\s+", "", t)
+            m = _HGMMA.match(text)
+            if m:  # a 64 x N warpgroup tile: N/2 fp32 (N/4 packed fp16) registers per thread
+                n, base = int(m.group(1)), int(m.group(3))
+                acc.update(range(base, base + (n // 2 if m.group(2) == "F32" else n // 4)))
+            m = _HMMA.match(text)
+            if m:  # one m16n8 fragment: 4 fp32 (2 packed fp16) registers
+                base = int(m.group(2))
+                acc.update(range(base, base + (4 if m.group(1) == "F32" else 2)))
+        waits = []
+        for _, t in insns_in:
+            text = re.sub(r"^@!?U?P\w+\s+", "", t)
+            if text.startswith("FSEL"):
+                m = _DST.match(text)
+                out["acc_fsel"] += bool(m and int(m.group(1)) in acc)
+            m = _WAIT.search(text)
+            if m:
+                waits.append(int(m.group(1), 0))
+        out["waits"] += waits
+        out["overlapped"] &= not waits or max(waits) >= 1
+    return out
 
 
 _RING = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x")
@@ -560,7 +571,7 @@ def verdict(case: Case, info: dict, arch: str = "sm_90a") -> list:
         bad.append(f"{info['fenced_atomics']} fenced atomics")
     if info["membar_loop"]:
         bad.append(f"{info['membar_loop']} GPU MEMBAR in loops")
-    if case.overlap and arch == "sm_90a" and info["waits"] and max(info["waits"]) == 0:
+    if case.overlap and arch == "sm_90a" and not info["overlapped"]:
         bad.append("hot loop waits for every MMA (wgmma pendings 0)")
     return bad
 
@@ -594,7 +605,7 @@ def save_cache(cache: dict) -> None:
 
 
 HEADER = (f"{'kernel':<22} {'variant':<26} {'config':<44} {'arch':<6} {'regs':>4} {'spill':>9} {'stack':>5} "
-          f"{'smem KiB':>8} {'CTA/SM':>9} {'mma':>9} {'fenced':>6} {'MEMBAR@loop':>11} {'stg':>3} {'hot':>5} "
+          f"{'smem KiB':>8} {'CTA/SM':>9} {'mma':>9} {'fenced':>6} {'MEMBAR@loop':>11} {'stg':>3} {'hot':>5} {'outer':>5} "
           f"{'fsel':>4} {'waits':>7}  verdict")
 
 
@@ -611,7 +622,7 @@ def format_row(case: Case, arch: str, info: dict, bad: list) -> str:
     return (f"{case.kernel:<22} {case.variant:<26} {case.config:<44} {arch:<6} {info['regs']:>4} "
             f"{info['spill_st']:>4}/{info['spill_ld']:<4} {info['stack']:>5} {info['smem'] / 1024:>8.1f} "
             f"{info['ctas']:>3} {info['limit']:<5} {mma:>9} {info['fenced_atomics']:>6} {info['membar_loop']:>11} "
-            f"{info['stages']:>3} {info['hot_insns']:>5} {info['acc_fsel']:>4} {waits:>7}  "
+            f"{info['stages']:>3} {info['hot_insns']:>5} {info['outer_insns']:>5} {info['acc_fsel']:>4} {waits:>7}  "
             f"{status}{(' ' + case.grid_note) if case.grid_note else ''}")
 
 

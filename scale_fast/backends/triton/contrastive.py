@@ -8,34 +8,15 @@ is a row of the pair when present[i, b] and present[j, b] (others are masked as 
 columns: no compaction, no host sync).  Every logit is s * w_row * G with G a Gram entry
 between two sides.  All log-sum-exps are base 2 (exp2/log2); the loss is converted with ln 2.
 
-Forward (one launch over all pairs, nothing B x B stored):
-
-* Programs sweep the columns of one row block, FlashAttention-style: the column-tile loop is
-  flattened with the D loop into one software-pipelined loop (``tl.range(num_stages=...)``),
-  the row sums stay in registers and the program writes one base-2 LSE per row at the end into
-  its own slot of a [pairs, 2, slots, B] partial buffer (merged afterwards by a logsumexp over
-  the few slots).  The column range of a row block is split so that the grid holds at least
-  2 programs per SM (SM count read from the device; B >= 4096 with 128-row blocks always gives
-  >= 1024 tiles, so >= 2 per SM on 132 SMs by construction, see ``_column_split``).
-* The unique Gram blocks: "clip" and "nce" sweep side 0 x side 1 once; "ntxent" adds the two
-  upper triangles side h x side h (row blocks folded in pairs rb, NRB-1-rb so that every
-  program sweeps about NRB+1 tiles).  A tile also holds the logits of its *columns* (the Gram
-  is symmetric), so each dot product is computed once for both directions.
-* Log-sum-exp shift: every logit of row r lies in [-|s w_r|, |s w_r|] (unit rows) and the
-  largest is at least the positive's, s w_r pos_r.  A fixed shift known before the sweep,
-  max(s w pos, |s w| - 95) (base 2; pos from a cheap batched product), keeps every term
-  below 2^95 and the largest above 2^-96 whenever |s w| - s w pos <= 190: always for
-  |s w| <= 65 (natural units; the torch backend's own bound is 30), and at larger scales
-  unless a positive is far below its bound (s w = 100: cos < -0.3).  With it the tile sums
-  simply add up (no max, no rescale); row blocks holding a row without a safe shift keep an
-  exact online max in registers.
-  They are added with **relaxed** atomics (one fp32 add per column per tile, no fence):
-  deterministic per-row-block partials would need B * B / BLOCK floats (128 MiB per side at
-  B = 65536), a tree merge would need a barrier; the order of the additions varies from run
-  to run (fp32 rounding only).  Columns without a safe shift get no atomics; a second, small
-  launch recomputes their column direction exactly with an online max (its programs exit at
-  once when their block has no such row, the common case).
-* The positive logits (diagonal of side 0 x side 1) are written by the tile that holds them.
+Forward (one launch over all pairs, nothing B x B stored; design and its bounds in
+docs/triton_kernels.md): a program sweeps the column tiles of one row block (a column split
+sized for >= 2 programs per SM), each Gram tile summed over D from a fresh zero accumulator in a
+software-pipelined loop (the config's num_stages), then a softmax epilogue adds the row sums in
+registers (one base-2 LSE per row and slot of a [pairs, 2, slots, B] buffer) and the column sums
+with relaxed atomics; "ntxent" adds the upper triangles of the same-side blocks.  Every sum uses a
+fixed shift known before the sweep (max(s w pos, |s w| - 95), base 2); row blocks holding a row
+without a safe shift run a separate online-max loop, and a small second launch recomputes the
+columns without one exactly.  The positive logits are written by the tile that holds them.
 
 Backward (no atomics): per pair and row chunk, a Triton kernel recomputes the Gram tiles of
 the chunk's rows against their columns and writes dG = d loss / d G (both directions'
@@ -101,11 +82,13 @@ _DG = {"tc16": ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3)),
 
 def _fwd_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK": 16, "BLOCK_D": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK": 16, "BLOCK_D": 16, "STAGES": 1}, num_warps=4, num_stages=1)]
     out = []
     for cls, table in _FWD.items():
         for block, block_d, warps, stages in table:
-            cfg = triton.Config({"BLOCK": block, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages)
+            # STAGES: the software pipeline's depth inside the kernel (tl.range takes it as a constexpr)
+            cfg = triton.Config({"BLOCK": block, "BLOCK_D": block_d, "STAGES": stages}, num_warps=warps,
+                                num_stages=stages)
             cfg.scale_fast_class = cls
             out.append(cfg)
     return out
@@ -171,18 +154,27 @@ def _load_rows(base, offs64, ok, d0, D, stride_zb,
 
 
 @triton.jit
+def _col_info(pres_ptr, w_ptr, csh_ptr, mi, mj, p, cols, B, stride_pm, HAS_W: tl.constexpr):
+    """(pair mask, weight, additive mask bias, fixed shift or NaN) of the columns `cols`."""
+    c_in, c_ok, wc, cbias = _row_info(pres_ptr, w_ptr, mi, mj, p, cols, B, stride_pm, HAS_W)
+    sh_c = tl.load(csh_ptr + p.to(tl.int64) * B + cols.to(tl.int64), mask=c_ok, other=float("nan"))
+    return c_ok, wc, cbias, sh_c
+
+
+@triton.jit
 def _sweep(z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
-           row0, row_end, cb_lo, cb_hi, same_side, write_pos, do_cols, online_only,
+           row0, row_end, cb_lo, cb_hi, same_side, write_pos, do_cols,
            B, D, stride_zm, stride_zb, stride_pm,
            HAS_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-           DOT_F32: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr):
+           DOT_F32: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr, FIXED: tl.constexpr):
     """Rows row0 .. row0+BLOCK (< row_end) of side xm against column tiles [cb_lo, cb_hi) of side ym.
 
     Returns (rows, row-ok mask, m, l) with the row LSE = m + log2(l) over those columns (base 2).
-    same_side: drop self-similarities; write_pos: store the positive logits of the rows found in
-    these tiles; do_cols: add the columns' fixed-shift sums into colsum (relaxed atomics), except
-    on tiles that hold self-similarities (their row direction already covers them), for the
-    columns whose shift csh (base 2, per pair and sample) is not NaN.
+    FIXED: every row has a fixed shift (csh, base 2; m is that shift and the tile sums simply add);
+    else an exact online max.  same_side: drop self-similarities; write_pos: store the positive
+    logits of the rows found in these tiles; do_cols: add the columns' fixed-shift sums into colsum
+    (relaxed atomics), except on tiles that hold self-similarities (their row direction already
+    covers them), for the columns whose shift csh is not NaN.
     """
     ar = tl.arange(0, BLOCK)
     rows = row0 + ar
@@ -194,49 +186,48 @@ def _sweep(z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm,
     xbase = z_ptr + xm.to(tl.int64) * stride_zm
     ybase = z_ptr + ym.to(tl.int64) * stride_zm
     mult_r = s2 * wr
-    sh_r = tl.load(csh_ptr + p.to(tl.int64) * B + rows64, mask=r_ok, other=0.0)
-    fixed_r = (sh_r == sh_r) | (r_ok == 0)
-    use_fixed = (tl.min(fixed_r.to(tl.int32), 0) > 0) & (online_only == 0)
-    m_i = tl.where(use_fixed, sh_r, float("-inf"))
+    if FIXED:
+        m_i = tl.load(csh_ptr + p.to(tl.int64) * B + rows64, mask=r_ok, other=0.0)
+    else:
+        m_i = tl.full((BLOCK,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK,), dtype=tl.float32)
-    ND = tl.cdiv(D, BLOCK_D)
-    n_it = tl.where(tl.max(r_ok.to(tl.int32), 0) > 0, (cb_hi - cb_lo) * ND, 0)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for it in tl.range(0, n_it, num_stages=STAGES):
-        cb = cb_lo + it // ND
-        d0 = (it % ND) * BLOCK_D
+    n_cb = tl.where(tl.max(r_ok.to(tl.int32), 0) > 0, cb_hi - cb_lo, 0)
+    for t in range(0, n_cb):
+        cb = cb_lo + t
         cols = cb * BLOCK + ar
         cols64 = cols.to(tl.int64)
+        if FIXED:  # the columns' metadata first, loaded while the tile's MMAs run (the online
+            # path, rare, loads them after: its larger epilogue state leaves no registers for them)
+            c_ok, wc, cbias, sh_c = _col_info(pres_ptr, w_ptr, csh_ptr, mi, mj, p, cols, B, stride_pm, HAS_W)
         c_pre = cols < B
-        x = _load_rows(xbase, rows64, r_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
-        y = _load_rows(ybase, cols64, c_pre, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
-        # the first D chunk of a tile starts a fresh sum (no separate zero tile: fewer registers)
-        acc = tl.dot(x, tl.trans(y), tl.where(it % ND == 0, 0.0, acc), input_precision=PRECISION)
-        if it % ND == ND - 1:
-            c_in, c_ok, wc, cbias = _row_info(pres_ptr, w_ptr, mi, mj, p, cols, B, stride_pm, HAS_W)
-            overlap = (cb * BLOCK < row0 + BLOCK) & (cb * BLOCK + BLOCK > row0)
-            if do_cols & ((same_side & overlap) == 0):
-                # column direction first, so that only G and one tile are live at a time
-                mult_c = s2 * wc
-                sh_c = tl.load(csh_ptr + p.to(tl.int64) * B + cols64, mask=c_ok, other=float("nan"))
-                c_fix = c_ok & (sh_c == sh_c)
-                csum = tl.sum(tl.exp2(acc * mult_c[None, :] + rbias[:, None] - sh_c[None, :]), 0)
-                tl.atomic_add(colsum_ptr + (p.to(tl.int64) * 2 + ys) * B + cols64, csum, mask=c_fix,
-                              sem="relaxed")
-            qk = acc * mult_r[:, None] + cbias[None, :]
-            if same_side & overlap:
-                qk = tl.where(rows[:, None] == cols[None, :], float("-inf"), qk)
-            if write_pos & overlap:
-                pos2 = tl.sum(tl.where(rows[:, None] == cols[None, :], qk, 0.0), 1)
-                here = r_ok & (rows >= cb * BLOCK) & (rows < cb * BLOCK + BLOCK)
-                tl.store(pos2_ptr + p.to(tl.int64) * B + rows64, pos2, mask=here)
-            if use_fixed:
-                l_i += tl.sum(tl.exp2(qk - sh_r[:, None]), 1)
-            else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(qk - m_safe[:, None]), 1)
-                m_i = m_new
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)  # a fresh sum per tile
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+            x = _load_rows(xbase, rows64, r_ok, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
+            y = _load_rows(ybase, cols64, c_pre, d0, D, stride_zb, BLOCK_D, EVEN_D, DOT_F32)
+            acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+        if not FIXED:
+            c_ok, wc, cbias, sh_c = _col_info(pres_ptr, w_ptr, csh_ptr, mi, mj, p, cols, B, stride_pm, HAS_W)
+        overlap = (cb * BLOCK < row0 + BLOCK) & (cb * BLOCK + BLOCK > row0)
+        if do_cols & ((same_side & overlap) == 0):
+            # column direction first, so that only G and one tile are live at a time
+            mult_c = s2 * wc
+            c_fix = c_ok & (sh_c == sh_c)
+            csum = tl.sum(tl.exp2(acc * mult_c[None, :] + rbias[:, None] - sh_c[None, :]), 0)
+            tl.atomic_add(colsum_ptr + (p.to(tl.int64) * 2 + ys) * B + cols64, csum, mask=c_fix, sem="relaxed")
+        qk = acc * mult_r[:, None] + cbias[None, :]
+        if same_side & overlap:
+            qk = tl.where(rows[:, None] == cols[None, :], float("-inf"), qk)
+        if write_pos & overlap:
+            pos2 = tl.sum(tl.where(rows[:, None] == cols[None, :], qk, 0.0), 1)
+            here = r_ok & (rows >= cb * BLOCK) & (rows < cb * BLOCK + BLOCK)
+            tl.store(pos2_ptr + p.to(tl.int64) * B + rows64, pos2, mask=here)
+        if FIXED:
+            l_i += tl.sum(tl.exp2(qk - m_i[:, None]), 1)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(qk - m_safe[:, None]), 1)
+            m_i = m_new
     return rows, r_ok, m_i, l_i
 
 
@@ -259,7 +250,7 @@ def _contrastive_fwd_kernel(
     B, D, stride_zm, stride_zb, stride_pm, R0, R1, NSLOT, NS, CL,
     HAS_W: tl.constexpr, BOTH_DIR: tl.constexpr, NSEG: tl.constexpr, LOCAL: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Grid (square programs + triangle programs, pairs).  Square program = (row side xs, row
     # block, column side jy, column split cs); full mode: xs = 0 against ys = 1 only.  Triangle
@@ -308,11 +299,23 @@ def _contrastive_fwd_kernel(
         cb_hi = tl.maximum(cb_hi, cb_lo)
         row0 = tl.where(tri, rb_tri * BLOCK, R0 + (r_sq // (NYS * NS)) * BLOCK)
         slot = tl.where(tri, NYS * NS + cs_tr, jy * NS + cs_sq)
-        rows, r_ok, m_i, l_i = _sweep(
-            z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
-            row0, R1, cb_lo, cb_hi, xs == ys, (xs == 0) & (ys == 1), do_cols, 0,
-            B, D, stride_zm, stride_zb, stride_pm,
-            HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, 3)
+        # a fixed shift for every row of the block (the common case), else the online-max loop
+        rows = row0 + tl.arange(0, BLOCK)
+        r_in, r_ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
+        r_ok = r_ok & (rows < R1)
+        sh_r = tl.load(csh_ptr + p.to(tl.int64) * B + rows.to(tl.int64), mask=r_ok, other=0.0)
+        if tl.min(((sh_r == sh_r) | (r_ok == 0)).to(tl.int32), 0) > 0:
+            rows, r_ok, m_i, l_i = _sweep(
+                z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
+                row0, R1, cb_lo, cb_hi, xs == ys, (xs == 0) & (ys == 1), do_cols,
+                B, D, stride_zm, stride_zb, stride_pm,
+                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, STAGES, True)
+        else:
+            rows, r_ok, m_i, l_i = _sweep(
+                z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
+                row0, R1, cb_lo, cb_hi, xs == ys, (xs == 0) & (ys == 1), do_cols,
+                B, D, stride_zm, stride_zb, stride_pm,
+                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, STAGES, False)
         lse = _lse2(m_i, l_i)
         dst = part_ptr + ((p.to(tl.int64) * 2 + xs) * NSLOT + slot) * B + rows.to(tl.int64)
         tl.store(dst, lse, mask=r_ok & ((rows * 0 + cb_hi) > cb_lo))
@@ -327,11 +330,14 @@ def _contrastive_fwd_fallback_kernel(
     B, D, stride_zm, stride_zb, stride_pm,
     HAS_W: tl.constexpr, NSEG: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Exact column-direction LSE of the rows without a column shift (grid (2 * NRB, pairs)):
     # side 1 rows against every side-0 row (the square); with NSEG == 2 also side h rows of block
     # rb against side h blocks [0, rb) (the triangles' column direction).
+    # one stage less than the main kernel's: the online max keeps more of the epilogue live (the
+    # 128-row tile spills on sm_80 with three)
+    FB_STAGES: tl.constexpr = STAGES - 1 if STAGES > 2 else STAGES
     t = tl.program_id(0)
     p = tl.program_id(1)
     NCB = tl.cdiv(B, BLOCK)
@@ -354,9 +360,9 @@ def _contrastive_fwd_fallback_kernel(
             cb_hi = tl.where(ph == 0, tl.where(h == 1, NCB, 0), tl.where(NSEG == 2, rb, 0))
             rows2, ok2, m2, l2 = _sweep(
                 z_ptr, pres_ptr, w_ptr, fb_ptr, fb_ptr, csh_ptr, p, mi, mj, xm, ym, h, s2,
-                rb * BLOCK, B, 0, cb_hi, 0, 0, 0, 1,
+                rb * BLOCK, B, 0, cb_hi, 0, 0, 0,
                 B, D, stride_zm, stride_zb, stride_pm,
-                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, 3)
+                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, FB_STAGES, False)
             mx = tl.maximum(m, m2)
             mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
             l = l * tl.exp2(m - mx_safe) + l2 * tl.exp2(m2 - mx_safe)
