@@ -318,9 +318,9 @@ def siglip_cases(full: bool):
                 fn = jit_of(kernel)
                 ce = {k: v for k, v in extra.items() if k in fn.arg_names}
                 warps, stages = extra.get("num_warps", 4), extra.get("num_stages", 3)
-                types = {n: ("*" + dt if n in ("Q", "K") else "*fp32" if n.isupper() and n not in ("R", "C", "D")
-                             else "fp32" if n == "coef" else "i32") for n in fn.arg_names if n not in ce}
-                types["POS"] = "*i64"
+                ptrs = dict(Q="*" + dt, K="*" + dt, POS="*i64", E="*" + dt if dt != "fp32" else "*fp32")
+                types = {n: ptrs.get(n, "*fp32" if n in ("RS", "BIAS", "LOSS", "PG", "PS") else
+                                     "fp32" if n == "coef" else "i32") for n in fn.arg_names if n not in ce}
                 label = ",".join(f"{k}={v}" for k, v in ce.items() if k.startswith("BLOCK")) + f" w{warps} s{stages}"
                 c = Case(kname, f"{dt} D={D}", fn, types, ce, warps, stages, label)
                 cases.append(c)
