@@ -152,7 +152,7 @@ def autotuned_cases(kernel, name, variant, types, constexprs, nargs, kwargs, *, 
     heur = _heuristics(kernel)
     cases = []
     for cfg in allc:
-        pick = cfg in chosen
+        pick = any(cfg is c for c in chosen)  # identity: two classes may hold equal configs
         if not pick and not (full and ALL_CONFIGS):
             continue
         ce = dict(constexprs)
