@@ -2,7 +2,8 @@
 
 Every Triton kernel is compiled for sm_90a on the CPU (no GPU needed) and must show no spills,
 no fenced (acq_rel) atomics and no GPU-scope fence inside a loop; the contrastive forward must
-launch at least 2 programs per SM at B >= 4096.  The suite runs the report's representative
+launch at least 2 programs per SM at B >= 4096, and the hot loops of the 16-bit contrastive
+forward and dG kernels must keep a wgmma in flight (a wait with pendings >= 1).  The suite runs the report's representative
 subset (one config per kernel family variant, cached by source hash); the full report over every
 config the autotuner may pick is `python benchmarks/kernel_report.py`.  The first test shows that
 the report catches what it claims to catch, on deliberately bad tiny kernels.
