@@ -19,14 +19,14 @@ architecture on the CPU, then reads:
   SASS instructions of the largest ("hot"; "outer": of the loop around it, e.g. a column-tile
   loop whose softmax epilogue follows an inner D loop), the FSELs that write an MMA accumulator
   register ("fsel": a select that resets the accumulator), and the pendings of each wgmma wait
-  ("waits", WARPGROUP.DEPBAR.LE gsb0, N: N >= 1 lets the MMA run on while the loop goes on,
-  0 waits for every MMA);
+  ("waits", WARPGROUP.DEPBAR.LE gsb0, N, loops separated by "|": N >= 1 lets the MMA run on while
+  the loop goes on, 0 waits for every MMA);
 * from the TTGIR: the stages actually used ("stg": the buffer count of the pipelined loads'
   shared-memory rings; 1 = not pipelined).
 
 A case fails on a compile error, on spilled bytes, on a fenced atomic, on a GPU-scope
-MEMBAR inside a loop, or (16-bit contrastive forward and dG kernels on sm_90a) on a hot loop
-whose wgmma waits all have pendings 0, for every config the autotuner can choose (configs whose shared memory
+MEMBAR inside a loop, or (16-bit contrastive forward and dG kernels on sm_90a) on hot loops
+that all wait for every wgmma (pendings 0), for every config the autotuner can choose (configs whose shared memory
 exceeds the SM limit are listed as "no fit": the autotuner skips them).  The set of configs
 the autotuner may pick is read from the kernels' own autotuner objects and their pruning
 functions, so the report follows the code.  Results are cached by the kernels' source hash
@@ -65,7 +65,7 @@ ARCHS = {
     "sm_90a": dict(cap=90, regs=65536, smem_sm=228 * 1024, smem_cta=227 * 1024, reserved=1024, warps=64, ctas=32),
     "sm_80": dict(cap=80, regs=65536, smem_sm=164 * 1024, smem_cta=163 * 1024, reserved=1024, warps=64, ctas=32),
 }
-REPORT_VERSION = 4  # bump when analyse() reads more: older cache entries lack the new fields
+REPORT_VERSION = 5  # bump when analyse() reads more: older cache entries lack the new fields
 TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -462,7 +462,8 @@ def _hot_loop(insns, loops, op) -> dict:
     """The innermost loops holding an MMA (a kernel may hold several copies of its loop, e.g. one per
     constexpr path), else the longest innermost loop: the largest one's instruction count and that
     of the loop around it, the FSELs writing an accumulator register of their MMAs, the pendings of
-    their wgmma waits, and whether every one of them has a wait with pendings >= 1 (or no wait)."""
+    their wgmma waits (per loop in loop_waits), and whether one of them keeps a wgmma in flight (a
+    wait with pendings >= 1; True without any wait)."""
     def body(lo, hi):
         return [(a, t) for a, t in insns if lo <= a <= hi]
 
@@ -476,7 +477,7 @@ def _hot_loop(insns, loops, op) -> dict:
     if not hot:
         inner = innermost(loops)
         hot = [max(inner, key=lambda lp: len(body(*lp)))] if inner else []
-    out = dict(hot_insns=0, outer_insns=0, acc_fsel=0, waits=[], overlapped=True)
+    out = dict(hot_insns=0, outer_insns=0, acc_fsel=0, waits=[], loop_waits=[])
     for lo, hi in hot:
         insns_in = body(lo, hi)
         # the loop around it (a tile loop whose epilogue follows an inner MMA loop), 0 when none
@@ -505,7 +506,9 @@ def _hot_loop(insns, loops, op) -> dict:
             if m:
                 waits.append(int(m.group(1), 0))
         out["waits"] += waits
-        out["overlapped"] &= not waits or max(waits) >= 1
+        out["loop_waits"].append(waits)
+    # a kernel may keep a rare path's copy of its loop unpipelined: one loop in flight is enough
+    out["overlapped"] = not out["waits"] or any(w and max(w) >= 1 for w in out["loop_waits"])
     return out
 
 
@@ -615,7 +618,7 @@ def format_row(case: Case, arch: str, info: dict, bad: list) -> str:
     if info.get("nofit") and "regs" not in info:
         return f"{case.kernel:<22} {case.variant:<26} {case.config:<44} {arch:<6} no fit (autotune skips it)"
     mma = f"wgmma{info['hgmma']}" if info["hgmma"] else (f"mma{info['hmma']}" if info["hmma"] else "-")
-    waits = ",".join(str(w) for w in info["waits"]) or "-"
+    waits = "|".join(",".join(str(w) for w in lw) for lw in info.get("loop_waits", []) if lw) or "-"
     status = "FAIL: " + "; ".join(bad) if bad else ("ok" if case.pickable else "ok (not picked)")
     if info.get("nofit"):
         status = "no fit (autotune skips it)"

@@ -300,6 +300,7 @@ def _contrastive_fwd_kernel(
         row0 = tl.where(tri, rb_tri * BLOCK, R0 + (r_sq // (NYS * NS)) * BLOCK)
         slot = tl.where(tri, NYS * NS + cs_tr, jy * NS + cs_sq)
         # a fixed shift for every row of the block (the common case), else the online-max loop
+        # (rare; unpipelined: its larger epilogue state spills some tiles on sm_80 otherwise)
         rows = row0 + tl.arange(0, BLOCK)
         r_in, r_ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
         r_ok = r_ok & (rows < R1)
@@ -315,7 +316,7 @@ def _contrastive_fwd_kernel(
                 z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
                 row0, R1, cb_lo, cb_hi, xs == ys, (xs == 0) & (ys == 1), do_cols,
                 B, D, stride_zm, stride_zb, stride_pm,
-                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, STAGES, False)
+                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, 1, False)
         lse = _lse2(m_i, l_i)
         dst = part_ptr + ((p.to(tl.int64) * 2 + xs) * NSLOT + slot) * B + rows.to(tl.int64)
         tl.store(dst, lse, mask=r_ok & ((rows * 0 + cb_hi) > cb_lo))
@@ -335,9 +336,8 @@ def _contrastive_fwd_fallback_kernel(
     # Exact column-direction LSE of the rows without a column shift (grid (2 * NRB, pairs)):
     # side 1 rows against every side-0 row (the square); with NSEG == 2 also side h rows of block
     # rb against side h blocks [0, rb) (the triangles' column direction).
-    # one stage less than the main kernel's: the online max keeps more of the epilogue live (the
-    # 128-row tile spills on sm_80 with three)
-    FB_STAGES: tl.constexpr = STAGES - 1 if STAGES > 2 else STAGES
+    # the online max keeps more of the epilogue live: unpipelined (pipelined, some tiles spill on sm_80)
+    FB_STAGES: tl.constexpr = 1
     t = tl.program_id(0)
     p = tl.program_id(1)
     NCB = tl.cdiv(B, BLOCK)

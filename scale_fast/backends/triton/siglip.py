@@ -33,7 +33,7 @@ def _config(dtype: torch.dtype):
     if dtype in (torch.bfloat16, torch.float16):
         return 128, 64, 64, 8, 3
     if dtype == torch.float32:
-        return 64, 64, 32, 4, 2
+        return 64, 64, 16, 4, 2
     return 32, 32, 16, 4, 1
 
 
