@@ -14,9 +14,9 @@ sized for >= 2 programs per SM), each Gram tile summed over D from a fresh zero 
 software-pipelined loop (the config's num_stages), then a softmax epilogue adds the row sums in
 registers (one base-2 LSE per row and slot of a [pairs, 2, slots, B] buffer) and the column sums
 with relaxed atomics; "ntxent" adds the upper triangles of the same-side blocks.  Every sum uses a
-fixed shift known before the sweep (max(s w pos, |s w| - 95), base 2); row blocks holding a row
-without a safe shift run a separate online-max loop, and a small second launch recomputes the
-columns without one exactly.  The positive logits are written by the tile that holds them.
+fixed shift known before the sweep (max(s w pos, |s w| - 95), base 2); the rows without a safe
+shift (rare) get their whole LSE, both directions, from a small second launch with an exact
+online max.  The positive logits are written by the tile that holds them.
 
 Backward (no atomics): per pair and row chunk, a Triton kernel recomputes the Gram tiles of
 the chunk's rows against their columns and writes dG = d loss / d G (both directions'
@@ -72,8 +72,8 @@ _ASSUMED_SMS = 132  # H100 / H200 SXM; used where no CUDA device is there to ask
 # dots (fp32 operands: twice the registers per tile) and exact fp32 dots (FMA units).  Every set
 # is checked for spills and fences on sm_90a and sm_80 by benchmarks/kernel_report.py.
 _FWD = {"tc16": ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3)),
-        "tf32": ((64, 64, 4, 3), (64, 32, 4, 3)),
-        "fma": ((64, 16, 4, 2), (32, 32, 4, 2))}
+        "tf32": ((64, 64, 8, 3), (64, 32, 4, 3)),
+        "fma": ((64, 16, 4, 2), (32, 16, 4, 2))}
 # backward dG tiles: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
 _DG = {"tc16": ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3)),
        "tf32": ((128, 64, 64, 8, 3), (128, 64, 32, 8, 3)),
@@ -170,8 +170,8 @@ def _sweep(z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm,
     """Rows row0 .. row0+BLOCK (< row_end) of side xm against column tiles [cb_lo, cb_hi) of side ym.
 
     Returns (rows, row-ok mask, m, l) with the row LSE = m + log2(l) over those columns (base 2).
-    FIXED: every row has a fixed shift (csh, base 2; m is that shift and the tile sums simply add);
-    else an exact online max.  same_side: drop self-similarities; write_pos: store the positive
+    FIXED: the rows' fixed shifts (csh, base 2; m is that shift and the tile sums simply add; NaN
+    for a row without one); else an exact online max.  same_side: drop self-similarities; write_pos: store the positive
     logits of the rows found in these tiles; do_cols: add the columns' fixed-shift sums into colsum
     (relaxed atomics), except on tiles that hold self-similarities (their row direction already
     covers them), for the columns whose shift csh is not NaN.
@@ -299,24 +299,13 @@ def _contrastive_fwd_kernel(
         cb_hi = tl.maximum(cb_hi, cb_lo)
         row0 = tl.where(tri, rb_tri * BLOCK, R0 + (r_sq // (NYS * NS)) * BLOCK)
         slot = tl.where(tri, NYS * NS + cs_tr, jy * NS + cs_sq)
-        # a fixed shift for every row of the block (the common case), else the online-max loop
-        # (rare; unpipelined: its larger epilogue state spills some tiles on sm_80 otherwise)
-        rows = row0 + tl.arange(0, BLOCK)
-        r_in, r_ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
-        r_ok = r_ok & (rows < R1)
-        sh_r = tl.load(csh_ptr + p.to(tl.int64) * B + rows.to(tl.int64), mask=r_ok, other=0.0)
-        if tl.min(((sh_r == sh_r) | (r_ok == 0)).to(tl.int32), 0) > 0:
-            rows, r_ok, m_i, l_i = _sweep(
-                z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
-                row0, R1, cb_lo, cb_hi, xs == ys, (xs == 0) & (ys == 1), do_cols,
-                B, D, stride_zm, stride_zb, stride_pm,
-                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, STAGES, True)
-        else:
-            rows, r_ok, m_i, l_i = _sweep(
-                z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
-                row0, R1, cb_lo, cb_hi, xs == ys, (xs == 0) & (ys == 1), do_cols,
-                B, D, stride_zm, stride_zb, stride_pm,
-                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, 1, False)
+        # every row's sums with its fixed shift; a row without one gets NaN here, and its whole LSE
+        # from the exact fallback launch
+        rows, r_ok, m_i, l_i = _sweep(
+            z_ptr, pres_ptr, w_ptr, pos2_ptr, colsum_ptr, csh_ptr, p, mi, mj, xm, ym, ys, s2,
+            row0, R1, cb_lo, cb_hi, xs == ys, (xs == 0) & (ys == 1), do_cols,
+            B, D, stride_zm, stride_zb, stride_pm,
+            HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, STAGES, True)
         lse = _lse2(m_i, l_i)
         dst = part_ptr + ((p.to(tl.int64) * 2 + xs) * NSLOT + slot) * B + rows.to(tl.int64)
         tl.store(dst, lse, mask=r_ok & ((rows * 0 + cb_hi) > cb_lo))
@@ -328,41 +317,40 @@ def _contrastive_fwd_kernel(
 @triton.jit
 def _contrastive_fwd_fallback_kernel(
     z_ptr, pres_ptr, w_ptr, pi_ptr, pj_ptr, scale_ptr, csh_ptr, fb_ptr,
-    B, D, stride_zm, stride_zb, stride_pm,
+    B, D, stride_zm, stride_zb, stride_pm, R0, R1,
     HAS_W: tl.constexpr, NSEG: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     EVEN_D: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # Exact column-direction LSE of the rows without a column shift (grid (2 * NRB, pairs)):
-    # side 1 rows against every side-0 row (the square); with NSEG == 2 also side h rows of block
-    # rb against side h blocks [0, rb) (the triangles' column direction).
-    # the online max keeps more of the epilogue live: unpipelined (pipelined, some tiles spill on sm_80)
-    FB_STAGES: tl.constexpr = 1
+    # The exact LSE (online max) of the rows without a fixed shift, against all their columns
+    # (grid (2 * NRB, pairs)): side h rows of block rb (samples R0 + rb * BLOCK ..., < R1) against
+    # the other side, and with NSEG == 2 against their own side, self removed.  Programs whose block
+    # holds no such row exit at once (the common case).  Unpipelined (the config's STAGES unused):
+    # the online max keeps more of the epilogue live, and pipelined some tiles spill on sm_80.
     t = tl.program_id(0)
     p = tl.program_id(1)
-    NCB = tl.cdiv(B, BLOCK)
-    h = t // NCB
-    rb = t % NCB
+    NRB = tl.cdiv(R1 - R0, BLOCK)
+    h = t // NRB
+    row0 = R0 + (t % NRB) * BLOCK
     mi = tl.load(pi_ptr + p)
     mj = tl.load(pj_ptr + p)
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    ar = tl.arange(0, BLOCK)
-    rows = rb * BLOCK + ar
+    rows = row0 + tl.arange(0, BLOCK)
     r_in, ok, wr, rbias = _row_info(pres_ptr, w_ptr, mi, mj, p, rows, B, stride_pm, HAS_W)
+    ok = ok & (rows < R1)
     sh = tl.load(csh_ptr + p.to(tl.int64) * B + rows, mask=ok, other=0.0)
     need = ok & (sh != sh)
     if tl.max(need.to(tl.int32), 0) > 0:
         xm = tl.where(h == 0, mi, mj)
         m = tl.full((BLOCK,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK,), dtype=tl.float32)
-        for ph in range(0, 2):
-            ym = tl.where(ph == 0, mi, xm)
-            cb_hi = tl.where(ph == 0, tl.where(h == 1, NCB, 0), tl.where(NSEG == 2, rb, 0))
+        for ph in range(0, NSEG):
+            ym = tl.where(ph == 0, tl.where(h == 0, mj, mi), xm)
             rows2, ok2, m2, l2 = _sweep(
                 z_ptr, pres_ptr, w_ptr, fb_ptr, fb_ptr, csh_ptr, p, mi, mj, xm, ym, h, s2,
-                rb * BLOCK, B, 0, cb_hi, 0, 0, 0,
+                row0, R1, 0, tl.cdiv(B, BLOCK), ph == 1, 0, 0,
                 B, D, stride_zm, stride_zb, stride_pm,
-                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, FB_STAGES, False)
+                HAS_W, BLOCK, BLOCK_D, PRECISION, DOT_F32, EVEN_D, 1, False)
             mx = tl.maximum(m, m2)
             mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
             l = l * tl.exp2(m - mx_safe) + l2 * tl.exp2(m2 - mx_safe)
@@ -602,18 +590,23 @@ def _forward_lse(z, w, scale32, present_u8, pi32, pj32, both_dir, nseg, row_rang
         B, D, z.stride(0), z.stride(1), present_u8.stride(0), r0, r1, nslot, NS, CL,
         HAS_W=has_w, BOTH_DIR=both_dir, NSEG=nseg, LOCAL=local, PRECISION=prec, DOT_F32=f32,
     )
-    lse2 = _lse2_slots(part)
+    lse2 = _lse2_slots(part)  # NaN for the rows without a fixed shift
     del part
     if both_dir and not local:
-        fb = torch.full((P, 2, B), float("-inf"), device=dev, dtype=torch.float32)
-        grid_fb = lambda meta: (2 * triton.cdiv(B, meta["BLOCK"]), P)  # noqa: E731
-        _contrastive_fwd_fallback_kernel[grid_fb](
-            z, present_u8, w_arg, pi32, pj32, scale32, csh, fb,
-            B, D, z.stride(0), z.stride(1), present_u8.stride(0),
-            HAS_W=has_w, NSEG=nseg, PRECISION=prec, DOT_F32=f32,
-        )
-        col = torch.where(torch.isnan(csh)[:, None, :], fb, torch.log2(colsum) + csh[:, None, :])
-        lse2 = _logaddexp2(lse2, col)
+        lse2 = _logaddexp2(lse2, torch.log2(colsum) + csh[:, None, :])
+    # the rows without a fixed shift (rare): their whole LSE, exact, from a second launch
+    fb = torch.full((P, 2, B), float("-inf"), device=dev, dtype=torch.float32)
+    grid_fb = lambda meta: (2 * triton.cdiv(r1 - r0, meta["BLOCK"]), P)  # noqa: E731
+    _contrastive_fwd_fallback_kernel[grid_fb](
+        z, present_u8, w_arg, pi32, pj32, scale32, csh, fb,
+        B, D, z.stride(0), z.stride(1), present_u8.stride(0), r0, r1,
+        HAS_W=has_w, NSEG=nseg, PRECISION=prec, DOT_F32=f32,
+    )
+    need = torch.isnan(csh)
+    if local:
+        need[:, :r0] = False
+        need[:, r1:] = False
+    lse2 = torch.where(need[:, None, :], fb, lse2)
     return lse2, pos2
 
 
