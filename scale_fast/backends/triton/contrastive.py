@@ -72,7 +72,7 @@ _ASSUMED_SMS = 132  # H100 / H200 SXM; used where no CUDA device is there to ask
 # dots (fp32 operands: twice the registers per tile) and exact fp32 dots (FMA units).  Every set
 # is checked for spills and fences on sm_90a and sm_80 by benchmarks/kernel_report.py.
 _FWD = {"tc16": ((128, 64, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3)),
-        "tf32": ((64, 64, 8, 3), (64, 32, 4, 3)),
+        "tf32": ((64, 64, 8, 3), (64, 32, 8, 3)),
         "fma": ((64, 16, 4, 2), (32, 16, 4, 2))}
 # backward dG tiles: (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages)
 _DG = {"tc16": ((128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3)),
