@@ -9,7 +9,9 @@
 #
 # Rows (bf16, fwd+bwd, each against the peers that apply and torch.mm's rate, OOM / cannot-fit rows say
 # so): CLIP M=2 D=512 at B = 8k, 32k, 64k and the SCALE NT-Xent M=5 loss with S' weights
-# (benchmarks/bench_contrastive.py: naive, OpenCLIP ClipLoss, Inf-CL); linear cross-entropy at
+# (benchmarks/bench_contrastive.py: naive, OpenCLIP ClipLoss, Inf-CL); a per-kernel time breakdown of
+# one fwd+bwd iteration of CLIP B=8192 D=512 and SCALE M=5 B=16384 D=256 (benchmarks/profile_kernels.py,
+# torch.profiler, profile_cuda.md); linear cross-entropy at
 # N=16384, K=21128, H=768 (benchmarks/bench_linear_ce.py: Liger, Cut CE, F.linear + cross_entropy);
 # after the tests, when at least 100 s are left, the sigmoid (SigLIP) loss at B = 8k, 32k
 # (bench_contrastive.py --form siglip: naive, OpenCLIP SigLipLoss).
@@ -113,6 +115,9 @@ if flag "$C" "--dim" && flag "$C" "--modalities"; then  # the SCALE loss at D=25
 else
     echo "bench_scale_d256 rc=skipped ($C takes no --dim/--modalities: its M=5 rows run at D=512 above)" | tee -a "$STEPS"
 fi
+# where the time goes: one profiled fwd+bwd iteration of CLIP B=8192 D=512 and SCALE M=5 B=16384 D=256
+PROF=$([ "$DRY" = 1 ] && echo "--dry-run" || echo "--device cuda")
+step profile 60 python3 benchmarks/profile_kernels.py $PROF
 L=benchmarks/bench_linear_ce.py
 step bench_linear_ce 100 python3 "$L" "${BENCH[@]}" --budget-s 80
 if flag "$L" "--vocab"; then  # a modern LLM vocabulary

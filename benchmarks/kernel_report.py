@@ -14,10 +14,19 @@ architecture on the CPU, then reads:
   warps (64 per SM) and the 32-CTA limit;
 * from the SASS (nvdisasm): MEMBAR.*.GPU / .SYS fences and atomics (ATOM*, RED*) that carry
   such a fence (the default acq_rel semantics of tl.atomic_add), each flagged when it lies
-  inside a loop (between a backward branch and its target); HGMMA (wgmma) / HMMA counts.
+  inside a loop (between a backward branch and its target); HGMMA (wgmma) / HMMA counts;
+* the hot loops (the innermost loops that hold an MMA; without one, the longest innermost loop):
+  SASS instructions of the largest ("hot"; "outer": of the loop around it, e.g. a column-tile
+  loop whose softmax epilogue follows an inner D loop), the FSELs that write an MMA accumulator
+  register ("fsel": a select that resets the accumulator), and the pendings of each wgmma wait
+  ("waits", WARPGROUP.DEPBAR.LE gsb0, N, loops separated by "|": N >= 1 lets the MMA run on while
+  the loop goes on, 0 waits for every MMA);
+* from the TTGIR: the stages actually used ("stg": the buffer count of the pipelined loads'
+  shared-memory rings; 1 = not pipelined).
 
-A case fails on a compile error, on spilled bytes, on a fenced atomic, or on a GPU-scope
-MEMBAR inside a loop, for every config the autotuner can choose (configs whose shared memory
+A case fails on a compile error, on spilled bytes, on a fenced atomic, on a GPU-scope
+MEMBAR inside a loop, or (16-bit contrastive forward and dG kernels on sm_90a) on hot loops
+that all wait for every wgmma (pendings 0), for every config the autotuner can choose (configs whose shared memory
 exceeds the SM limit are listed as "no fit": the autotuner skips them).  The set of configs
 the autotuner may pick is read from the kernels' own autotuner objects and their pruning
 functions, so the report follows the code.  Results are cached by the kernels' source hash
@@ -56,6 +65,7 @@ ARCHS = {
     "sm_90a": dict(cap=90, regs=65536, smem_sm=228 * 1024, smem_cta=227 * 1024, reserved=1024, warps=64, ctas=32),
     "sm_80": dict(cap=80, regs=65536, smem_sm=164 * 1024, smem_cta=163 * 1024, reserved=1024, warps=64, ctas=32),
 }
+REPORT_VERSION = 5  # bump when analyse() reads more: older cache entries lack the new fields
 TORCH_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -76,10 +86,11 @@ class Case:
     grid_note: str = ""
     programs_per_sm: float | None = None  # fewest programs per SM over B >= 4096 (grids sized by the host)
     no_hint: tuple = ()  # arguments not specialised as divisible by 16 (odd D)
+    overlap: bool = False  # fail on sm_90a when every wgmma wait of the hot loop has pendings 0
 
     def key(self, arch: str) -> str:
         h = hashlib.sha256()
-        h.update(repr((self.fn.cache_key, self.no_hint, sorted(self.types.items()), sorted((k, repr(v)) for k, v in self.constexprs.items()),
+        h.update(repr((REPORT_VERSION, self.fn.cache_key, self.no_hint, sorted(self.types.items()), sorted((k, repr(v)) for k, v in self.constexprs.items()),
                        self.num_warps, self.num_stages, arch, triton.__version__)).encode())
         return h.hexdigest()[:32]
 
@@ -141,7 +152,7 @@ def autotuned_cases(kernel, name, variant, types, constexprs, nargs, kwargs, *, 
     heur = _heuristics(kernel)
     cases = []
     for cfg in allc:
-        pick = cfg in chosen
+        pick = any(cfg is c for c in chosen)  # identity: two classes may hold equal configs
         if not pick and not (full and ALL_CONFIGS):
             continue
         ce = dict(constexprs)
@@ -154,7 +165,7 @@ def autotuned_cases(kernel, name, variant, types, constexprs, nargs, kwargs, *, 
         for pname, p in zip(fn.arg_names, fn.params):
             if p.is_constexpr and pname not in ce and p.has_default:
                 ce[pname] = p.default
-        label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if not k.startswith("GROUP")) + \
+        label = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items() if not k.startswith(("GROUP", "STAGES"))) + \
             f" w{cfg.num_warps} s{cfg.num_stages}"
         cases.append(Case(name, variant, fn, _fill_types(fn, types, ce), ce, cfg.num_warps, cfg.num_stages,
                           label, pick))
@@ -199,6 +210,7 @@ def contrastive_cases(full: bool):
                                 for B in (4096, 6144, 8192, 16384, 32768, 65536, 100000))
                             c.programs_per_sm = round(worst, 2)
                             c.grid_note = f"[>= {worst:.1f} programs/SM at B >= 4096, 1 pair, {ASSUMED_SMS} SMs]"
+                            c.overlap = dt != "fp32"
                         cases += cs
             if both:
                 ce = dict(HAS_W=True, NSEG=nseg, PRECISION=prec, DOT_F32=False)
@@ -213,8 +225,11 @@ def contrastive_cases(full: bool):
                       DOT_F32=False)
             types = dict(base, z_ptr=ptr, dg_ptr="*bf16" if dt == "bf16" else "*fp32")
             label = "mirrored row+col" if col_stats else ("row" if row_term else "col")
-            cases += autotuned_cases(con._contrastive_dg_kernel, "contrastive_bwd_dg", f"{dt} {prec} {label}",
-                                     types, ce, dict(nargs, D=512), ce, full=full)
+            dg = autotuned_cases(con._contrastive_dg_kernel, "contrastive_bwd_dg", f"{dt} {prec} {label}",
+                                 types, ce, dict(nargs, D=512), ce, full=full)
+            for c in dg:
+                c.overlap = dt != "fp32"
+            cases += dg
     return cases
 
 
@@ -292,7 +307,28 @@ def _lce_row_cases(lce, full: bool):
     return cases
 
 
-FAMILIES = {"contrastive": contrastive_cases, "scores": scores_cases, "linear_ce": linear_ce_cases}
+def siglip_cases(full: bool):
+    """The sigmoid (SigLIP) pair-loss kernels at the tiles the host picks for each D and dtype."""
+    from scale_fast.backends.triton import siglip as sg
+
+    cases = []
+    for dt in (("bf16", "fp16", "fp32") if full else ("bf16",)):
+        for D in ((64, 128, 256, 512, 768) if full else (512,)):
+            for kname, kernel, extra in sg.report_kernels(TORCH_DT[dt], D):
+                fn = jit_of(kernel)
+                ce = {k: v for k, v in extra.items() if k in fn.arg_names}
+                warps, stages = extra.get("num_warps", 4), extra.get("num_stages", 3)
+                ptrs = dict(Q="*" + dt, K="*" + dt, POS="*i64", E="*" + dt if dt != "fp32" else "*fp32")
+                types = {n: ptrs.get(n, "*fp32" if n in ("RS", "BIAS", "LOSS", "PG", "PS") else
+                                     "fp32" if n == "coef" else "i32") for n in fn.arg_names if n not in ce}
+                label = ",".join(f"{k}={v}" for k, v in ce.items() if k.startswith("BLOCK")) + f" w{warps} s{stages}"
+                c = Case(kname, f"{dt} D={D}", fn, types, ce, warps, stages, label)
+                cases.append(c)
+    return cases
+
+
+FAMILIES = {"contrastive": contrastive_cases, "scores": scores_cases, "linear_ce": linear_ce_cases,
+            "siglip": siglip_cases}
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +340,7 @@ def _tool(name: str) -> str:
 
 
 def compile_case(case: Case, arch: str):
-    """Compile; returns (ptxas log, shared bytes, cubin bytes)."""
+    """Compile; returns (ptxas log, shared bytes, cubin bytes, TTGIR text)."""
     from triton import knobs
     from triton.compiler import ASTSource
 
@@ -320,7 +356,7 @@ def compile_case(case: Case, arch: str):
                                options={"num_warps": case.num_warps, "num_stages": case.num_stages})
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
-    return buf.getvalue(), int(k.metadata.shared), k.asm["cubin"]
+    return buf.getvalue(), int(k.metadata.shared), k.asm["cubin"], k.asm.get("ttgir", "")
 
 
 def _attrs(case: Case):
@@ -391,6 +427,7 @@ def scan_sass(sass: str) -> dict:
     def op(text):
         return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] if text.strip() else ""
 
+    hot = _hot_loop(insns, loops, op)
     gpu_fence = re.compile(r"^MEMBAR\.(\w+\.)?(GPU|SYS)")
     out = dict(membar=0, membar_loop=0, atomics=0, fenced_atomics=0, fenced_atomics_loop=0, hgmma=0, hmma=0,
                local=0)
@@ -411,7 +448,77 @@ def scan_sass(sass: str) -> dict:
             out["hmma"] += 1
         if o.startswith(("LDL", "STL")):
             out["local"] += 1
+    out.update(hot)
     return out
+
+
+_HGMMA = re.compile(r"HGMMA\.64x(\d+)x\d+\.(F32|F16)\S*\s+R(\d+)")
+_HMMA = re.compile(r"HMMA\.\w+\.(F32|F16)\S*\s+R(\d+)")
+_WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*(0x[0-9a-f]+|\d+)")
+_DST = re.compile(r"^\S+\s+R(\d+)")
+
+
+def _hot_loop(insns, loops, op) -> dict:
+    """The innermost loops holding an MMA (a kernel may hold several copies of its loop, e.g. one per
+    constexpr path), else the longest innermost loop: the largest one's instruction count and that
+    of the loop around it, the FSELs writing an accumulator register of their MMAs, the pendings of
+    their wgmma waits (per loop in loop_waits), and whether one of them keeps a wgmma in flight (a
+    wait with pendings >= 1; True without any wait)."""
+    def body(lo, hi):
+        return [(a, t) for a, t in insns if lo <= a <= hi]
+
+    def has_mma(lo, hi):
+        return any(op(t).startswith(("HGMMA", "HMMA")) for _, t in body(lo, hi))
+
+    def innermost(cands):
+        return [lp for lp in cands if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in cands)]
+
+    hot = innermost([lp for lp in loops if has_mma(*lp)])
+    if not hot:
+        inner = innermost(loops)
+        hot = [max(inner, key=lambda lp: len(body(*lp)))] if inner else []
+    out = dict(hot_insns=0, outer_insns=0, acc_fsel=0, waits=[], loop_waits=[])
+    for lo, hi in hot:
+        insns_in = body(lo, hi)
+        # the loop around it (a tile loop whose epilogue follows an inner MMA loop), 0 when none
+        outer = [lp for lp in loops if lp != (lo, hi) and lp[0] <= lo and hi <= lp[1]]
+        out["outer_insns"] = max(out["outer_insns"],
+                                 len(body(*min(outer, key=lambda lp: lp[1] - lp[0]))) if outer else 0)
+        out["hot_insns"] = max(out["hot_insns"], len(insns_in))
+        acc = set()
+        for _, t in insns_in:
+            text = re.sub(r"^@!?U?P\w+\s+", "", t)
+            m = _HGMMA.match(text)
+            if m:  # a 64 x N warpgroup tile: N/2 fp32 (N/4 packed fp16) registers per thread
+                n, base = int(m.group(1)), int(m.group(3))
+                acc.update(range(base, base + (n // 2 if m.group(2) == "F32" else n // 4)))
+            m = _HMMA.match(text)
+            if m:  # one m16n8 fragment: 4 fp32 (2 packed fp16) registers
+                base = int(m.group(2))
+                acc.update(range(base, base + (4 if m.group(1) == "F32" else 2)))
+        waits = []
+        for _, t in insns_in:
+            text = re.sub(r"^@!?U?P\w+\s+", "", t)
+            if text.startswith("FSEL"):
+                m = _DST.match(text)
+                out["acc_fsel"] += bool(m and int(m.group(1)) in acc)
+            m = _WAIT.search(text)
+            if m:
+                waits.append(int(m.group(1), 0))
+        out["waits"] += waits
+        out["loop_waits"].append(waits)
+    # a kernel may keep a rare path's copy of its loop unpipelined: one loop in flight is enough
+    out["overlapped"] = not out["waits"] or any(w and max(w) >= 1 for w in out["loop_waits"])
+    return out
+
+
+_RING = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x")
+
+
+def stages_used(ttgir: str) -> int:
+    """Buffers of the pipelined loads' shared-memory rings (1: the loop is not pipelined)."""
+    rings = [int(n) for n in _RING.findall(ttgir)]
+    return max(rings) if rings else 1
 
 
 def occupancy(regs: int, smem: int, num_warps: int, arch: str):
@@ -437,7 +544,7 @@ def analyse(case: Case, arch: str, cache: dict) -> dict:
         return dict(cache[key], cached=True)
     t0 = time.time()
     try:
-        log, smem, cubin = compile_case(case, arch)
+        log, smem, cubin, ttgir = compile_case(case, arch)
     except Exception as exc:  # noqa: BLE001  (every failure is reported)
         msg = " | ".join(str(exc).strip().splitlines()[:6])
         if "out of resource" in msg.lower() or "OutOfResources" in type(exc).__name__:
@@ -445,14 +552,14 @@ def analyse(case: Case, arch: str, cache: dict) -> dict:
         return dict(error=f"{type(exc).__name__}: {msg[:600]}", seconds=time.time() - t0)
     info = parse_ptxas(log)
     info.update(scan_sass(sass_of(cubin)))
-    info.update(smem=smem, seconds=round(time.time() - t0, 1), error=None)
+    info.update(smem=smem, stages=stages_used(ttgir), seconds=round(time.time() - t0, 1), error=None)
     info["ctas"], info["limit"] = occupancy(info["regs"], smem, case.num_warps, arch)
     info["nofit"] = smem > ARCHS[arch]["smem_cta"]
     cache[key] = info
     return info
 
 
-def verdict(case: Case, info: dict) -> list:
+def verdict(case: Case, info: dict, arch: str = "sm_90a") -> list:
     """Why a case fails (empty: it passes)."""
     if info.get("error"):
         return ["compile error"]
@@ -467,6 +574,8 @@ def verdict(case: Case, info: dict) -> list:
         bad.append(f"{info['fenced_atomics']} fenced atomics")
     if info["membar_loop"]:
         bad.append(f"{info['membar_loop']} GPU MEMBAR in loops")
+    if case.overlap and arch == "sm_90a" and not info["overlapped"]:
+        bad.append("hot loop waits for every MMA (wgmma pendings 0)")
     return bad
 
 
@@ -499,7 +608,8 @@ def save_cache(cache: dict) -> None:
 
 
 HEADER = (f"{'kernel':<22} {'variant':<26} {'config':<44} {'arch':<6} {'regs':>4} {'spill':>9} {'stack':>5} "
-          f"{'smem KiB':>8} {'CTA/SM':>9} {'mma':>9} {'fenced':>6} {'MEMBAR@loop':>11}  verdict")
+          f"{'smem KiB':>8} {'CTA/SM':>9} {'mma':>9} {'fenced':>6} {'MEMBAR@loop':>11} {'stg':>3} {'hot':>5} {'outer':>5} "
+          f"{'fsel':>4} {'waits':>7}  verdict")
 
 
 def format_row(case: Case, arch: str, info: dict, bad: list) -> str:
@@ -508,12 +618,14 @@ def format_row(case: Case, arch: str, info: dict, bad: list) -> str:
     if info.get("nofit") and "regs" not in info:
         return f"{case.kernel:<22} {case.variant:<26} {case.config:<44} {arch:<6} no fit (autotune skips it)"
     mma = f"wgmma{info['hgmma']}" if info["hgmma"] else (f"mma{info['hmma']}" if info["hmma"] else "-")
+    waits = "|".join(",".join(str(w) for w in lw) for lw in info.get("loop_waits", []) if lw) or "-"
     status = "FAIL: " + "; ".join(bad) if bad else ("ok" if case.pickable else "ok (not picked)")
     if info.get("nofit"):
         status = "no fit (autotune skips it)"
     return (f"{case.kernel:<22} {case.variant:<26} {case.config:<44} {arch:<6} {info['regs']:>4} "
             f"{info['spill_st']:>4}/{info['spill_ld']:<4} {info['stack']:>5} {info['smem'] / 1024:>8.1f} "
-            f"{info['ctas']:>3} {info['limit']:<5} {mma:>9} {info['fenced_atomics']:>6} {info['membar_loop']:>11}  "
+            f"{info['ctas']:>3} {info['limit']:<5} {mma:>9} {info['fenced_atomics']:>6} {info['membar_loop']:>11} "
+            f"{info['stages']:>3} {info['hot_insns']:>5} {info['outer_insns']:>5} {info['acc_fsel']:>4} {waits:>7}  "
             f"{status}{(' ' + case.grid_note) if case.grid_note else ''}")
 
 
@@ -534,7 +646,7 @@ def run(cases, archs, out=sys.stdout, cache=None):
     for arch in archs:
         for case in cases:
             info = analyse(case, arch, cache)
-            bad = verdict(case, info)
+            bad = verdict(case, info, arch)
             rows.append((case, arch, info, bad))
             print(format_row(case, arch, info, bad), file=out, flush=True)
             save_cache(cache)

@@ -553,3 +553,13 @@ def test_torch_workspace_reused_across_pairs(monkeypatch, form):
     # 6 pairs, forward and backward: the pairs share a handful of buffers (one per growth), not one each
     assert len({ptr for _, ptr in made_ws}) < len(made_ws)
     assert mod._WORKSPACE.buf is None and not mod._WORKSPACE.held
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton not available")
+@pytest.mark.parametrize("form", FORMS)
+def test_triton_row_range_without_a_safe_shift(form, monkeypatch):
+    """row_range with a narrow shift margin: most rows take the exact fallback launch (their whole LSE,
+    online max), over a partition of the batch, against the float64 reference."""
+    mod = importlib.import_module("scale_fast.backends.triton.contrastive")
+    monkeypatch.setattr(mod, "_SHIFT_MARGIN", 2.0)
+    test_row_range_partition_matches_reference("triton", 0, form)

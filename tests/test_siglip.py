@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import scale_fast as sf
 from scale_fast.bench.contrastive import import_open_clip_loss
-from conftest import (DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad, assert_value_close, backend_cases,
+from conftest import (BACKENDS, DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad, assert_value_close, backend_cases,
                       case_rng, dev_leaf, grads, make_embeddings, make_present, ref_leaf, sizes, torch_gen)
 from reference import RefTask, ref_pair_losses, ref_scale_loss
 
@@ -138,3 +138,21 @@ def test_logit_bias_errors():
         sf.multi_pair_info_nce(e, logit_bias=math.inf, form="siglip")
     with pytest.raises(ValueError, match="learnable_logit_bias"):
         sf.SCALELoss(["a", "b"], learnable_logit_bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_siglip_triton_backward_in_row_chunks(monkeypatch, dtype):
+    """The Triton backward with a dG buffer of a few rows (several row chunks, a short last one, D not a
+    multiple of the D tile) and 16-bit inputs, against the float64 reference."""
+    if "triton" not in BACKENDS:
+        pytest.skip("the triton backend is not available here")
+    from scale_fast.backends.triton import siglip as tsig
+
+    monkeypatch.setattr(tsig, "_chunk_rows", lambda C, elem, unit: unit)  # one row tile per chunk
+    rng = case_rng("siglip-chunks", str(dtype))
+    M, B, D = 3, 37, 33
+    present = make_present(rng, M, B, "all")
+    gen = torch_gen(9177)
+    e = make_embeddings(gen, present, D, fill="nan", dtype=dtype)
+    w = torch.rand(B, M, M, generator=gen, dtype=torch.float64) * 2.0 - 0.5
+    check_against_reference("triton", 0, dtype, present, e, w, 10.0, -2.5)

@@ -6,11 +6,13 @@ The row-block contract of the shared all-pairs driver (scale_fast/backends/_allp
     sum_c softplus(-y_rc x_rc), x_rc = rs_r q_r . k_c + bias, y_rc = +1 where c == pos[r], else -1;
 ``siglip_backward(q, k, rs, pos, bias, coef)`` -> (dq, dk, d_rs, d_bias) of coef times that sum.
 
-Nothing R x C is stored: the forward streams the column blocks of its row block and keeps a
-per-row sum; the backward recomputes the tiles twice, once per row block (dq, d_rs, d_bias,
-no atomics) and once per column block (dk, no atomics), d x_rc = sigmoid(x_rc) - [c == pos(r)].
-The whole feature dimension is one BLOCK_D (next power of two of D): a row block of q and a
-column block of k each load once per tile.  Accumulation is float32 (float64 for float64 input).
+Forward: nothing R x C is stored; a program sweeps the column tiles of its row block, each Gram
+tile summed over D in a software-pipelined loop from a fresh zero accumulator, and keeps a
+per-row sum.  Backward: per chunk of rows (the buffer within SCALE_FAST_SIGLIP_BWD_MB, default
+64 MiB, whatever R and C), a tile kernel writes E = coef rs_r (sigmoid(x_rc) - [c == pos(r)])
+and per-tile row sums (no atomics); the GEMMs dq = E k and dk += E^T q run in cuBLAS.  No
+program keeps a [rows, D] accumulator, so no register state grows with D.  Accumulation is
+float32 (float64 for float64 input); E is kept in the input's dtype for 16-bit inputs.
 """
 from __future__ import annotations
 
@@ -23,80 +25,90 @@ from . import interpreted
 _INTERPRET = interpreted()
 
 
-def _blocks(D: int):
-    block_d = max(16, triton.next_power_of_2(D))
-    block = 16 if _INTERPRET else (64 if block_d <= 256 else 32)
-    return block, block_d
+def _config(dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of both kernels: tensor-core tiles for
+    16-bit inputs, FMA tiles for exact fp32 and fp64 (checked for spills by benchmarks/kernel_report.py)."""
+    if _INTERPRET:
+        return 16, 16, 16, 4, 1
+    if dtype in (torch.bfloat16, torch.float16):
+        return 128, 64, 64, 8, 3
+    if dtype == torch.float32:
+        return 64, 64, 16, 4, 2
+    return 32, 32, 16, 4, 1
 
 
 @triton.jit
-def _rows_kernel(Q, K, RS, POS, BIAS, LOSS, DQ, DRS, DBIAS, R, C, D, coef,
-                 stride_q, stride_k, stride_dq,
-                 BACKWARD: tl.constexpr, ACC64: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gram_tile(Q, K, rows, cols, rmask, cmask, D, stride_q, stride_k,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+               STAGES: tl.constexpr, ACC64: tl.constexpr, DOT_F32: tl.constexpr):
+    """q[rows] . k[cols] over D, one fresh accumulator, the D loop software-pipelined."""
+    acc_t = tl.float64 if ACC64 else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_t)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            qm, km = rmask[:, None], cmask[:, None]
+        else:
+            qm, km = rmask[:, None] & (dd < D)[None, :], cmask[:, None] & (dd < D)[None, :]
+        q = tl.load(Q + rows[:, None].to(tl.int64) * stride_q + dd[None, :], mask=qm, other=0.0)
+        k = tl.load(K + cols[:, None].to(tl.int64) * stride_k + dd[None, :], mask=km, other=0.0)
+        if DOT_F32:
+            q, k = q.to(tl.float32), k.to(tl.float32)
+        acc = tl.dot(q, tl.trans(k), acc, out_dtype=acc_t, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(Q, K, RS, POS, BIAS, LOSS, R, C, D, stride_q, stride_k,
+                ACC64: tl.constexpr, DOT_F32: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < R
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
-    q = tl.load(Q + rows[:, None].to(tl.int64) * stride_q + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     acc_t = tl.float64 if ACC64 else tl.float32
     rs = tl.load(RS + rows, mask=rmask, other=0.0).to(acc_t)
     pos = tl.load(POS + rows, mask=rmask, other=-1)
     bias = tl.load(BIAS).to(acc_t)
     loss = tl.zeros([BLOCK_M], dtype=acc_t)
-    d_rs = tl.zeros([BLOCK_M], dtype=acc_t)
-    d_bias = tl.zeros([BLOCK_M], dtype=acc_t)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_t)
     for start in range(0, C, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < C
-        k = tl.load(K + cols[:, None].to(tl.int64) * stride_k + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        g = tl.dot(q, tl.trans(k), out_dtype=acc_t, input_precision="ieee")
+        g = _gram_tile(Q, K, rows, cols, rmask, cmask, D, stride_q, stride_k,
+                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, STAGES, ACC64, DOT_F32)
         x = g * rs[:, None] + bias
-        positive = cols[None, :] == pos[:, None]
-        valid = rmask[:, None] & cmask[None, :]
-        if BACKWARD:
-            p = tl.sigmoid(x) - positive.to(acc_t)
-            p = tl.where(valid, p, 0.0)
-            d_bias += tl.sum(p, 1)
-            d_rs += tl.sum(p * g, 1)
-            dq += tl.dot((p * (coef * rs)[:, None]).to(k.dtype), k, out_dtype=acc_t, input_precision="ieee")
-        else:
-            y_x = tl.where(positive, -x, x)  # softplus(-y x) with y = +1 on the positive
-            term = tl.maximum(y_x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-            loss += tl.sum(tl.where(valid, term, 0.0), 1)
-    if BACKWARD:
-        tl.store(DQ + rows[:, None].to(tl.int64) * stride_dq + dd[None, :], dq, mask=rmask[:, None] & dmask[None, :])
-        tl.store(DRS + rows, coef * d_rs, mask=rmask)
-        tl.store(DBIAS + rows, coef * d_bias, mask=rmask)
-    else:
-        tl.store(LOSS + rows, loss, mask=rmask)
+        y_x = tl.where(cols[None, :] == pos[:, None], -x, x)  # softplus(-y x) with y = +1 on the positive
+        term = tl.maximum(y_x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        loss += tl.sum(tl.where(rmask[:, None] & cmask[None, :], term, 0.0), 1)
+    tl.store(LOSS + rows, loss, mask=rmask)
 
 
 @triton.jit
-def _cols_kernel(Q, K, RS, POS, BIAS, DK, R, C, D, coef, stride_q, stride_k, stride_dk,
-                 ACC64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _bwd_tile_kernel(Q, K, RS, POS, BIAS, E, PG, PS, R0, NR, C, D, coef, stride_q, stride_k, stride_e, stride_st,
+                     ACC64: tl.constexpr, DOT_F32: tl.constexpr, EVEN_D: tl.constexpr, STAGES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Grid (row tiles, column tiles) of rows R0 + [0, NR) against columns [0, C).  E[r, c] =
+    # coef rs_r p_rc with p = sigmoid(x) - [c == pos(r)]; PG/PS[column tile, r] = sum_c p g, sum_c p.
+    tm = tl.program_id(0)
+    tn = tl.program_id(1)
+    lrow = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = R0 + lrow
+    rmask = lrow < NR
+    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C
-    dd = tl.arange(0, BLOCK_D)
-    dmask = dd < D
     acc_t = tl.float64 if ACC64 else tl.float32
-    k = tl.load(K + cols[:, None].to(tl.int64) * stride_k + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+    rs = tl.load(RS + rows, mask=rmask, other=0.0).to(acc_t)
+    pos = tl.load(POS + rows, mask=rmask, other=-1)
     bias = tl.load(BIAS).to(acc_t)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_t)
-    for start in range(0, R, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < R
-        q = tl.load(Q + rows[:, None].to(tl.int64) * stride_q + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        rs = tl.load(RS + rows, mask=rmask, other=0.0).to(acc_t)
-        pos = tl.load(POS + rows, mask=rmask, other=-1)
-        g = tl.dot(q, tl.trans(k), out_dtype=acc_t, input_precision="ieee")
-        p = tl.sigmoid(g * rs[:, None] + bias) - (cols[None, :] == pos[:, None]).to(acc_t)
-        p = tl.where(rmask[:, None] & cmask[None, :], p * (coef * rs)[:, None], 0.0)
-        dk += tl.dot(tl.trans(p.to(q.dtype)), q, out_dtype=acc_t, input_precision="ieee")
-    tl.store(DK + cols[:, None].to(tl.int64) * stride_dk + dd[None, :], dk, mask=cmask[:, None] & dmask[None, :])
+    g = _gram_tile(Q, K, rows, cols, rmask, cmask, D, stride_q, stride_k,
+                   BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, STAGES, ACC64, DOT_F32)
+    p = tl.sigmoid(g * rs[:, None] + bias) - (cols[None, :] == pos[:, None]).to(acc_t)
+    p = tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
+    st = tn.to(tl.int64) * stride_st + lrow
+    tl.store(PG + st, tl.sum(p * g, 1), mask=rmask)
+    tl.store(PS + st, tl.sum(p, 1), mask=rmask)
+    e = p * (coef * rs)[:, None]
+    dst = E + lrow.to(tl.int64)[:, None] * stride_e + cols[None, :]
+    tl.store(dst, e.to(E.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
 def _prepared(q, k, rs, pos, bias):
@@ -105,17 +117,28 @@ def _prepared(q, k, rs, pos, bias):
             bias.detach().to(acc).reshape(1).contiguous(), acc)
 
 
+def _flags(dtype: torch.dtype, D: int):
+    """The kernels' constexprs and launch options at this input dtype and D."""
+    bm, bn, bd, warps, stages = _config(dtype)
+    # the interpreter's tl.dot multiplies bfloat16 operands as their raw bits: upcast there
+    return dict(ACC64=dtype == torch.float64, DOT_F32=_INTERPRET and dtype == torch.bfloat16, EVEN_D=D % bd == 0,
+                STAGES=stages, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+
+
 def siglip_forward(q, k, rs, pos, bias):
     """The summed sigmoid loss of the rows q against every row of k (see the module docstring)."""
     q, k, rs, pos, bias, acc = _prepared(q, k, rs, pos, bias)
     R, D = q.shape
     C = k.shape[0]
     loss = torch.empty(R, dtype=acc, device=q.device)
-    block, block_d = _blocks(D)
-    _rows_kernel[(triton.cdiv(R, block),)](q, k, rs, pos, bias, loss, loss, loss, loss, R, C, D, 1.0,
-                                           q.stride(0), k.stride(0), 0, BACKWARD=False, ACC64=acc == torch.float64,
-                                           BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
+    f = _flags(q.dtype, D)
+    _fwd_kernel[(triton.cdiv(R, f["BLOCK_M"]),)](q, k, rs, pos, bias, loss, R, C, D, q.stride(0), k.stride(0), **f)
     return loss.sum()
+
+
+def _chunk_rows(C: int, elem: int, unit: int) -> int:
+    budget = float(os.environ.get("SCALE_FAST_SIGLIP_BWD_MB", "64")) * 2 ** 20
+    return max(unit, int(budget // max(1, C * elem)) // unit * unit)
 
 
 def siglip_backward(q, k, rs, pos, bias, coef):
@@ -124,15 +147,37 @@ def siglip_backward(q, k, rs, pos, bias, coef):
     R, D = q.shape
     C = k.shape[0]
     c = float(coef)
+    f = _flags(q.dtype, D)
+    # E in the inputs' dtype for 16-bit inputs on a GPU (cuBLAS GEMMs at the tensor-core rate)
+    e_dtype = q.dtype if (q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cuda") else acc
+    qg, kg = (q, k) if e_dtype == q.dtype else (q.to(acc), k.to(acc))
     dq = torch.empty(R, D, dtype=acc, device=q.device)
-    dk = torch.empty(C, D, dtype=acc, device=q.device)
+    dk = torch.zeros(C, D, dtype=acc, device=q.device)
     d_rs = torch.empty(R, dtype=acc, device=q.device)
-    d_bias = torch.empty(R, dtype=acc, device=q.device)
-    block, block_d = _blocks(D)
-    acc64 = acc == torch.float64
-    _rows_kernel[(triton.cdiv(R, block),)](q, k, rs, pos, bias, d_rs, dq, d_rs, d_bias, R, C, D, c,
-                                           q.stride(0), k.stride(0), dq.stride(0), BACKWARD=True, ACC64=acc64,
-                                           BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
-    _cols_kernel[(triton.cdiv(C, block),)](q, k, rs, pos, bias, dk, R, C, D, c, q.stride(0), k.stride(0), dk.stride(0),
-                                           ACC64=acc64, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d)
-    return dq, dk, d_rs, d_bias.sum()
+    d_bias = torch.zeros((), dtype=acc, device=q.device)
+    if R == 0 or C == 0:
+        dq.zero_()
+        d_rs.zero_()
+        return dq, dk, d_rs, d_bias
+    ch = min(R, _chunk_rows(C, torch.finfo(e_dtype).bits // 8, f["BLOCK_M"]))
+    n_ct = triton.cdiv(C, f["BLOCK_N"])
+    e = torch.empty((ch, C), dtype=e_dtype, device=q.device)
+    pg = torch.empty((n_ct, ch), dtype=acc, device=q.device)
+    ps = torch.empty_like(pg)
+    for r0 in range(0, R, ch):
+        nr = min(ch, R - r0)
+        _bwd_tile_kernel[(triton.cdiv(nr, f["BLOCK_M"]), n_ct)](
+            q, k, rs, pos, bias, e, pg, ps, r0, nr, C, D, c, q.stride(0), k.stride(0), e.stride(0), pg.stride(0), **f)
+        en = e[:nr]
+        dq[r0:r0 + nr] = torch.mm(en, kg).to(acc)
+        dk += torch.mm(en.t(), qg[r0:r0 + nr]).to(acc)
+        d_rs[r0:r0 + nr] = c * pg[:, :nr].sum(0)
+        d_bias += ps[:, :nr].sum()
+    return dq, dk, d_rs, c * d_bias
+
+
+def report_kernels(dtype: torch.dtype, D: int):
+    """(name, kernel, constexprs and launch options) of every kernel launch at this dtype and D, for
+    benchmarks/kernel_report.py."""
+    f = _flags(dtype, D)
+    return [("siglip_fwd", _fwd_kernel, f), ("siglip_bwd_tile", _bwd_tile_kernel, f)]
