@@ -371,7 +371,7 @@ def _contrastive_fwd_fallback_kernel(
                  prune_configs_by={"early_config_prune": _prune_configs},
                  # which statistic slots a config writes depends on its tiles: a losing config's
                  # slots would be summed with the winner's
-                 reset_to_zero=["dot_ptr", "psum_ptr", "gpos_ptr", "cdot_ptr", "cpsum_ptr"])
+                 reset_to_zero=["dot_ptr", "psum_ptr", "cdot_ptr", "cpsum_ptr"])
 @triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
 @triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1"])
 def _contrastive_dg_kernel(
@@ -387,9 +387,13 @@ def _contrastive_dg_kernel(
     # Column segment k: samples Ck + [0, NCOL) of side ysk, at buffer columns k * NCOL + [0, NCOL).
     # dG[r, c] = coef * s * (ROW_TERM * w_r P_row[r, c] + COL_TERM * w_c P_col[c, r]) minus the
     # positives' s * w, self-similarities removed; P_row uses the rows' LSE, P_col the columns'.
-    # COL_STATS: the columns' own softmax statistics too (sum_r P_col G and sum_r P_col), per row
-    # tile at cdot/cpsum[tm, column]: a block computed once serves the gradients of its rows and of
-    # its columns.  NKEY: the autotune key (the problem's width).
+    # Row statistics per column tile at dot/psum[tile, row]: sum_c P_row (G - gpos_r) over the
+    # columns other than the row's positive, and sum_c P_row (gpos: every sample's positive
+    # cosine, [P, B]).  Their ratio is d loss / d (s w_r) without cancellation: no term is the
+    # positive's own P G, which sum_c P G - G_pos would take off again.
+    # COL_STATS: the columns' own softmax statistics too, per row tile at cdot/cpsum[tm, column]:
+    # a block computed once serves the gradients of its rows and of its columns.  NKEY: the
+    # autotune key (the problem's width).
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     n_m = tl.cdiv(NROWS, BLOCK_M)
@@ -426,7 +430,9 @@ def _contrastive_dg_kernel(
     s2 = s * 1.4426950408889634
     cs = tl.load(coef_ptr + p).to(tl.float32) * s
     lbase = lse_ptr + p.to(tl.int64) * 2 * B
+    gbase = gpos_ptr + p.to(tl.int64) * B
     same = xs == ys
+    positive = (rows[:, None] == cols[None, :]) & (same == 0)  # a cross tile's positives
     # dg accumulates coef * s * (...) tile by tile; acc (= G) stays live, one more tile at a time
     if ROW_TERM:
         # +inf LSE outside the pair: the probabilities are exactly 0 there
@@ -435,11 +441,9 @@ def _contrastive_dg_kernel(
         if same:
             pr = tl.where(rows[:, None] == cols[None, :], 0.0, pr)
         st = (seg * n_n + tn).to(tl.int64) * stride_st + lrow
-        tl.store(dot_ptr + st, tl.sum(pr * acc, 1), mask=lrow < NROWS)
+        g_r = tl.load(gbase + rows64, mask=r_ok, other=0.0)
+        tl.store(dot_ptr + st, tl.sum(tl.where(positive, 0.0, pr * (acc - g_r[:, None])), 1), mask=lrow < NROWS)
         tl.store(psum_ptr + st, tl.sum(pr, 1), mask=lrow < NROWS)
-        if same == 0:
-            here = r_ok & (rows >= c0 + tn * BLOCK_N) & (rows < c0 + tn * BLOCK_N + BLOCK_N)
-            tl.store(gpos_ptr + lrow, tl.sum(tl.where(rows[:, None] == cols[None, :], acc, 0.0), 1), mask=here)
         dg = pr * (cs * wr)[:, None]
     else:
         dg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -451,7 +455,8 @@ def _contrastive_dg_kernel(
         dg += pc * (cs * wc)[None, :]
         if COL_STATS:
             cst = tm.to(tl.int64) * stride_cst + lcol
-            tl.store(cdot_ptr + cst, tl.sum(pc * acc, 0), mask=lcol < NCOL)
+            g_c = tl.load(gbase + cols64, mask=c_ok, other=0.0)
+            tl.store(cdot_ptr + cst, tl.sum(tl.where(positive, 0.0, pc * (acc - g_c[None, :])), 0), mask=lcol < NCOL)
             tl.store(cpsum_ptr + cst, tl.sum(pc, 0), mask=lcol < NCOL)
     if same == 0:
         # the positives' -s * w (row r's own, and column c's when its softmax term is in)
@@ -460,7 +465,7 @@ def _contrastive_dg_kernel(
             npos += cs * wr
         if COL_TERM:
             npos += cs * wr  # the positive of a row is the same sample: w_c = w_r there
-        dg = tl.where((rows[:, None] == cols[None, :]) & r_ok[:, None], dg - npos[:, None], dg)
+        dg = tl.where(positive & r_ok[:, None], dg - npos[:, None], dg)
     dst = dg_ptr + lrow.to(tl.int64)[:, None] * stride_dg + (seg * NCOL + lcol)[None, :]
     tl.store(dst, dg.to(dg_ptr.dtype.element_ty), mask=(lrow < NROWS)[:, None] & (lcol < NCOL)[None, :])
 
@@ -631,6 +636,25 @@ def _bwd_block_side(elem: int) -> int:
 _MM_OUT_DTYPE: dict = {}
 
 
+def _pos_cos(z: torch.Tensor, pis, pjs) -> torch.Tensor:
+    """[P, B] fp32: every sample's cosine between the two sides of each pair (z_i . z_j, unit rows).
+
+    Any rounding of it will do for the dG kernel's statistics (the positive's own entry is left out
+    there); 16-bit rows are multiplied with fp32 output, never rounded back to 16 bits."""
+    M, B, D = z.shape
+    out = torch.empty((len(pis), B), device=z.device, dtype=torch.float32)
+    for p, (i, j) in enumerate(zip(pis, pjs)):
+        a, b = z[i].unsqueeze(1), z[j].unsqueeze(2)
+        if z.dtype == torch.float32:
+            torch.bmm(a, b, out=out[p].view(B, 1, 1))
+            continue
+        try:  # cuBLAS: 16-bit operands, fp32 output
+            out[p] = torch.bmm(a, b, out_dtype=torch.float32).view(B)
+        except (TypeError, RuntimeError, NotImplementedError):
+            out[p] = torch.bmm(a.float(), b.float()).view(B)
+    return out
+
+
 def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out (fp32) += a @ b with fp32 accumulation (16-bit a, b go through cuBLAS without fp32 copies)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
@@ -668,13 +692,14 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
     local = row_range is not None
     r0, r1 = row_range if local else (0, B)
     dz = torch.zeros((M, B, D), device=dev, dtype=torch.float32)
-    dwraw = torch.zeros((P, B), device=dev, dtype=torch.float32)  # sum_c P G - G_pos, per sample
+    dwraw = torch.zeros((P, B), device=dev, dtype=torch.float32)  # d loss_p / d (s w) per sample, unscaled
     has_w = w is not None
     wv = w if has_w else torch.ones((P, B), device=dev, dtype=torch.float32)
     buf_dtype = torch.bfloat16 if (z.dtype == torch.bfloat16 and dev.type == "cuda") else torch.float32
     zg = z if buf_dtype == z.dtype else None  # GEMM operand dtype must match the buffer's
     iu = torch.triu_indices(M, M, 1)  # on the host: no device sync
     pis, pjs = iu[0].tolist(), iu[1].tolist()
+    gpos = _pos_cos(z, pis, pjs)
     prec, f32 = _precision(z.dtype), _dot_f32(z.dtype)
     elem = torch.finfo(buf_dtype).bits // 8
     for p in range(P):
@@ -706,10 +731,9 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
         else:  # one direction: side 1 rows only get the transposed term
             jobs.append((0, 0, B, [(1, 0, B)], True, False, False))
             jobs.append((1, 0, B, [(0, 0, B)], False, True, False))
-        # per side: sum_c P G and sum_c P of every sample's softmax row, and its positive's G
+        # per side: sum_{c != pos} P (G - G_pos) and sum_c P of every sample's softmax row
         dot_t = torch.zeros((2, B), device=dev, dtype=torch.float32)
         psum_t = torch.zeros_like(dot_t)
-        gpos_t = torch.zeros_like(dot_t)
         for xs, a0, a1, csegs, row_term, col_term, mirrored in jobs:
             tri = csegs is None
             ys_m, lo, hi = (xs, 0, B) if tri else csegs[0]
@@ -726,7 +750,6 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
             n_ct = triton.cdiv(cw, 16)  # enough stat slots for any BLOCK_N >= 16
             dot = torch.zeros((nseg_c * n_ct, ch), device=dev, dtype=torch.float32)
             psum = torch.zeros_like(dot)
-            gpos = torch.zeros((ch,), device=dev, dtype=torch.float32)
             if mirrored:  # the columns' statistics, per row tile (BLOCK_M >= 16)
                 cdot = torch.zeros((triton.cdiv(ch, 16), cw), device=dev, dtype=torch.float32)
                 cpsum = torch.zeros_like(cdot)
@@ -745,7 +768,6 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                     if row_term:
                         dot.zero_()
                         psum.zero_()
-                        gpos.zero_()
                     if mirrored:
                         cdot.zero_()
                         cpsum.zero_()
@@ -763,20 +785,15 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                     out = dz[mods[xs], c0:c0 + nr]
                     for k, (ys, s0, s1) in enumerate(segs):
                         _mm_acc(out, buf[:nr, k * ncol:(k + 1) * ncol], zside(ys, s0, s1))
-                    cross = any(ys != xs for ys, _, _ in segs)  # the kernel stored the positives' G
                     if row_term:
                         dot_t[xs, c0:c0 + nr] += dot[:, :nr].sum(0)
                         psum_t[xs, c0:c0 + nr] += psum[:, :nr].sum(0)
-                        if cross:  # each row's positive lies in one block: the others add 0
-                            gpos_t[xs, c0:c0 + nr] += gpos[:nr]
                     if mirrored and not diag:
                         ys, s0, s1 = segs[0]
                         _mm_acc(dz[mods[ys], s0:s1], buf[:nr, :ncol].t(), zside(xs, c0, c0 + nr))
                         dot_t[ys, s0:s1] += cdot[:, :ncol].sum(0)
                         psum_t[ys, s0:s1] += cpsum[:, :ncol].sum(0)
-                        if cross:  # a positive is one sample's pair: the same G for both sides
-                            gpos_t[ys, c0:c0 + nr] += gpos[:nr]
-        raw = torch.where(psum_t > 0, dot_t / psum_t.clamp_min(1e-30) - gpos_t, torch.zeros_like(psum_t))
+        raw = torch.where(psum_t > 0, dot_t / psum_t.clamp_min(1e-30), torch.zeros_like(psum_t))
         dwraw[p] = raw.sum(0)
     valid = (present_u8[pi32.long()] != 0) & (present_u8[pj32.long()] != 0)
     if local:

@@ -8,7 +8,9 @@ The row-block contract of the shared all-pairs driver (scale_fast/backends/_allp
 
 Nothing R x C is stored: the forward streams the column blocks of its row block and keeps a
 per-row sum; the backward recomputes the tiles twice, once per row block (dq, d_rs, d_bias,
-no atomics) and once per column block (dk, no atomics), d x_rc = sigmoid(x_rc) - [c == pos(r)].
+no atomics) and once per column block (dk, no atomics), d x_rc = sigmoid(x_rc) - [c == pos(r)],
+-sigmoid(-x) on the positives (sigmoid(x) - 1 there would lose every digit the two share: the
+scale's and the bias's gradients are sums of these terms).
 The whole feature dimension is one BLOCK_D (next power of two of D): a row block of q and a
 column block of k each load once per tile.  Accumulation is float32 (float64 for float64 input).
 """
@@ -57,8 +59,8 @@ def _rows_kernel(Q, K, RS, POS, BIAS, LOSS, DQ, DRS, DBIAS, R, C, D, coef,
         positive = cols[None, :] == pos[:, None]
         valid = rmask[:, None] & cmask[None, :]
         if BACKWARD:
-            p = tl.sigmoid(x) - positive.to(acc_t)
-            p = tl.where(valid, p, 0.0)
+            p = tl.sigmoid(tl.where(positive, -x, x))
+            p = tl.where(valid, tl.where(positive, -p, p), 0.0)
             d_bias += tl.sum(p, 1)
             d_rs += tl.sum(p * g, 1)
             dq += tl.dot((p * (coef * rs)[:, None]).to(k.dtype), k, out_dtype=acc_t, input_precision="ieee")
@@ -93,7 +95,10 @@ def _cols_kernel(Q, K, RS, POS, BIAS, DK, R, C, D, coef, stride_q, stride_k, str
         rs = tl.load(RS + rows, mask=rmask, other=0.0).to(acc_t)
         pos = tl.load(POS + rows, mask=rmask, other=-1)
         g = tl.dot(q, tl.trans(k), out_dtype=acc_t, input_precision="ieee")
-        p = tl.sigmoid(g * rs[:, None] + bias) - (cols[None, :] == pos[:, None]).to(acc_t)
+        x = g * rs[:, None] + bias
+        positive = cols[None, :] == pos[:, None]
+        p = tl.sigmoid(tl.where(positive, -x, x))
+        p = tl.where(positive, -p, p)  # sigmoid(x) - 1 = -sigmoid(-x) on the positives, as in _rows_kernel
         p = tl.where(rmask[:, None] & cmask[None, :], p * (coef * rs)[:, None], 0.0)
         dk += tl.dot(tl.trans(p.to(q.dtype)), q, out_dtype=acc_t, input_precision="ieee")
     tl.store(DK + cols[:, None].to(tl.int64) * stride_dk + dd[None, :], dk, mask=cmask[:, None] & dmask[None, :])
