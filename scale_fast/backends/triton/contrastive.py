@@ -633,7 +633,37 @@ def _bwd_block_side(elem: int) -> int:
     return max(unit, int(math.isqrt(int(budget // elem))) // unit * unit)
 
 
-_MM_OUT_DTYPE: dict = {}
+def _dg_min_blocks():
+    """(smallest BLOCK_M, smallest BLOCK_N) of the dG kernel's configs: the statistic slots per row
+    (one per column tile) and per column (one per row tile) that any config may write."""
+    cfgs = _contrastive_dg_kernel.configs
+    return min(c.kwargs["BLOCK_M"] for c in cfgs), min(c.kwargs["BLOCK_N"] for c in cfgs)
+
+
+_MIXED_GEMM: dict = {}
+
+
+def _mixed_gemm(device: torch.device, dtype: torch.dtype) -> str:
+    """How torch multiplies `dtype` (16-bit) matrices into fp32 on this device, asked once: "addmm" (one
+    GEMM adding into an fp32 tensor, out_dtype=float32), "mm" (an fp32 product, then added) or ""."""
+    key = (device.type, dtype)
+    if key not in _MIXED_GEMM:
+        acc = torch.zeros((1, 1), device=device, dtype=torch.float32)
+        one = torch.ones((1, 1), device=device, dtype=dtype)
+        form = ""
+        try:
+            torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+            form = "addmm" if float(acc) == 1.0 else ""
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+        if not form:
+            try:
+                torch.mm(one, one, out_dtype=torch.float32)
+                form = "mm"
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass
+        _MIXED_GEMM[key] = form
+    return _MIXED_GEMM[key]
 
 
 def _pos_cos(z: torch.Tensor, pis, pjs) -> torch.Tensor:
@@ -643,31 +673,28 @@ def _pos_cos(z: torch.Tensor, pis, pjs) -> torch.Tensor:
     there); 16-bit rows are multiplied with fp32 output, never rounded back to 16 bits."""
     M, B, D = z.shape
     out = torch.empty((len(pis), B), device=z.device, dtype=torch.float32)
+    mixed = z.dtype != torch.float32 and _mixed_gemm(z.device, z.dtype) != ""
     for p, (i, j) in enumerate(zip(pis, pjs)):
         a, b = z[i].unsqueeze(1), z[j].unsqueeze(2)
         if z.dtype == torch.float32:
             torch.bmm(a, b, out=out[p].view(B, 1, 1))
-            continue
-        try:  # cuBLAS: 16-bit operands, fp32 output
+        elif mixed:
             out[p] = torch.bmm(a, b, out_dtype=torch.float32).view(B)
-        except (TypeError, RuntimeError, NotImplementedError):
+        else:
             out[p] = torch.bmm(a.float(), b.float()).view(B)
     return out
 
 
 def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (fp32) += a @ b with fp32 accumulation (16-bit a, b go through cuBLAS without fp32 copies)."""
+    """out (fp32) += a @ b with fp32 accumulation: one GEMM into out (beta = 1), also for 16-bit a, b where
+    torch has a 16-bit GEMM with fp32 output (no fp32 copies, no separate add pass)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         out.addmm_(a, b)
         return
-    dev = out.device.type
-    if dev not in _MM_OUT_DTYPE:
-        try:
-            torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
-            _MM_OUT_DTYPE[dev] = True
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE[dev] = False
-    if _MM_OUT_DTYPE[dev] and a.dtype == b.dtype:
+    form = _mixed_gemm(out.device, a.dtype) if a.dtype == b.dtype else ""
+    if form == "addmm":
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    elif form == "mm":
         out.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         out.addmm_(a.float(), b.float())
@@ -731,9 +758,8 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
         else:  # one direction: side 1 rows only get the transposed term
             jobs.append((0, 0, B, [(1, 0, B)], True, False, False))
             jobs.append((1, 0, B, [(0, 0, B)], False, True, False))
-        # per side: sum_{c != pos} P (G - G_pos) and sum_c P of every sample's softmax row
-        dot_t = torch.zeros((2, B), device=dev, dtype=torch.float32)
-        psum_t = torch.zeros_like(dot_t)
+        # [sum_{c != pos} P (G - G_pos), sum_c P] of every (side, sample)'s softmax row
+        stat_t = torch.zeros((2, 2, B), device=dev, dtype=torch.float32)
         for xs, a0, a1, csegs, row_term, col_term, mirrored in jobs:
             tri = csegs is None
             ys_m, lo, hi = (xs, 0, B) if tri else csegs[0]
@@ -747,14 +773,15 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                 ch = min(a1 - a0, _bwd_chunk_rows(nseg_c * cw, elem))
             ch, cw = min(ch, a1 - a0), min(cw, hi - lo)
             buf = torch.empty((ch, nseg_c * cw), device=dev, dtype=buf_dtype)
-            n_ct = triton.cdiv(cw, 16)  # enough stat slots for any BLOCK_N >= 16
-            dot = torch.zeros((nseg_c * n_ct, ch), device=dev, dtype=torch.float32)
-            psum = torch.zeros_like(dot)
-            if mirrored:  # the columns' statistics, per row tile (BLOCK_M >= 16)
-                cdot = torch.zeros((triton.cdiv(ch, 16), cw), device=dev, dtype=torch.float32)
-                cpsum = torch.zeros_like(cdot)
-            else:
-                cdot = cpsum = dot
+            # statistics of a block, one buffer zeroed and summed once per block: [dot | psum,
+            # rows (a slot per column tile) | columns (mirrored: a slot per row tile), slot, row or column]
+            bm, bn = _dg_min_blocks()
+            n_slot = max(nseg_c * triton.cdiv(cw, bn), triton.cdiv(ch, bm) if mirrored else 0)
+            stats = torch.empty((2, 2 if mirrored else 1, n_slot, max(ch, cw) if mirrored else ch), device=dev,
+                                dtype=torch.float32)
+            dot, psum = stats[0, 0], stats[1, 0]
+            cdot, cpsum = (stats[0, 1], stats[1, 1]) if mirrored else (dot, psum)
+            has_stats = row_term or mirrored
             for c0 in range(a0, a1, ch):
                 nr = min(ch, a1 - c0)
                 if mirrored:  # a triangle: the blocks from the diagonal one on
@@ -765,12 +792,8 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                     ncol = segs[0][2] - segs[0][1]
                     b0 = segs[0][1]
                     diag = tri and b0 == c0  # symmetric: whole, not mirrored, its rows give every statistic
-                    if row_term:
-                        dot.zero_()
-                        psum.zero_()
-                    if mirrored:
-                        cdot.zero_()
-                        cpsum.zero_()
+                    if has_stats:
+                        stats.zero_()
                     grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]) * triton.cdiv(ncol, meta["BLOCK_N"]),  # noqa: E731
                                          nseg_c)
                     _contrastive_dg_kernel[grid](
@@ -785,14 +808,15 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                     out = dz[mods[xs], c0:c0 + nr]
                     for k, (ys, s0, s1) in enumerate(segs):
                         _mm_acc(out, buf[:nr, k * ncol:(k + 1) * ncol], zside(ys, s0, s1))
+                    if has_stats:
+                        total = stats.sum(2)  # [dot | psum, rows | columns, row or column]
                     if row_term:
-                        dot_t[xs, c0:c0 + nr] += dot[:, :nr].sum(0)
-                        psum_t[xs, c0:c0 + nr] += psum[:, :nr].sum(0)
+                        stat_t[:, xs, c0:c0 + nr] += total[:, 0, :nr]
                     if mirrored and not diag:
                         ys, s0, s1 = segs[0]
                         _mm_acc(dz[mods[ys], s0:s1], buf[:nr, :ncol].t(), zside(xs, c0, c0 + nr))
-                        dot_t[ys, s0:s1] += cdot[:, :ncol].sum(0)
-                        psum_t[ys, s0:s1] += cpsum[:, :ncol].sum(0)
+                        stat_t[:, ys, s0:s1] += total[:, 1, :ncol]
+        dot_t, psum_t = stat_t[0], stat_t[1]
         raw = torch.where(psum_t > 0, dot_t / psum_t.clamp_min(1e-30), torch.zeros_like(psum_t))
         dwraw[p] = raw.sum(0)
     valid = (present_u8[pi32.long()] != 0) & (present_u8[pj32.long()] != 0)
