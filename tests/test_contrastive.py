@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import scale_fast as sf
 from conftest import (BACKENDS, DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad,
-                      assert_value_close, backend_cases, case_rng, dev_leaf, grads, is_slow, make_embeddings,
-                      make_present, ref_leaf, sizes, torch_gen)
+                      assert_value_close, backend_cases, case_rng, dev_leaf, grads, is_slow, make_aligned,
+                      make_embeddings, make_present, ref_leaf, sizes, torch_gen)
 from reference import ref_active, ref_pair_losses, ref_scale_loss
 
 FORMS = ("ntxent", "clip")
@@ -220,13 +220,7 @@ def test_logit_scale_gradient_float32_at_tiny_batch(backend):
     err, err_autograd = [], []
     for k, (mode, form, B, absent) in enumerate(cases):
         for seed in range(seeds):
-            gen = torch_gen(9100 + 10 * k + seed)
-            present = torch.ones(5, B, dtype=torch.bool)
-            for m, b in absent:
-                present[m, b] = False
-            e = torch.randn(1, B, 32, generator=gen, dtype=torch.float64) \
-                + 0.1 * torch.randn(5, B, 32, generator=gen, dtype=torch.float64)
-            e = (e * torch.exp(torch.randn(5, B, 1, generator=gen, dtype=torch.float64))).float()
+            present, e = make_aligned(torch_gen(9100 + 10 * k + seed), B, absent)
             want = _d_logit_scale(e, present, mode, form, torch.float64)
             got = _d_logit_scale(e, present, mode, form, torch.float32, DEVICE, backend)
             err.append(abs(got - want) / abs(want))

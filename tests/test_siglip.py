@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import scale_fast as sf
 from scale_fast.bench.contrastive import import_open_clip_loss
 from conftest import (BACKENDS, DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad, assert_value_close, backend_cases,
-                      case_rng, dev_leaf, grads, is_slow, make_embeddings, make_present, ref_leaf, sizes,
-                      torch_gen)
+                      case_rng, dev_leaf, grads, is_slow, make_aligned, make_embeddings, make_present, ref_leaf,
+                      sizes, torch_gen)
 from reference import RefTask, ref_pair_losses, ref_scale_loss
 
 
@@ -122,13 +122,7 @@ def test_siglip_scale_and_bias_gradients_float32_at_tiny_batch(backend):
     err = []
     for k, (mode, B, absent) in enumerate(cases):
         for seed in range(seeds):
-            gen = torch_gen(9300 + 10 * k + seed)
-            present = torch.ones(5, B, dtype=torch.bool)
-            for m, b in absent:
-                present[m, b] = False
-            e = torch.randn(1, B, 32, generator=gen, dtype=torch.float64) \
-                + 0.1 * torch.randn(5, B, 32, generator=gen, dtype=torch.float64)
-            e = e.float()
+            present, e = make_aligned(torch_gen(9300 + 10 * k + seed), B, absent)
             want = _d_scale_bias(e, present, mode, torch.float64)
             got = _d_scale_bias(e, present, mode, torch.float32, DEVICE, backend)
             err.append(max(abs(g - w) / abs(w) for g, w in zip(got, want)))
