@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import scale_fast as sf
 from scale_fast.bench.contrastive import import_open_clip_loss
-from conftest import (BACKENDS, DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad, assert_value_close, backend_cases,
-                      case_rng, dev_leaf, grads, is_slow, make_aligned, make_embeddings, make_present, ref_leaf,
-                      sizes, torch_gen)
+from conftest import (BACKENDS, DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad,
+                      assert_value_close, backend_cases, case_rng, dev_leaf, grads, is_slow, make_aligned,
+                      make_embeddings, make_present, ref_leaf, sizes, torch_gen)
 from reference import RefTask, ref_pair_losses, ref_scale_loss
 
 

@@ -376,7 +376,7 @@ def _contrastive_fwd_fallback_kernel(
 @triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1"])
 def _contrastive_dg_kernel(
     z_ptr, pres_ptr, w_ptr, scale_ptr, coef_ptr, lse_ptr,
-    dg_ptr, dot_ptr, psum_ptr, gpos_ptr, cdot_ptr, cpsum_ptr,
+    dg_ptr, dot_ptr, psum_ptr, gpos_ptr, gtile_ptr, cdot_ptr, cpsum_ptr,
     p, mi, mj, xs, ys0, ys1, R0, NROWS, C0, C1, NCOL, NKEY,
     B, D, stride_zm, stride_zb, stride_pm, stride_dg, stride_st, stride_cst,
     HAS_W: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, COL_STATS: tl.constexpr,
@@ -387,10 +387,12 @@ def _contrastive_dg_kernel(
     # Column segment k: samples Ck + [0, NCOL) of side ysk, at buffer columns k * NCOL + [0, NCOL).
     # dG[r, c] = coef * s * (ROW_TERM * w_r P_row[r, c] + COL_TERM * w_c P_col[c, r]) minus the
     # positives' s * w, self-similarities removed; P_row uses the rows' LSE, P_col the columns'.
-    # Row statistics per column tile at dot/psum[tile, row]: sum_c P_row (G - gpos_r) over the
-    # columns other than the row's positive, and sum_c P_row (gpos: every sample's positive
-    # cosine, [P, B]).  Their ratio is d loss / d (s w_r) without cancellation: no term is the
-    # positive's own P G, which sum_c P G - G_pos would take off again.
+    # Row statistics per column tile at dot/psum[tile, row]: sum_c P_row (G - gpos_r) and sum_c P_row
+    # (gpos: every sample's positive cosine, [P, B]); the tile holding a row's positive also stores
+    # that G as this tile rounded it at gtile[xs, row], so that the host takes the positive's own
+    # term P (G - gpos) off again (a rounding, not a where on every tile: fewer registers).  The
+    # ratio is d loss / d (s w_r) without cancellation: no term is the positive's P G, which
+    # sum_c P G - G_pos would take off again.
     # COL_STATS: the columns' own softmax statistics too, per row tile at cdot/cpsum[tm, column]:
     # a block computed once serves the gradients of its rows and of its columns.  NKEY: the
     # autotune key (the problem's width).
@@ -432,7 +434,6 @@ def _contrastive_dg_kernel(
     lbase = lse_ptr + p.to(tl.int64) * 2 * B
     gbase = gpos_ptr + p.to(tl.int64) * B
     same = xs == ys
-    positive = (rows[:, None] == cols[None, :]) & (same == 0)  # a cross tile's positives
     # dg accumulates coef * s * (...) tile by tile; acc (= G) stays live, one more tile at a time
     if ROW_TERM:
         # +inf LSE outside the pair: the probabilities are exactly 0 there
@@ -442,21 +443,30 @@ def _contrastive_dg_kernel(
             pr = tl.where(rows[:, None] == cols[None, :], 0.0, pr)
         st = (seg * n_n + tn).to(tl.int64) * stride_st + lrow
         g_r = tl.load(gbase + rows64, mask=r_ok, other=0.0)
-        tl.store(dot_ptr + st, tl.sum(tl.where(positive, 0.0, pr * (acc - g_r[:, None])), 1), mask=lrow < NROWS)
+        tl.store(dot_ptr + st, tl.sum(pr * (acc - g_r[:, None]), 1), mask=lrow < NROWS)
         tl.store(psum_ptr + st, tl.sum(pr, 1), mask=lrow < NROWS)
+        if same == 0:
+            here = r_ok & (rows >= c0 + tn * BLOCK_N) & (rows < c0 + tn * BLOCK_N + BLOCK_N)
+            tl.store(gtile_ptr + xs * B + rows64, tl.sum(tl.where(rows[:, None] == cols[None, :], acc, 0.0), 1),
+                     mask=here)
         dg = pr * (cs * wr)[:, None]
     else:
         dg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if COL_TERM:
         lse_c = tl.load(lbase + ys * B + cols64, mask=c_ok, other=float("inf"))
-        pc = tl.exp2(acc * (s2 * wc)[None, :] - lse_c[None, :] + rbias[:, None])
+        if COL_STATS:
+            # G - gpos_c in place of G (its last use), the softmax from it: no extra tile live
+            g_c = tl.load(gbase + cols64, mask=c_ok, other=0.0)
+            acc = acc - g_c[None, :]
+            pc = tl.exp2(acc * (s2 * wc)[None, :] + (g_c * (s2 * wc) - lse_c)[None, :] + rbias[:, None])
+        else:
+            pc = tl.exp2(acc * (s2 * wc)[None, :] - lse_c[None, :] + rbias[:, None])
         if same:
             pc = tl.where(rows[:, None] == cols[None, :], 0.0, pc)
         dg += pc * (cs * wc)[None, :]
         if COL_STATS:
             cst = tm.to(tl.int64) * stride_cst + lcol
-            g_c = tl.load(gbase + cols64, mask=c_ok, other=0.0)
-            tl.store(cdot_ptr + cst, tl.sum(tl.where(positive, 0.0, pc * (acc - g_c[None, :])), 0), mask=lcol < NCOL)
+            tl.store(cdot_ptr + cst, tl.sum(pc * acc, 0), mask=lcol < NCOL)
             tl.store(cpsum_ptr + cst, tl.sum(pc, 0), mask=lcol < NCOL)
     if same == 0:
         # the positives' -s * w (row r's own, and column c's when its softmax term is in)
@@ -465,7 +475,7 @@ def _contrastive_dg_kernel(
             npos += cs * wr
         if COL_TERM:
             npos += cs * wr  # the positive of a row is the same sample: w_c = w_r there
-        dg = tl.where(positive & r_ok[:, None], dg - npos[:, None], dg)
+        dg = tl.where((rows[:, None] == cols[None, :]) & r_ok[:, None], dg - npos[:, None], dg)
     dst = dg_ptr + lrow.to(tl.int64)[:, None] * stride_dg + (seg * NCOL + lcol)[None, :]
     tl.store(dst, dg.to(dg_ptr.dtype.element_ty), mask=(lrow < NROWS)[:, None] & (lcol < NCOL)[None, :])
 
@@ -758,8 +768,10 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
         else:  # one direction: side 1 rows only get the transposed term
             jobs.append((0, 0, B, [(1, 0, B)], True, False, False))
             jobs.append((1, 0, B, [(0, 0, B)], False, True, False))
-        # [sum_{c != pos} P (G - G_pos), sum_c P] of every (side, sample)'s softmax row
+        # [sum_c P (G - G_pos), sum_c P] of every (side, sample)'s softmax row, and its positive's G as
+        # the kernel's tile rounded it (for the rows of side-0 x side-1 blocks)
         stat_t = torch.zeros((2, 2, B), device=dev, dtype=torch.float32)
+        gtile = torch.zeros((2, B), device=dev, dtype=torch.float32)
         for xs, a0, a1, csegs, row_term, col_term, mirrored in jobs:
             tri = csegs is None
             ys_m, lo, hi = (xs, 0, B) if tri else csegs[0]
@@ -798,7 +810,7 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                                          nseg_c)
                     _contrastive_dg_kernel[grid](
                         z, present_u8, wv, scale32, coef, lse2,
-                        buf, dot, psum, gpos, cdot, cpsum,
+                        buf, dot, psum, gpos, gtile, cdot, cpsum,
                         p, mi, mj, xs, segs[0][0], segs[-1][0], c0, nr, b0, segs[-1][1], ncol, B,
                         B, D, z.stride(0), z.stride(1), present_u8.stride(0), buf.stride(0), dot.stride(0),
                         cdot.stride(0),
@@ -816,7 +828,13 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                         ys, s0, s1 = segs[0]
                         _mm_acc(dz[mods[ys], s0:s1], buf[:nr, :ncol].t(), zside(xs, c0, c0 + nr))
                         stat_t[:, ys, s0:s1] += total[:, 1, :ncol]
-        dot_t, psum_t = stat_t[0], stat_t[1]
+        if both_dir and not local:  # the cross block's columns (side 1) share their rows' positive entries
+            gtile[1] = gtile[0]
+        # the positive's own term P_pos (G_pos - gpos), nothing but G's two roundings, taken off: then no
+        # term of dot is the positive's (P (G - G_pos) summed over the other entries only)
+        p_pos = torch.exp2(gtile * (scale32 * _LOG2E * wv[p]) - lse2[p])
+        dot_t = stat_t[0] - p_pos * (gtile - gpos[p])
+        psum_t = stat_t[1]
         raw = torch.where(psum_t > 0, dot_t / psum_t.clamp_min(1e-30), torch.zeros_like(psum_t))
         dwraw[p] = raw.sum(0)
     valid = (present_u8[pi32.long()] != 0) & (present_u8[pj32.long()] != 0)
