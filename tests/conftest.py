@@ -157,6 +157,18 @@ def make_embeddings(gen: torch.Generator, present: torch.Tensor, D: int, fill: s
     return e.to(dtype)
 
 
+def make_aligned(gen: torch.Generator, B: int, absent=(), M: int = 5, D: int = 32) -> tuple:
+    """(present [M, B], e [M, B, D] float32): the modalities of a sample nearly aligned (one shared row
+    plus 0.1 x noise, random norms), as after training, so the positives are confident; absent: the
+    (modality, sample) entries of present set False (their rows keep their random values)."""
+    present = torch.ones(M, B, dtype=torch.bool)
+    for m, b in absent:
+        present[m, b] = False
+    e = torch.randn(1, B, D, generator=gen, dtype=torch.float64) \
+        + 0.1 * torch.randn(M, B, D, generator=gen, dtype=torch.float64)
+    return present, (e * torch.exp(torch.randn(M, B, 1, generator=gen, dtype=torch.float64))).float()
+
+
 def dev_leaf(x: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
     """A leaf copy of x on DEVICE (same dtype)."""
     return x.detach().clone().to(DEVICE).requires_grad_(requires_grad and x.is_floating_point())

@@ -535,13 +535,14 @@ def test_tile_gemm_through_aten():
     ext = sf.backends.cpp.extension()
     u = torch.nn.functional.normalize(torch.randn(70, 19, generator=torch_gen(3)), dim=1)
     rs = torch.rand(70, generator=torch_gen(4)) * 20
+    a, b = u[:35].contiguous(), u[35:].contiguous()
+    cos_pos = (a * b).sum(1)  # the positives' cosines
     try:
         ext.set_direct_blas(False)
         lse_aten = ext.ntxent_forward(u, rs, 16)
-        du_aten = ext.ntxent_backward(u, rs, lse_aten, 0.5, 16)[0]
-        a, b = u[:35].contiguous(), u[35:].contiguous()
+        du_aten = ext.ntxent_backward(u, rs, lse_aten, cos_pos.repeat(2), 0.5, 16)[0]
         cross_aten = ext.cross_backward(a, b, rs[:35].contiguous(), lse_aten[:35].contiguous(),
-                                        lse_aten[35:].contiguous(), 0.5, 16)
+                                        lse_aten[35:].contiguous(), cos_pos, 0.5, 16)
         _contrastive_case(1400, M=3, B=40, D=16, pattern="random", form="ntxent", wkind="BMM", scale_kind="tensor")
         pos = torch.arange(35)
         siglip_aten = [ext.siglip_forward(a, b, rs[:35].contiguous(), pos, -3.0, 16)] + \
@@ -549,8 +550,9 @@ def test_tile_gemm_through_aten():
     finally:
         ext.set_direct_blas(True)
     lse = ext.ntxent_forward(u, rs, 16)
-    du = ext.ntxent_backward(u, rs, lse, 0.5, 16)[0]
-    cross = ext.cross_backward(a, b, rs[:35].contiguous(), lse[:35].contiguous(), lse[35:].contiguous(), 0.5, 16)
+    du = ext.ntxent_backward(u, rs, lse, cos_pos.repeat(2), 0.5, 16)[0]
+    cross = ext.cross_backward(a, b, rs[:35].contiguous(), lse[:35].contiguous(), lse[35:].contiguous(), cos_pos,
+                               0.5, 16)
     torch.testing.assert_close(lse, lse_aten, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(du, du_aten, rtol=1e-5, atol=1e-6)
     for x, y in zip(cross, cross_aten):

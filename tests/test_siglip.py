@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 import scale_fast as sf
 from scale_fast.bench.contrastive import import_open_clip_loss
-from conftest import (BACKENDS, DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad, assert_value_close, backend_cases,
-                      case_rng, dev_leaf, grads, make_embeddings, make_present, ref_leaf, sizes, torch_gen)
+from conftest import (BACKENDS, DEVICE, LOW_RTOL, PATTERNS, assert_grad_close, assert_rows_zero_grad,
+                      assert_value_close, backend_cases, case_rng, dev_leaf, grads, is_slow, make_aligned,
+                      make_embeddings, make_present, ref_leaf, sizes, torch_gen)
 from reference import RefTask, ref_pair_losses, ref_scale_loss
 
 
@@ -96,6 +97,36 @@ def test_siglip_equals_openclip(backend, seed):
     for gl, gr, name in zip(grads(ours, [e_dev, s_dev, b_dev]), grads(want, [e_ref, s_ref, b_ref]),
                             ("embeddings", "logit_scale", "logit_bias")):
         assert_grad_close(gl, gr, tol * 10, name=f"d {name}")
+
+
+def _d_scale_bias(e, present, mode, dtype, device="cpu", backend=None):
+    """(d total / d logit_scale, d total / d logit_bias) of form "siglip" at s = 30, bias = -5, in dtype."""
+    x, p = e.to(device=device, dtype=dtype), present.to(device)
+    s = torch.tensor(30.0, dtype=dtype, device=device, requires_grad=True)
+    b = torch.tensor(-5.0, dtype=dtype, device=device, requires_grad=True)
+    if backend is None:
+        total = ref_scale_loss(x, p, s, mode=mode, form="siglip", logit_bias=b)["total"]
+    else:
+        total = sf.scale_loss(x, p, logit_scale=s, logit_bias=b, mode=mode, form="siglip", backend=backend).total
+    return [float(g) for g in torch.autograd.grad(total, [s, b])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siglip_scale_and_bias_gradients_float32_at_tiny_batch(backend):
+    """d logit_scale and d logit_bias in float32 with confident positives (modalities of a sample nearly
+    aligned, sigmoid(x) ~ 1 there): the positives' sigmoid(x) - 1 is -sigmoid(-x), in the tile that
+    holds them, so these gradients stay within 4e-6 of float64 (sum_c sigmoid(x) G - G_pos, or
+    sigmoid(x) - 1 rounded, lost up to 1e-4 here)."""
+    cases = (("batch", 2, ()), ("sample", 3, ((4, 0), (1, 2))), ("batch", 3, ((0, 1),)))
+    seeds = 1 if is_slow(backend) else 4
+    err = []
+    for k, (mode, B, absent) in enumerate(cases):
+        for seed in range(seeds):
+            present, e = make_aligned(torch_gen(9300 + 10 * k + seed), B, absent)
+            want = _d_scale_bias(e, present, mode, torch.float64)
+            got = _d_scale_bias(e, present, mode, torch.float32, DEVICE, backend)
+            err.append(max(abs(g - w) / abs(w) for g, w in zip(got, want)))
+    assert max(err) <= 4e-6, f"relative errors of (d logit_scale, d logit_bias): {err}"
 
 
 def test_scale_loss_module_learns_bias():

@@ -3,8 +3,8 @@
 The all-pairs driver, the pair forms and the info-NCE Functions are shared
 (scale_fast/backends/_allpairs.py); each pair's tile loops run in C++: NT-Xent forms only the Gram tiles R <= C, the
 log-sum-exp uses the fixed shift |s w_r| when 2 max|s w| <= 60 (float32; 600 float64) and
-an online max otherwise, and the weight gradient is normalised by p_sum (see the torch
-backend).  The positive-logit terms and the O(n) bookkeeping stay in torch.  SigLIP's
+an online max otherwise, and the weight gradient is a sum of P (G - G_pos) products normalised
+by p_sum (see the torch backend).  The positive-logit terms and the O(n) bookkeeping stay in torch.  SigLIP's
 sigmoid loss runs whole in C++ (csrc/siglip.cpp), the positives included.
 """
 from __future__ import annotations
@@ -32,11 +32,11 @@ def ntxent_backward(u, rs, lse, pos, coef):
     n2 = u.shape[0]
     n = n2 // 2
     c = float(coef) / n2
-    du, dot_p, p_sum = _ext().ntxent_backward(u, rs, lse, c, TILE)
+    du, dot_p, p_sum = _ext().ntxent_backward(u, rs, lse, pos.repeat(2), c, TILE)
     both = (c * (rs[:n] + rs[n:]))[:, None]
     du[:n].addcmul_(both, u[n:], value=-1)  # in place: no [n, D] temporary
     du[n:].addcmul_(both, u[:n], value=-1)
-    return du, c * (dot_p / p_sum - pos.repeat(2))
+    return du, c * (dot_p / p_sum)
 
 
 def cross_forward(a, b, rs, both: bool):
@@ -54,11 +54,11 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos, coef):
     n = a.shape[0]
     directions = 1 if lse_c is None else 2
     c = float(coef) / (n * directions)
-    da, db, dot_p, p_sum = _ext().cross_backward(a, b, rs, lse_r, lse_c, c, TILE)
+    da, db, dot_p, p_sum = _ext().cross_backward(a, b, rs, lse_r, lse_c, pos, c, TILE)
     k = (directions * c * rs)[:, None]
     da.addcmul_(k, b, value=-1)
     db.addcmul_(k, a, value=-1)
-    return da, db, c * (dot_p / p_sum - pos).sum(0)
+    return da, db, c * (dot_p / p_sum).sum(0)
 
 
 def siglip_forward(q, k, rs, pos, bias):

@@ -138,6 +138,30 @@ def _tiles(n: int, tile: int):
     return [slice(start, min(start + tile, n)) for start in range(0, n, tile)]
 
 
+def _add_scale_terms(acc: torch.Tensor, prob: torch.Tensor, gram: torch.Tensor, pos: torch.Tensor, dim: int,
+                     out: torch.Tensor, positives=()) -> None:
+    """acc += sum over `dim` of prob * (gram - pos), the positives' entries left out.
+
+    The derivative of a row's LSE in its scale, less its positive logit's, is
+    sum_c P[r, c] (G[r, c] - G[r, pos(r)]): formed as one sum of such products it has no
+    cancellation (sum_c P G - G_pos loses the digits the two share when P[r, pos] ~ 1).
+    pos: the positives' cosines of the rows along `dim` (any rounding of them: the positive's
+    own entry, where the rounding would show, is left out).  positives: diagonal offsets of the
+    tile that hold (row, positive) entries.  out: scratch of gram's shape (may be gram itself).
+    """
+    terms = torch.sub(gram, pos[:, None] if dim == 1 else pos[None, :], out=out).mul_(prob)
+    for off in positives:
+        terms.diagonal(off).zero_()
+    _add_tile_sum(acc, terms, dim)
+
+
+def _diagonal_offsets(rows: slice, cols: slice, shifts) -> list:
+    """Offsets of the tile diagonals (entries (r, r + off)) holding the global entries (i, i + shift)."""
+    nr, nc = rows.stop - rows.start, cols.stop - cols.start
+    offs = [rows.start + shift - cols.start for shift in shifts]
+    return [off for off in offs if -nr < off < nc]
+
+
 def ntxent_forward(u: torch.Tensor, rs: torch.Tensor):
     """NT-Xent of one pair from rows u = [a; b] (positives r <-> r + n, self excluded).
 
@@ -167,9 +191,8 @@ def ntxent_backward(u, rs, lse, pos_dot, coef):
     n = n2 // 2
     coef = coef / n2
     du = torch.zeros_like(u)
-    # dot_p[r] = sum_c P[r, c] * G[r, c]: the derivative of row r's LSE in its scale.
-    # It is divided by p_sum[r] = sum_c P[r, c] (1 up to rounding) so that the
-    # rounding of lse cancels: d_rs is a small difference of O(1) terms.
+    # dot_p[r] = sum_{c != pos(r)} P[r, c] (G[r, c] - G[r, pos(r)]) (_add_scale_terms): d_rs[r]
+    # once divided by p_sum[r] = sum_c P[r, c] (1 up to rounding), so that the rounding of lse cancels
     dot_p, p_sum = torch.zeros_like(rs), torch.zeros_like(rs)
     work = _Scratch(u, n2, n2, 4)
     tiles = _tiles(n2, TILE)
@@ -179,18 +202,19 @@ def ntxent_backward(u, rs, lse, pos_dot, coef):
             prob = torch.addcmul(-lse[rows, None], gram, rs[rows, None], out=work.tile(1, rows, cols)).exp_()
             prob_t = torch.addcmul(-lse[None, cols], gram, rs[None, cols], out=work.tile(2, rows, cols)).exp_()
             tmp = work.tile(3, rows, cols)
+            positives = _diagonal_offsets(rows, cols, (n, -n))  # the entries (r, r +- n)
             if cols is rows:
                 # a symmetric Gram tile: prob_t[r, c] = P[c, r], so dG = A + A^T is formed in
                 # place as in the other tiles (no transposed pass); its rows give every sum
                 prob.diagonal().zero_()
                 prob_t.diagonal().zero_()
-                _add_tile_sum(dot_p[rows], torch.mul(prob, gram, out=tmp), 1)
+                _add_scale_terms(dot_p[rows], prob, gram, pos_dot[rows], 1, tmp, positives)
                 _add_tile_sum(p_sum[rows], prob, 1)
                 dgram = prob.mul_(coef * rs[rows, None]).addcmul_(prob_t, coef * rs[None, cols])
                 du[rows].addmm_(dgram, u[rows])
                 continue
-            _add_tile_sum(dot_p[rows], torch.mul(prob, gram, out=tmp), 1)
-            _add_tile_sum(dot_p[cols], torch.mul(prob_t, gram, out=tmp), 0)
+            _add_scale_terms(dot_p[rows], prob, gram, pos_dot[rows], 1, tmp, positives)
+            _add_scale_terms(dot_p[cols], prob_t, gram, pos_dot[cols], 0, gram, positives)  # gram's last use
             _add_tile_sum(p_sum[rows], prob, 1)
             _add_tile_sum(p_sum[cols], prob_t, 0)
             dgram = prob.mul_(coef * rs[rows, None]).addcmul_(prob_t, coef * rs[None, cols])
@@ -200,7 +224,7 @@ def ntxent_backward(u, rs, lse, pos_dot, coef):
     both = (coef * (rs[:n] + rs[n:]))[:, None]
     du[:n].addcmul_(both, u[n:], value=-1)  # in place: no [n, D] temporary
     du[n:].addcmul_(both, u[:n], value=-1)
-    return du, coef * (dot_p / p_sum - pos_dot)
+    return du, coef * (dot_p / p_sum)
 
 
 def cross_forward(a, b, rs, both: bool):
@@ -236,7 +260,7 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos_dot, coef):
     directions = 1 if lse_c is None else 2
     coef = coef / (n * directions)
     da, db = torch.zeros_like(a), torch.zeros_like(b)
-    # per direction, as in ntxent_backward: sum_c P G normalised by sum_c P
+    # per direction, as in ntxent_backward: sum_{c != r} P (G - G_pos) normalised by sum_c P
     dot_p, p_sum = a.new_zeros(directions, n), a.new_zeros(directions, n)
     work = _Scratch(a, n, n, 4)
     tiles = _tiles(n, TILE)
@@ -245,12 +269,13 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos_dot, coef):
             gram = torch.mm(a[rows], b[cols].T, out=work.tile(0, rows, cols))
             prob = torch.addcmul(-lse_r[rows, None], gram, rs[rows, None], out=work.tile(1, rows, cols)).exp_()
             tmp = work.tile(3, rows, cols)
-            _add_tile_sum(dot_p[0, rows], torch.mul(prob, gram, out=tmp), 1)
+            positives = _diagonal_offsets(rows, cols, (0,))
+            _add_scale_terms(dot_p[0, rows], prob, gram, pos_dot[rows], 1, tmp, positives)
             _add_tile_sum(p_sum[0, rows], prob, 1)
             dgram = prob.mul_(coef * rs[rows, None])
             if lse_c is not None:
                 prob_t = torch.addcmul(-lse_c[None, cols], gram, rs[None, cols], out=work.tile(2, rows, cols)).exp_()
-                _add_tile_sum(dot_p[1, cols], torch.mul(prob_t, gram, out=tmp), 0)
+                _add_scale_terms(dot_p[1, cols], prob_t, gram, pos_dot[cols], 0, tmp, positives)
                 _add_tile_sum(p_sum[1, cols], prob_t, 0)
                 dgram.addcmul_(prob_t, coef * rs[None, cols])
             da[rows].addmm_(dgram, b[cols])
@@ -258,11 +283,12 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos_dot, coef):
     k = (directions * coef * rs)[:, None]
     da.addcmul_(k, b, value=-1)
     db.addcmul_(k, a, value=-1)
-    return da, db, coef * (dot_p / p_sum - pos_dot).sum(0)
+    return da, db, coef * (dot_p / p_sum).sum(0)
 
 
 def _self_mask(self_idx, rows: slice, cols: slice, device):
-    """[R, C] bool: True where column == the row's own index (its self-similarity), or None."""
+    """[R, C] bool: True where the column is the row's entry of self_idx (its self-similarity, or its
+    positive), or None."""
     if self_idx is None:
         return None
     col_ids = torch.arange(cols.start, cols.stop, device=device)
@@ -304,14 +330,16 @@ def rows_backward(q, k, rs, lse, pos, self_idx, pos_dot, coef):
             mask = _self_mask(self_idx, rows, cols, q.device)
             if mask is not None:
                 prob.masked_fill_(mask, 0.0)
-            _add_tile_sum(dot_p[rows], torch.mul(prob, gram, out=work.tile(2, rows, cols)), 1)
+            terms = torch.sub(gram, pos_dot[rows, None], out=work.tile(2, rows, cols)).mul_(prob)
+            terms.masked_fill_(_self_mask(pos, rows, cols, q.device), 0.0)  # the positives (_add_scale_terms)
+            _add_tile_sum(dot_p[rows], terms, 1)
             _add_tile_sum(p_sum[rows], prob, 1)
             dgram = prob.mul_(coef * rs[rows, None])
             dq[rows].addmm_(dgram, k[cols])
             dk[cols].addmm_(dgram.T, q[rows])
     dq -= (coef * rs)[:, None] * k.index_select(0, pos)
     dk.index_add_(0, pos, -(coef * rs)[:, None] * q)
-    return dq, dk, coef * (dot_p / p_sum - pos_dot)
+    return dq, dk, coef * (dot_p / p_sum)
 
 
 def siglip_forward(q, k, rs, pos, bias):
@@ -331,25 +359,26 @@ def siglip_forward(q, k, rs, pos, bias):
 
 
 def siglip_backward(q, k, rs, pos, bias, coef):
-    """d x_rc = sigmoid(x_rc) - [c == pos(r)]; the positives' -1 is applied once after the tiles."""
+    """d x_rc = sigmoid(x_rc) - [c == pos(r)], the positives' -sigmoid(-x) (no cancellation) set in
+    their tile, so that the scale's and the bias's gradients are sums of (p - y) products, the
+    positive's with the Gram entry of its own tile."""
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
     d_rs = torch.zeros_like(rs)
     d_bias = q.new_zeros(())
+    k_pos = k.index_select(0, pos)
+    d_pos = torch.sigmoid(-(rs * (q * k_pos).sum(1) + bias)).neg_()  # sigmoid(x) - 1 of the positives
     work = _Scratch(q, q.shape[0], k.shape[0], 3)
     for rows in _tiles(q.shape[0], TILE):
         for cols in _tiles(k.shape[0], TILE):
             gram = torch.mm(q[rows], k[cols].T, out=work.tile(0, rows, cols))
             p = torch.addcmul(bias, gram, rs[rows, None], out=work.tile(1, rows, cols)).sigmoid_()
+            p = torch.where(_self_mask(pos, rows, cols, q.device), d_pos[rows, None], p, out=p)
             d_bias += p.sum()
             _add_tile_sum(d_rs[rows], torch.mul(p, gram, out=work.tile(2, rows, cols)), 1)
             p.mul_(coef * rs[rows, None])
             dq[rows].addmm_(p, k[cols])
             dk[cols].addmm_(p.T, q[rows])
-    k_pos = k.index_select(0, pos)
-    dq -= (coef * rs)[:, None] * k_pos
-    dk.index_add_(0, pos, -(coef * rs)[:, None] * q)
-    d_rs -= (q * k_pos).sum(1)
-    return dq, dk, coef * d_rs, coef * (d_bias - q.shape[0])
+    return dq, dk, coef * d_rs, coef * d_bias
 
 
 KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward, rows_forward, rows_backward,

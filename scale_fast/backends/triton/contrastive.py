@@ -370,12 +370,12 @@ def _contrastive_fwd_fallback_kernel(
                  prune_configs_by={"early_config_prune": _prune_configs},
                  # which statistic slots a config writes depends on its tiles: a losing config's
                  # slots would be summed with the winner's
-                 reset_to_zero=["dot_ptr", "psum_ptr", "gpos_ptr", "cdot_ptr", "cpsum_ptr"])
+                 reset_to_zero=["dot_ptr", "psum_ptr", "cdot_ptr", "cpsum_ptr"])
 @triton.heuristics({"EVEN_D": lambda a: a["D"] % a["BLOCK_D"] == 0})
 @triton.jit(do_not_specialize=["p", "mi", "mj", "xs", "ys0", "ys1", "R0", "NROWS", "C0", "C1"])
 def _contrastive_dg_kernel(
     z_ptr, pres_ptr, w_ptr, scale_ptr, coef_ptr, lse_ptr,
-    dg_ptr, dot_ptr, psum_ptr, gpos_ptr, cdot_ptr, cpsum_ptr,
+    dg_ptr, dot_ptr, psum_ptr, gpos_ptr, gtile_ptr, cdot_ptr, cpsum_ptr,
     p, mi, mj, xs, ys0, ys1, R0, NROWS, C0, C1, NCOL, NKEY,
     B, D, stride_zm, stride_zb, stride_pm, stride_dg, stride_st, stride_cst,
     HAS_W: tl.constexpr, ROW_TERM: tl.constexpr, COL_TERM: tl.constexpr, COL_STATS: tl.constexpr,
@@ -386,9 +386,15 @@ def _contrastive_dg_kernel(
     # Column segment k: samples Ck + [0, NCOL) of side ysk, at buffer columns k * NCOL + [0, NCOL).
     # dG[r, c] = coef * s * (ROW_TERM * w_r P_row[r, c] + COL_TERM * w_c P_col[c, r]) minus the
     # positives' s * w, self-similarities removed; P_row uses the rows' LSE, P_col the columns'.
-    # COL_STATS: the columns' own softmax statistics too (sum_r P_col G and sum_r P_col), per row
-    # tile at cdot/cpsum[tm, column]: a block computed once serves the gradients of its rows and of
-    # its columns.  NKEY: the autotune key (the problem's width).
+    # Row statistics per column tile at dot/psum[tile, row]: sum_c P_row (G - gpos_r) and sum_c P_row
+    # (gpos: every sample's positive cosine, [P, B]); the tile holding a row's positive also stores
+    # that G as this tile rounded it at gtile[xs, row], so that the host takes the positive's own
+    # term P (G - gpos) off again (a rounding, not a where on every tile: fewer registers).  The
+    # ratio is d loss / d (s w_r) without cancellation: no term is the positive's P G, which
+    # sum_c P G - G_pos would take off again.
+    # COL_STATS: the columns' own softmax statistics too, per row tile at cdot/cpsum[tm, column]:
+    # a block computed once serves the gradients of its rows and of its columns.  NKEY: the
+    # autotune key (the problem's width).
     pid = tl.program_id(0)
     seg = tl.program_id(1)
     n_m = tl.cdiv(NROWS, BLOCK_M)
@@ -425,6 +431,7 @@ def _contrastive_dg_kernel(
     s2 = s * 1.4426950408889634
     cs = tl.load(coef_ptr + p).to(tl.float32) * s
     lbase = lse_ptr + p.to(tl.int64) * 2 * B
+    gbase = gpos_ptr + p.to(tl.int64) * B
     same = xs == ys
     # dg accumulates coef * s * (...) tile by tile; acc (= G) stays live, one more tile at a time
     if ROW_TERM:
@@ -434,17 +441,25 @@ def _contrastive_dg_kernel(
         if same:
             pr = tl.where(rows[:, None] == cols[None, :], 0.0, pr)
         st = (seg * n_n + tn).to(tl.int64) * stride_st + lrow
-        tl.store(dot_ptr + st, tl.sum(pr * acc, 1), mask=lrow < NROWS)
+        g_r = tl.load(gbase + rows64, mask=r_ok, other=0.0)
+        tl.store(dot_ptr + st, tl.sum(pr * (acc - g_r[:, None]), 1), mask=lrow < NROWS)
         tl.store(psum_ptr + st, tl.sum(pr, 1), mask=lrow < NROWS)
         if same == 0:
             here = r_ok & (rows >= c0 + tn * BLOCK_N) & (rows < c0 + tn * BLOCK_N + BLOCK_N)
-            tl.store(gpos_ptr + lrow, tl.sum(tl.where(rows[:, None] == cols[None, :], acc, 0.0), 1), mask=here)
+            tl.store(gtile_ptr + xs * B + rows64, tl.sum(tl.where(rows[:, None] == cols[None, :], acc, 0.0), 1),
+                     mask=here)
         dg = pr * (cs * wr)[:, None]
     else:
         dg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if COL_TERM:
         lse_c = tl.load(lbase + ys * B + cols64, mask=c_ok, other=float("inf"))
-        pc = tl.exp2(acc * (s2 * wc)[None, :] - lse_c[None, :] + rbias[:, None])
+        if COL_STATS:
+            # G - gpos_c in place of G (its last use), the softmax from it: no extra tile live
+            g_c = tl.load(gbase + cols64, mask=c_ok, other=0.0)
+            acc = acc - g_c[None, :]
+            pc = tl.exp2(acc * (s2 * wc)[None, :] + (g_c * (s2 * wc) - lse_c)[None, :] + rbias[:, None])
+        else:
+            pc = tl.exp2(acc * (s2 * wc)[None, :] - lse_c[None, :] + rbias[:, None])
         if same:
             pc = tl.where(rows[:, None] == cols[None, :], 0.0, pc)
         dg += pc * (cs * wc)[None, :]
@@ -632,22 +647,68 @@ def _bwd_block_side(elem: int) -> int:
     return max(unit, int(math.isqrt(int(budget // elem))) // unit * unit)
 
 
-_MM_OUT_DTYPE: dict = {}
+def _dg_min_blocks():
+    """(smallest BLOCK_M, smallest BLOCK_N) of the dG kernel's configs: the statistic slots per row
+    (one per column tile) and per column (one per row tile) that any config may write."""
+    cfgs = _contrastive_dg_kernel.configs
+    return min(c.kwargs["BLOCK_M"] for c in cfgs), min(c.kwargs["BLOCK_N"] for c in cfgs)
+
+
+_MIXED_GEMM: dict = {}
+
+
+def _mixed_gemm(device: torch.device, dtype: torch.dtype) -> str:
+    """How torch multiplies `dtype` (16-bit) matrices into fp32 on this device, asked once: "addmm" (one
+    GEMM adding into an fp32 tensor, out_dtype=float32), "mm" (an fp32 product, then added) or ""."""
+    key = (device.type, dtype)
+    if key not in _MIXED_GEMM:
+        acc = torch.zeros((1, 1), device=device, dtype=torch.float32)
+        one = torch.ones((1, 1), device=device, dtype=dtype)
+        form = ""
+        try:
+            torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+            form = "addmm" if float(acc) == 1.0 else ""
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+        if not form:
+            try:
+                torch.mm(one, one, out_dtype=torch.float32)
+                form = "mm"
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass
+        _MIXED_GEMM[key] = form
+    return _MIXED_GEMM[key]
+
+
+def _pos_cos(z: torch.Tensor, pis, pjs) -> torch.Tensor:
+    """[P, B] fp32: every sample's cosine between the two sides of each pair (z_i . z_j, unit rows).
+
+    Any rounding of it will do for the dG kernel's statistics (the positive's own entry is left out
+    there); 16-bit rows are multiplied with fp32 output, never rounded back to 16 bits."""
+    M, B, D = z.shape
+    out = torch.empty((len(pis), B), device=z.device, dtype=torch.float32)
+    mixed = z.dtype != torch.float32 and _mixed_gemm(z.device, z.dtype) != ""
+    for p, (i, j) in enumerate(zip(pis, pjs)):
+        a, b = z[i].unsqueeze(1), z[j].unsqueeze(2)
+        if z.dtype == torch.float32:
+            torch.bmm(a, b, out=out[p].view(B, 1, 1))
+        elif mixed:
+            out[p] = torch.bmm(a, b, out_dtype=torch.float32).view(B)
+        else:
+            out[p] = torch.bmm(a.float(), b.float()).view(B)
+    return out
 
 
 def _mm_acc(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out (fp32) += a @ b with fp32 accumulation (16-bit a, b go through cuBLAS without fp32 copies)."""
+    """out (fp32) += a @ b with fp32 accumulation: one GEMM into out (beta = 1), also for 16-bit a, b where
+    torch has a 16-bit GEMM with fp32 output (no fp32 copies, no separate add pass)."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         out.addmm_(a, b)
         return
-    dev = out.device.type
-    if dev not in _MM_OUT_DTYPE:
-        try:
-            torch.mm(a[:1, :1], b[:1, :1], out_dtype=torch.float32)
-            _MM_OUT_DTYPE[dev] = True
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE[dev] = False
-    if _MM_OUT_DTYPE[dev] and a.dtype == b.dtype:
+    form = _mixed_gemm(out.device, a.dtype) if a.dtype == b.dtype else ""
+    if form == "addmm":
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    elif form == "mm":
         out.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         out.addmm_(a.float(), b.float())
@@ -672,13 +733,14 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
     local = row_range is not None
     r0, r1 = row_range if local else (0, B)
     dz = torch.zeros((M, B, D), device=dev, dtype=torch.float32)
-    dwraw = torch.zeros((P, B), device=dev, dtype=torch.float32)  # sum_c P G - G_pos, per sample
+    dwraw = torch.zeros((P, B), device=dev, dtype=torch.float32)  # d loss_p / d (s w) per sample, unscaled
     has_w = w is not None
     wv = w if has_w else torch.ones((P, B), device=dev, dtype=torch.float32)
     buf_dtype = torch.bfloat16 if (z.dtype == torch.bfloat16 and dev.type == "cuda") else torch.float32
     zg = z if buf_dtype == z.dtype else None  # GEMM operand dtype must match the buffer's
     iu = torch.triu_indices(M, M, 1)  # on the host: no device sync
     pis, pjs = iu[0].tolist(), iu[1].tolist()
+    gpos = _pos_cos(z, pis, pjs)
     prec, f32 = _precision(z.dtype), _dot_f32(z.dtype)
     elem = torch.finfo(buf_dtype).bits // 8
     for p in range(P):
@@ -710,10 +772,10 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
         else:  # one direction: side 1 rows only get the transposed term
             jobs.append((0, 0, B, [(1, 0, B)], True, False, False))
             jobs.append((1, 0, B, [(0, 0, B)], False, True, False))
-        # per side: sum_c P G and sum_c P of every sample's softmax row, and its positive's G
-        dot_t = torch.zeros((2, B), device=dev, dtype=torch.float32)
-        psum_t = torch.zeros_like(dot_t)
-        gpos_t = torch.zeros_like(dot_t)
+        # [sum_c P (G - G_pos), sum_c P] of every (side, sample)'s softmax row, and its positive's G as
+        # the kernel's tile rounded it (for the rows of side-0 x side-1 blocks)
+        stat_t = torch.zeros((2, 2, B), device=dev, dtype=torch.float32)
+        gtile = torch.zeros((2, B), device=dev, dtype=torch.float32)
         for xs, a0, a1, csegs, row_term, col_term, mirrored in jobs:
             tri = csegs is None
             ys_m, lo, hi = (xs, 0, B) if tri else csegs[0]
@@ -727,15 +789,15 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                 ch = min(a1 - a0, _bwd_chunk_rows(nseg_c * cw, elem))
             ch, cw = min(ch, a1 - a0), min(cw, hi - lo)
             buf = torch.empty((ch, nseg_c * cw), device=dev, dtype=buf_dtype)
-            n_ct = triton.cdiv(cw, 16)  # enough stat slots for any BLOCK_N >= 16
-            dot = torch.zeros((nseg_c * n_ct, ch), device=dev, dtype=torch.float32)
-            psum = torch.zeros_like(dot)
-            gpos = torch.zeros((ch,), device=dev, dtype=torch.float32)
-            if mirrored:  # the columns' statistics, per row tile (BLOCK_M >= 16)
-                cdot = torch.zeros((triton.cdiv(ch, 16), cw), device=dev, dtype=torch.float32)
-                cpsum = torch.zeros_like(cdot)
-            else:
-                cdot = cpsum = dot
+            # statistics of a block, one buffer zeroed and summed once per block: [dot | psum,
+            # rows (a slot per column tile) | columns (mirrored: a slot per row tile), slot, row or column]
+            bm, bn = _dg_min_blocks()
+            n_slot = max(nseg_c * triton.cdiv(cw, bn), triton.cdiv(ch, bm) if mirrored else 0)
+            stats = torch.empty((2, 2 if mirrored else 1, n_slot, max(ch, cw) if mirrored else ch), device=dev,
+                                dtype=torch.float32)
+            dot, psum = stats[0, 0], stats[1, 0]
+            cdot, cpsum = (stats[0, 1], stats[1, 1]) if mirrored else (dot, psum)
+            has_stats = row_term or mirrored
             for c0 in range(a0, a1, ch):
                 nr = min(ch, a1 - c0)
                 if mirrored:  # a triangle: the blocks from the diagonal one on
@@ -746,18 +808,13 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                     ncol = segs[0][2] - segs[0][1]
                     b0 = segs[0][1]
                     diag = tri and b0 == c0  # symmetric: whole, not mirrored, its rows give every statistic
-                    if row_term:
-                        dot.zero_()
-                        psum.zero_()
-                        gpos.zero_()
-                    if mirrored:
-                        cdot.zero_()
-                        cpsum.zero_()
+                    if has_stats:
+                        stats.zero_()
                     grid = lambda meta: (triton.cdiv(nr, meta["BLOCK_M"]) * triton.cdiv(ncol, meta["BLOCK_N"]),  # noqa: E731
                                          nseg_c)
                     _contrastive_dg_kernel[grid](
                         z, present_u8, wv, scale32, coef, lse2,
-                        buf, dot, psum, gpos, cdot, cpsum,
+                        buf, dot, psum, gpos, gtile, cdot, cpsum,
                         p, mi, mj, xs, segs[0][0], segs[-1][0], c0, nr, b0, segs[-1][1], ncol, B,
                         B, D, z.stride(0), z.stride(1), present_u8.stride(0), buf.stride(0), dot.stride(0),
                         cdot.stride(0),
@@ -767,20 +824,22 @@ def _backward(z, w, scale32, present_u8, pi32, pj32, lse2, coef, both_dir, nseg,
                     out = dz[mods[xs], c0:c0 + nr]
                     for k, (ys, s0, s1) in enumerate(segs):
                         _mm_acc(out, buf[:nr, k * ncol:(k + 1) * ncol], zside(ys, s0, s1))
-                    cross = any(ys != xs for ys, _, _ in segs)  # the kernel stored the positives' G
+                    if has_stats:
+                        total = stats.sum(2)  # [dot | psum, rows | columns, row or column]
                     if row_term:
-                        dot_t[xs, c0:c0 + nr] += dot[:, :nr].sum(0)
-                        psum_t[xs, c0:c0 + nr] += psum[:, :nr].sum(0)
-                        if cross:  # each row's positive lies in one block: the others add 0
-                            gpos_t[xs, c0:c0 + nr] += gpos[:nr]
+                        stat_t[:, xs, c0:c0 + nr] += total[:, 0, :nr]
                     if mirrored and not diag:
                         ys, s0, s1 = segs[0]
                         _mm_acc(dz[mods[ys], s0:s1], buf[:nr, :ncol].t(), zside(xs, c0, c0 + nr))
-                        dot_t[ys, s0:s1] += cdot[:, :ncol].sum(0)
-                        psum_t[ys, s0:s1] += cpsum[:, :ncol].sum(0)
-                        if cross:  # a positive is one sample's pair: the same G for both sides
-                            gpos_t[ys, c0:c0 + nr] += gpos[:nr]
-        raw = torch.where(psum_t > 0, dot_t / psum_t.clamp_min(1e-30) - gpos_t, torch.zeros_like(psum_t))
+                        stat_t[:, ys, s0:s1] += total[:, 1, :ncol]
+        if both_dir and not local:  # the cross block's columns (side 1) share their rows' positive entries
+            gtile[1] = gtile[0]
+        # the positive's own term P_pos (G_pos - gpos), nothing but G's two roundings, taken off: then no
+        # term of dot is the positive's (P (G - G_pos) summed over the other entries only)
+        p_pos = torch.exp2(gtile * (scale32 * _LOG2E * wv[p]) - lse2[p])
+        dot_t = stat_t[0] - p_pos * (gtile - gpos[p])
+        psum_t = stat_t[1]
+        raw = torch.where(psum_t > 0, dot_t / psum_t.clamp_min(1e-30), torch.zeros_like(psum_t))
         dwraw[p] = raw.sum(0)
     valid = (present_u8[pi32.long()] != 0) & (present_u8[pj32.long()] != 0)
     if local:

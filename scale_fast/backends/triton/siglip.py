@@ -10,8 +10,8 @@ Forward: nothing R x C is stored; a program sweeps the column tiles of its row b
 tile summed over D in a software-pipelined loop from a fresh zero accumulator, and keeps a
 per-row sum.  Backward: per chunk of rows (the buffer within SCALE_FAST_SIGLIP_BWD_MB, default
 64 MiB, whatever R and C), a tile kernel writes E = coef rs_r (sigmoid(x_rc) - [c == pos(r)])
-and per-tile row sums (no atomics); the GEMMs dq = E k and dk += E^T q run in cuBLAS.  No
-program keeps a [rows, D] accumulator, so no register state grows with D.  Accumulation is
+(-sigmoid(-x) on the positives) and per-tile row sums (no atomics); the GEMMs dq = E k and
+dk += E^T q run in cuBLAS.  No program keeps a [rows, D] accumulator, so no register state grows with D.  Accumulation is
 float32 (float64 for float64 input); E is kept in the input's dtype for 16-bit inputs.
 """
 from __future__ import annotations
@@ -101,8 +101,12 @@ def _bwd_tile_kernel(Q, K, RS, POS, BIAS, E, PG, PS, R0, NR, C, D, coef, stride_
     bias = tl.load(BIAS).to(acc_t)
     g = _gram_tile(Q, K, rows, cols, rmask, cmask, D, stride_q, stride_k,
                    BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, STAGES, ACC64, DOT_F32)
-    p = tl.sigmoid(g * rs[:, None] + bias) - (cols[None, :] == pos[:, None]).to(acc_t)
-    p = tl.where(rmask[:, None] & cmask[None, :], p, 0.0)
+    x = g * rs[:, None] + bias
+    positive = cols[None, :] == pos[:, None]
+    # sigmoid(x) - 1 = -sigmoid(-x) on the positives: the difference would lose every digit the two
+    # share, and the scale's and bias's gradients are sums of these terms
+    p = tl.sigmoid(tl.where(positive, -x, x))
+    p = tl.where(rmask[:, None] & cmask[None, :], tl.where(positive, -p, p), 0.0)
     st = tn.to(tl.int64) * stride_st + lrow
     tl.store(PG + st, tl.sum(p * g, 1), mask=rmask)
     tl.store(PS + st, tl.sum(p, 1), mask=rmask)

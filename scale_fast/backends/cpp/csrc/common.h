@@ -276,10 +276,11 @@ inline void check_1d(const Tensor& t, const Tensor& like, int64_t n, const char*
 // Entry points (bindings.cpp exposes them; contracts there)
 // ------------------------------------------------------------------------------------------
 Tensor ntxent_forward(const Tensor& u, const Tensor& rs, int64_t tile);
-std::vector<Tensor> ntxent_backward(const Tensor& u, const Tensor& rs, const Tensor& lse, double coef, int64_t tile);
+std::vector<Tensor> ntxent_backward(const Tensor& u, const Tensor& rs, const Tensor& lse, const Tensor& pos,
+                                    double coef, int64_t tile);
 std::vector<Tensor> cross_forward(const Tensor& a, const Tensor& b, const Tensor& rs, bool both, int64_t tile);
 std::vector<Tensor> cross_backward(const Tensor& a, const Tensor& b, const Tensor& rs, const Tensor& lse_r,
-                                   const c10::optional<Tensor>& lse_c, double coef, int64_t tile);
+                                   const c10::optional<Tensor>& lse_c, const Tensor& pos, double coef, int64_t tile);
 Tensor siglip_forward(const Tensor& q, const Tensor& k, const Tensor& rs, const Tensor& pos, double bias,
                       int64_t tile);
 std::vector<Tensor> siglip_backward(const Tensor& q, const Tensor& k, const Tensor& rs, const Tensor& pos, double bias,

@@ -54,20 +54,21 @@ inline void minmax_row<float>(const float* g, int64_t n, float& mn, float& mx, f
 }
 #endif
 
-// Backward row of a contrastive tile: p = exp(a g - l), dp += p g, ps += p; with columns
-// (dpc != nullptr): pt = exp(rs_c g - lse_c), dpc += pt g, psc += pt; g <- ca p + crs_c pt
-// (ca = coef a, crs_c = coef rs_c), else g <- ca p.
+// Backward row of a contrastive tile: p = exp(a g - l), dp += p (g - gp), ps += p; with columns
+// (dpc != nullptr): pt = exp(rs_c g - lse_c), dpc += pt (g - gp_c), psc += pt; g <- ca p + crs_c pt
+// (ca = coef a, crs_c = coef rs_c), else g <- ca p.  gp, gp_c: the positives' cosines of the row
+// and of the columns (dp and dpc are sums of P (G - G_pos): no cancellation, see tiles_backward).
 template <typename T>
-inline void bwd_row_scalar(T* g, int64_t c0, int64_t n, T a, T l, T ca, const T* rs_c, const T* lse_c,
-                           const T* crs_c, T* dpc, T* psc, T& dp, T& ps) {
+inline void bwd_row_scalar(T* g, int64_t c0, int64_t n, T a, T l, T ca, T gp, const T* rs_c, const T* lse_c,
+                           const T* crs_c, const T* gp_c, T* dpc, T* psc, T& dp, T& ps) {
   for (int64_t c = c0; c < n; ++c) {
     const T x = g[c];
     const T p = sexp(a * x - l);
-    dp += p * x;
+    dp += p * (x - gp);
     ps += p;
     if (dpc) {
       const T pt = sexp(rs_c[c] * x - lse_c[c]);
-      dpc[c] += pt * x;
+      dpc[c] += pt * (x - gp_c[c]);
       psc[c] += pt;
       g[c] = ca * p + crs_c[c] * pt;
     } else {
@@ -77,26 +78,28 @@ inline void bwd_row_scalar(T* g, int64_t c0, int64_t n, T a, T l, T ca, const T*
 }
 
 template <typename T>
-inline void bwd_row(T* g, int64_t n, T a, T l, T ca, const T* rs_c, const T* lse_c, const T* crs_c, T* dpc, T* psc,
-                    T& dp, T& ps) {
-  bwd_row_scalar<T>(g, 0, n, a, l, ca, rs_c, lse_c, crs_c, dpc, psc, dp, ps);
+inline void bwd_row(T* g, int64_t n, T a, T l, T ca, T gp, const T* rs_c, const T* lse_c, const T* crs_c,
+                    const T* gp_c, T* dpc, T* psc, T& dp, T& ps) {
+  bwd_row_scalar<T>(g, 0, n, a, l, ca, gp, rs_c, lse_c, crs_c, gp_c, dpc, psc, dp, ps);
 }
 
 #ifdef SF_AVX2
 template <>
-inline void bwd_row<float>(float* g, int64_t n, float a, float l, float ca, const float* rs_c, const float* lse_c,
-                           const float* crs_c, float* dpc, float* psc, float& dp, float& ps) {
-  const __m256 va = _mm256_set1_ps(a), vl = _mm256_set1_ps(l), vca = _mm256_set1_ps(ca);
+inline void bwd_row<float>(float* g, int64_t n, float a, float l, float ca, float gp, const float* rs_c,
+                           const float* lse_c, const float* crs_c, const float* gp_c, float* dpc, float* psc,
+                           float& dp, float& ps) {
+  const __m256 va = _mm256_set1_ps(a), vl = _mm256_set1_ps(l), vca = _mm256_set1_ps(ca), vgp = _mm256_set1_ps(gp);
   __m256 vdp = _mm256_setzero_ps(), vps = _mm256_setzero_ps();
   int64_t c = 0;
   if (dpc) {
     for (; c + 8 <= n; c += 8) {
       __m256 x = _mm256_loadu_ps(g + c);
       __m256 p = exp_ps(_mm256_fmsub_ps(va, x, vl));
-      vdp = _mm256_fmadd_ps(p, x, vdp);
+      vdp = _mm256_fmadd_ps(p, _mm256_sub_ps(x, vgp), vdp);
       vps = _mm256_add_ps(vps, p);
       __m256 pt = exp_ps(_mm256_fmsub_ps(_mm256_loadu_ps(rs_c + c), x, _mm256_loadu_ps(lse_c + c)));
-      _mm256_storeu_ps(dpc + c, _mm256_fmadd_ps(pt, x, _mm256_loadu_ps(dpc + c)));
+      __m256 xc = _mm256_sub_ps(x, _mm256_loadu_ps(gp_c + c));
+      _mm256_storeu_ps(dpc + c, _mm256_fmadd_ps(pt, xc, _mm256_loadu_ps(dpc + c)));
       _mm256_storeu_ps(psc + c, _mm256_add_ps(_mm256_loadu_ps(psc + c), pt));
       _mm256_storeu_ps(g + c, _mm256_fmadd_ps(vca, p, _mm256_mul_ps(_mm256_loadu_ps(crs_c + c), pt)));
     }
@@ -104,14 +107,14 @@ inline void bwd_row<float>(float* g, int64_t n, float a, float l, float ca, cons
     for (; c + 8 <= n; c += 8) {
       __m256 x = _mm256_loadu_ps(g + c);
       __m256 p = exp_ps(_mm256_fmsub_ps(va, x, vl));
-      vdp = _mm256_fmadd_ps(p, x, vdp);
+      vdp = _mm256_fmadd_ps(p, _mm256_sub_ps(x, vgp), vdp);
       vps = _mm256_add_ps(vps, p);
       _mm256_storeu_ps(g + c, _mm256_mul_ps(vca, p));
     }
   }
   dp += hsum(vdp);
   ps += hsum(vps);
-  bwd_row_scalar<float>(g, c, n, a, l, ca, rs_c, lse_c, crs_c, dpc, psc, dp, ps);
+  bwd_row_scalar<float>(g, c, n, a, l, ca, gp, rs_c, lse_c, crs_c, gp_c, dpc, psc, dp, ps);
 }
 #endif
 
@@ -264,10 +267,15 @@ std::pair<Tensor, Tensor> tiles_forward(const Tensor& X, const Tensor& Y, const 
 // Backward pass over the tiles: dX (and dY), and per-row dot_p / p_sum of both directions.
 // The gradient tile dG[r, c] = coef (rs_r P[r, c] + rs_c P^T[r, c]) is formed in place of G
 // and multiplied out with two GEMMs into the gradient rows of its match (see make_rounds).
+// dot_p[r] = sum_{c != pos(r)} P[r, c] (G[r, c] - gx[r]), gx (gy) the positives' cosines of the
+// rows of X (Y): every term is added as it comes, and the positive's own term, P (G - gx) with a
+// G rounded unlike gx, is taken off again (its row reads it before the tile is overwritten).
+// The positive of row r is r (CLIP) or r +- n (NT-Xent: same_space, 2n rows).
 template <typename T>
 std::vector<Tensor> tiles_backward(const Tensor& X, const Tensor& Y, const Tensor& rsx, const Tensor& rsy,
-                                   const Tensor& lse_x, const Tensor& lse_y, double coef,
-                                   const std::vector<Round>& rounds, bool cols, bool same_space, int64_t tile) {
+                                   const Tensor& lse_x, const Tensor& lse_y, const Tensor& gx, const Tensor& gy,
+                                   double coef, const std::vector<Round>& rounds, bool cols, bool same_space,
+                                   int64_t tile) {
   const int64_t nx = X.size(0), ny = Y.size(0), D = X.size(1);
   const auto opt = X.options();
   Tensor dX = at::zeros({nx, D}, opt);
@@ -281,7 +289,10 @@ std::vector<Tensor> tiles_backward(const Tensor& X, const Tensor& Y, const Tenso
   const T* plx = lse_x.data_ptr<T>();
   const T* ply = cols ? (same_space ? plx : lse_y.data_ptr<T>()) : nullptr;
   const T* pcrsy = crsy.data_ptr<T>();
+  const T* pgx = gx.data_ptr<T>();
+  const T* pgy = same_space ? pgx : gy.data_ptr<T>();
   const int64_t yoff = same_space ? 0 : nx;  // offset of Y's rows in the stats arrays
+  const int64_t half = nx / 2;
 
   const T* px = X.data_ptr<T>();
   const T* py = Y.data_ptr<T>();
@@ -305,16 +316,29 @@ std::vector<Tensor> tiles_backward(const Tensor& X, const Tensor& Y, const Tenso
             const T a = prsx[row];
             T* gr = g + r * nc;
             T dpr = 0, psr = 0;
+            const T gxr = pgx[row];
+            const int64_t pc = (same_space ? (row < half ? row + half : row - half) : row) - tk.c0;
+            const bool has_pos = pc >= 0 && pc < nc;  // the positive's column in this tile
+            const T xp = has_pos ? gr[pc] : T(0);
             if (tk.diag) {
-              bwd_row<T>(gr, r, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr, dpr, psr);
+              bwd_row<T>(gr, r, a, plx[row], c * a, gxr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, dpr,
+                         psr);
               gr[r] = 0;
-              bwd_row<T>(gr + r + 1, nc - r - 1, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr,
-                         dpr, psr);
+              bwd_row<T>(gr + r + 1, nc - r - 1, a, plx[row], c * a, gxr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                         nullptr, dpr, psr);
             } else if (do_cols) {
-              bwd_row<T>(gr, nc, a, plx[row], c * a, prsy + tk.c0, ply + tk.c0, pcrsy + tk.c0, dp + yoff + tk.c0,
-                         ps + yoff + tk.c0, dpr, psr);
+              bwd_row<T>(gr, nc, a, plx[row], c * a, gxr, prsy + tk.c0, ply + tk.c0, pcrsy + tk.c0, pgy + tk.c0,
+                         dp + yoff + tk.c0, ps + yoff + tk.c0, dpr, psr);
             } else {
-              bwd_row<T>(gr, nc, a, plx[row], c * a, nullptr, nullptr, nullptr, nullptr, nullptr, dpr, psr);
+              bwd_row<T>(gr, nc, a, plx[row], c * a, gxr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, dpr,
+                         psr);
+            }
+            if (has_pos) {  // the positive's entry (r, pos(r)) is the column pos(r)'s positive too
+              dpr -= sexp(a * xp - plx[row]) * (xp - gxr);
+              if (do_cols) {
+                const int64_t col = tk.c0 + pc;
+                dp[yoff + col] -= sexp(prsy[col] * xp - ply[col]) * (xp - pgy[col]);
+              }
             }
             dp[row] += dpr;
             ps[row] += psr;
@@ -357,15 +381,18 @@ Tensor ntxent_forward(const Tensor& u, const Tensor& rs, int64_t tile) {
   return lse;
 }
 
-std::vector<Tensor> ntxent_backward(const Tensor& u, const Tensor& rs, const Tensor& lse, double coef, int64_t tile) {
+std::vector<Tensor> ntxent_backward(const Tensor& u, const Tensor& rs, const Tensor& lse, const Tensor& pos,
+                                    double coef, int64_t tile) {
   check_2d(u, "u");
   check_1d(rs, u, u.size(0), "rs");
   check_1d(lse, u, u.size(0), "lse");
+  check_1d(pos, u, u.size(0), "pos");
+  TORCH_CHECK(u.size(0) % 2 == 0, "u must hold 2n rows");
   TORCH_CHECK(tile > 0, "tile must be positive");
   auto rounds = make_rounds(u.size(0), u.size(0), tile, true, Slots().count);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "ntxent_backward", [&] {
-    out = tiles_backward<scalar_t>(u, u, rs, rs, lse, lse, coef, rounds, true, true, tile);
+    out = tiles_backward<scalar_t>(u, u, rs, rs, lse, lse, pos, pos, coef, rounds, true, true, tile);
   });
   return {out[0], out[2][0], out[2][1]};
 }
@@ -385,20 +412,22 @@ std::vector<Tensor> cross_forward(const Tensor& a, const Tensor& b, const Tensor
 }
 
 std::vector<Tensor> cross_backward(const Tensor& a, const Tensor& b, const Tensor& rs, const Tensor& lse_r,
-                                   const c10::optional<Tensor>& lse_c, double coef, int64_t tile) {
+                                   const c10::optional<Tensor>& lse_c, const Tensor& pos, double coef, int64_t tile) {
   check_2d(a, "a");
   check_2d(b, "b");
   TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), "a and b must match");
   const int64_t n = a.size(0);
   check_1d(rs, a, n, "rs");
   check_1d(lse_r, a, n, "lse_r");
+  check_1d(pos, a, n, "pos");
   const bool both = lse_c.has_value() && lse_c->defined();
   if (both) check_1d(*lse_c, a, n, "lse_c");
   TORCH_CHECK(tile > 0, "tile must be positive");
   auto rounds = make_rounds(n, n, tile, false, Slots().count);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "cross_backward", [&] {
-    out = tiles_backward<scalar_t>(a, b, rs, rs, lse_r, both ? *lse_c : Tensor(), coef, rounds, both, false, tile);
+    out = tiles_backward<scalar_t>(a, b, rs, rs, lse_r, both ? *lse_c : Tensor(), pos, pos, coef, rounds, both, false,
+                                   tile);
   });
   // stats [2, n + n]: rows of a (direction a->b) then rows of b (direction b->a)
   Tensor st = out[2];
