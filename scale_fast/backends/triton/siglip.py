@@ -16,6 +16,8 @@ float32 (float64 for float64 input); E is kept in the input's dtype for 16-bit i
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
