@@ -377,7 +377,7 @@ ROW_RANGE_BACKENDS = [b for b in BACKENDS if b in ("torch", "triton")]
 def test_row_range_partition_matches_reference(backend, seed, form):
     """The contrastive op's row_range partial losses over a partition of the batch sum to the float64
     reference losses, with every gradient (the process-group path runs the op this way)."""
-    ops = importlib.import_module({"torch": "scale_fast.backends.torch", "triton": "scale_fast.backends.triton.ops"}[backend])
+    ops = importlib.import_module({"torch": "scale_fast.backends.torch.ops", "triton": "scale_fast.backends.triton.ops"}[backend])
     rng = case_rng("row_range", backend, seed, form)
     M = rng.randint(2, 4)
     B, D = sizes(backend, rng, B=rng.choice([9, 13, 17]) if is_slow(backend) else None)
@@ -564,6 +564,7 @@ def test_torch_workspace_reused_across_pairs(monkeypatch, form):
     import scale_fast.backends._allpairs as allpairs
 
     mod = importlib.import_module("scale_fast.backends.torch.contrastive")
+    kernels = importlib.import_module("scale_fast.backends.torch." + ("siglip" if form == "siglip" else "contrastive"))
     made = []
     real_take = mod._Workspace.take
 
@@ -578,8 +579,8 @@ def test_torch_workspace_reused_across_pairs(monkeypatch, form):
     present[3, :5] = False
     w = torch.rand(13, 4, 4, generator=gen, dtype=torch.float64) + 0.5
     results = []
-    for forms in (mod.FORMS, allpairs.pair_forms(dataclasses.replace(mod.KERNELS, workspace=contextlib.nullcontext))):
-        monkeypatch.setattr(mod, "FORMS", forms)
+    for forms in (kernels.FORMS, allpairs.pair_forms(dataclasses.replace(kernels.KERNELS, workspace=contextlib.nullcontext))):
+        monkeypatch.setattr(kernels, "FORMS", forms)
         made.clear()
         leaf = e.clone().requires_grad_(True)
         out = sf.multi_pair_info_nce(leaf, present, weights=w, form=form, backend="torch")
