@@ -437,7 +437,7 @@ def test_triton_backward_autotune_keeps_no_stale_statistics(monkeypatch, winner)
     """Two dG configs with different tiles write different statistic slots: the first backward (which
     autotunes, here with a stand-in clock that makes config `winner` the fastest) must give the same
     gradients as the second (which reuses the choice)."""
-    mod = importlib.import_module("scale_fast.backends.triton.contrastive")
+    mod = importlib.import_module("scale_fast.backends.triton.contrastive_kernels")
     kernel = mod._contrastive_dg_kernel
     configs = [triton_config(bm, bn) for bm, bn in ((16, 32), (32, 16))]
     current = {}
@@ -482,7 +482,7 @@ def test_triton_forward_autotune_first_call_is_exact(monkeypatch, form, winner):
     survive into the winner's merge.  Here the GPU config list (fp32: BLOCK 64 and 32) with a stand-in
     clock that makes BLOCK `winner` the fastest: the first, autotuning call (loss and gradients) must
     match the float64 reference and the second call."""
-    mod = importlib.import_module("scale_fast.backends.triton.contrastive")
+    mod = importlib.import_module("scale_fast.backends.triton.contrastive_kernels")
     kernel = mod._contrastive_fwd_kernel
     monkeypatch.setattr(mod, "_INTERPRET", False)
     configs = mod._fwd_configs()  # the GPU list
