@@ -6,7 +6,7 @@ TILE, read per call).
 """
 from __future__ import annotations
 
-from .._allpairs import PairKernels, SigLIP, all_pairs
+from .._allpairs import SigLIPKernels, all_pairs, pair_forms
 from . import contrastive
 from ._build import loaded as _ext
 
@@ -22,8 +22,8 @@ def siglip_backward(q, k, rs, pos, bias, coef):
 
 
 # Its row_range form needs only these kernels (each query row against every key).
-KERNELS = PairKernels(None, None, None, None, siglip_forward=siglip_forward, siglip_backward=siglip_backward)
-FORMS = {"siglip": SigLIP(KERNELS)}
+KERNELS = SigLIPKernels(siglip_forward, siglip_backward)
+FORMS = pair_forms(KERNELS)
 
 
 def siglip(e, present, logit_scale, logit_bias, row_weights, row_range=None, *, normalize=True, columns_grad=True):

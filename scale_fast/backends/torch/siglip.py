@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._allpairs import PairKernels, SigLIP, all_pairs
+from .._allpairs import SigLIPKernels, all_pairs, pair_forms
 from . import contrastive
 from .contrastive import _WORKSPACE, _Scratch, _add_tile_sum, _self_mask, _tiles
 
@@ -51,9 +51,8 @@ def siglip_backward(q, k, rs, pos, bias, coef):
     return dq, dk, coef * d_rs, coef * d_bias
 
 
-KERNELS = PairKernels(None, None, None, None, siglip_forward=siglip_forward, siglip_backward=siglip_backward,
-                      workspace=_WORKSPACE)
-FORMS = {"siglip": SigLIP(KERNELS)}
+KERNELS = SigLIPKernels(siglip_forward, siglip_backward, workspace=_WORKSPACE)
+FORMS = pair_forms(KERNELS)
 
 
 def siglip(e, present, logit_scale, logit_bias, row_weights, row_range=None, *, normalize=True, columns_grad=True):

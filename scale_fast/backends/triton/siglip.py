@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._allpairs import PairKernels, SigLIP, all_pairs
+from .._allpairs import SigLIPKernels, all_pairs, pair_forms
 from . import interpreted
 
 _INTERPRET = interpreted()
@@ -191,8 +191,8 @@ def report_kernels(dtype: torch.dtype, D: int):
 
 
 # the shared all-pairs driver over these kernels (it normalises the raw embeddings itself)
-KERNELS = PairKernels(None, None, None, None, siglip_forward=siglip_forward, siglip_backward=siglip_backward)
-FORMS = {"siglip": SigLIP(KERNELS)}
+KERNELS = SigLIPKernels(siglip_forward, siglip_backward)
+FORMS = pair_forms(KERNELS)
 
 
 def siglip(e, present, logit_scale, logit_bias, row_weights, *, normalize=True):
