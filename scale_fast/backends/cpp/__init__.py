@@ -55,6 +55,8 @@ CAPABILITY = Capability(
     is_available=is_available,
     unavailable_reason=unavailable_reason,
     pending_reason=_build.pending,  # "not built yet" without building (available_backends, explain_backend)
+    measured_on=("cpu",),
+    unmeasured_reason="CPU tensors only",
 )
 
 
