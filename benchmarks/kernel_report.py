@@ -181,7 +181,7 @@ def _fake(dtype):
 def contrastive_cases(full: bool):
     """Forward (main and exact-fallback) and backward dG kernels: every pickable config for the
     main variants (full: every dtype class, form, weights on/off, row_range, odd D)."""
-    from scale_fast.backends.triton import contrastive as con
+    from scale_fast.backends.triton import contrastive as con, contrastive_kernels as kern
 
     cases = []
     classes = [("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")] if full else [("bf16", "ieee")]
@@ -198,7 +198,7 @@ def contrastive_cases(full: bool):
                         extra = {} if even else dict(D=33)
                         variant = f"{dt} {prec} {form}{' rows' if local else ''}{'' if has_w else ' no-w'}" + \
                             ("" if even else " odd-D")
-                        cs = autotuned_cases(con._contrastive_fwd_kernel, "contrastive_fwd", variant,
+                        cs = autotuned_cases(kern._contrastive_fwd_kernel, "contrastive_fwd", variant,
                                              dict(base, z_ptr=ptr), ce, dict(nargs, D=512 if even else 33), ce,
                                              full=full, extra=extra)
                         for c in cs:
@@ -214,7 +214,7 @@ def contrastive_cases(full: bool):
                         cases += cs
             if both:
                 ce = dict(HAS_W=True, NSEG=nseg, PRECISION=prec, DOT_F32=False)
-                cases += autotuned_cases(con._contrastive_fwd_fallback_kernel, "contrastive_fwd_fallback",
+                cases += autotuned_cases(kern._contrastive_fwd_fallback_kernel, "contrastive_fwd_fallback",
                                          f"{dt} {prec} {form}", dict(base, z_ptr=ptr), ce, dict(nargs, D=512), ce,
                                          full=full)
         # (row term, column term, column statistics): the mirrored blocks of both directions, then
@@ -225,7 +225,7 @@ def contrastive_cases(full: bool):
                       DOT_F32=False)
             types = dict(base, z_ptr=ptr, dg_ptr="*bf16" if dt == "bf16" else "*fp32")
             label = "mirrored row+col" if col_stats else ("row" if row_term else "col")
-            dg = autotuned_cases(con._contrastive_dg_kernel, "contrastive_bwd_dg", f"{dt} {prec} {label}",
+            dg = autotuned_cases(kern._contrastive_dg_kernel, "contrastive_bwd_dg", f"{dt} {prec} {label}",
                                  types, ce, dict(nargs, D=512), ce, full=full)
             for c in dg:
                 c.overlap = dt != "fp32"

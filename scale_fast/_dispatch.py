@@ -165,8 +165,7 @@ def _resolve(backend: str, device: torch.device, build: bool = True) -> Tuple[st
         raise ValueError(f"backend={backend!r} is not available: {why}")
     record = capability(backend)
     if "*" not in record.devices and device.type not in record.devices:
-        hint = " (triton runs on CPU tensors only with TRITON_INTERPRET=1 set before triton is imported)" \
-            if backend == "triton" else ""
+        hint = f" ({record.device_hint})" if record.device_hint else ""
         raise ValueError(f"backend={backend!r} runs on {'/'.join(record.devices)} tensors only; "
                          f"got tensors on {device}{hint}")
     return backend, f"backend={backend!r} requested" + (f" ({pending})" if pending else "")

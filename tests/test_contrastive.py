@@ -377,7 +377,7 @@ ROW_RANGE_BACKENDS = [b for b in BACKENDS if b in ("torch", "triton")]
 def test_row_range_partition_matches_reference(backend, seed, form):
     """The contrastive op's row_range partial losses over a partition of the batch sum to the float64
     reference losses, with every gradient (the process-group path runs the op this way)."""
-    ops = importlib.import_module({"torch": "scale_fast.backends.torch", "triton": "scale_fast.backends.triton.ops"}[backend])
+    ops = importlib.import_module({"torch": "scale_fast.backends.torch.ops", "triton": "scale_fast.backends.triton.ops"}[backend])
     rng = case_rng("row_range", backend, seed, form)
     M = rng.randint(2, 4)
     B, D = sizes(backend, rng, B=rng.choice([9, 13, 17]) if is_slow(backend) else None)
@@ -437,7 +437,7 @@ def test_triton_backward_autotune_keeps_no_stale_statistics(monkeypatch, winner)
     """Two dG configs with different tiles write different statistic slots: the first backward (which
     autotunes, here with a stand-in clock that makes config `winner` the fastest) must give the same
     gradients as the second (which reuses the choice)."""
-    mod = importlib.import_module("scale_fast.backends.triton.contrastive")
+    mod = importlib.import_module("scale_fast.backends.triton.contrastive_kernels")
     kernel = mod._contrastive_dg_kernel
     configs = [triton_config(bm, bn) for bm, bn in ((16, 32), (32, 16))]
     current = {}
@@ -482,7 +482,7 @@ def test_triton_forward_autotune_first_call_is_exact(monkeypatch, form, winner):
     survive into the winner's merge.  Here the GPU config list (fp32: BLOCK 64 and 32) with a stand-in
     clock that makes BLOCK `winner` the fastest: the first, autotuning call (loss and gradients) must
     match the float64 reference and the second call."""
-    mod = importlib.import_module("scale_fast.backends.triton.contrastive")
+    mod = importlib.import_module("scale_fast.backends.triton.contrastive_kernels")
     kernel = mod._contrastive_fwd_kernel
     monkeypatch.setattr(mod, "_INTERPRET", False)
     configs = mod._fwd_configs()  # the GPU list
@@ -564,6 +564,7 @@ def test_torch_workspace_reused_across_pairs(monkeypatch, form):
     import scale_fast.backends._allpairs as allpairs
 
     mod = importlib.import_module("scale_fast.backends.torch.contrastive")
+    kernels = importlib.import_module("scale_fast.backends.torch." + ("siglip" if form == "siglip" else "contrastive"))
     made = []
     real_take = mod._Workspace.take
 
@@ -578,8 +579,8 @@ def test_torch_workspace_reused_across_pairs(monkeypatch, form):
     present[3, :5] = False
     w = torch.rand(13, 4, 4, generator=gen, dtype=torch.float64) + 0.5
     results = []
-    for forms in (mod.FORMS, allpairs.pair_forms(dataclasses.replace(mod.KERNELS, workspace=contextlib.nullcontext))):
-        monkeypatch.setattr(mod, "FORMS", forms)
+    for forms in (kernels.FORMS, allpairs.pair_forms(dataclasses.replace(kernels.KERNELS, workspace=contextlib.nullcontext))):
+        monkeypatch.setattr(kernels, "FORMS", forms)
         made.clear()
         leaf = e.clone().requires_grad_(True)
         out = sf.multi_pair_info_nce(leaf, present, weights=w, form=form, backend="torch")

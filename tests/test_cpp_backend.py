@@ -566,8 +566,8 @@ def test_tile_gemm_through_aten():
 @needs_cpp
 def test_info_nce_task_dtypes():
     """The "nce" masked task (one-direction InfoNCE) in bf16 / float64 against torch in float64."""
-    from scale_fast.backends.cpp import info_nce as cpp_nce
-    from scale_fast.backends.torch import info_nce as torch_nce
+    from scale_fast.backends.cpp.ops import info_nce as cpp_nce
+    from scale_fast.backends.torch.ops import info_nce as torch_nce
 
     gen = torch_gen(7)
     a = torch.nn.functional.normalize(torch.randn(300, 24, generator=gen, dtype=torch.float64), dim=1)
@@ -617,9 +617,9 @@ def test_siglip_runs_on_cpp(monkeypatch):
     for backend, why in (("cpp", "backend='cpp' requested"), ("auto", "backend='auto' prefers cpp on cpu")):
         assert sf.explain_backend("siglip", e, backend=backend) == f"siglip[cpu, float32, M=3] -> cpp: {why}"
     assert sf.explain_backend("siglip", e, backend="cpp", row_range=True).endswith("-> cpp: backend='cpp' requested")
-    assert _dispatch.get_op("cpp", "siglip", e) is sf.backends.cpp.siglip
-    assert _dispatch.get_op("cpp", "siglip", e, row_range=True) is sf.backends.cpp.siglip
-    kernels = importlib.import_module("scale_fast.backends.cpp.contrastive")
+    assert _dispatch.get_op("cpp", "siglip", e) is sf.backends.cpp.ops.siglip
+    assert _dispatch.get_op("cpp", "siglip", e, row_range=True) is sf.backends.cpp.ops.siglip
+    kernels = importlib.import_module("scale_fast.backends.cpp.siglip")
     spy = _CountingExtension(kernels._ext())
     monkeypatch.setattr(kernels, "_ext", lambda: spy)
     e.requires_grad_()
@@ -676,8 +676,8 @@ def test_siglip_row_range_partition(tiny_tiles, dtype):
     """The row_range form (the process-group path): the partial losses of a partition of the batch sum
     to the full loss and gradients; in float64 both equal the torch backend's."""
     from conftest import make_embeddings
-    from scale_fast.backends.cpp import siglip as cpp_siglip
-    from scale_fast.backends.torch import siglip as torch_siglip
+    from scale_fast.backends.cpp.ops import siglip as cpp_siglip
+    from scale_fast.backends.torch.ops import siglip as torch_siglip
 
     M, B, D = 3, 37, 11
     gen = torch_gen(2100)
@@ -786,7 +786,7 @@ def test_scores_op(mode, dtype):
         make_present, ref_leaf
     from reference import ref_scores
 
-    from scale_fast.backends.cpp import scores as cpp_scores
+    from scale_fast.backends.cpp.ops import scores as cpp_scores
 
     tol = LOW_RTOL if dtype == torch.bfloat16 else (1e-10 if dtype == torch.float64 else 1e-5)
     for seed, (M, B, D) in enumerate([(5, 300, 33), (3, 1, 7), (4, 64, 16)]):

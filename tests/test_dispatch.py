@@ -141,6 +141,21 @@ def test_explicit_backend_that_cannot_run_is_an_error():
             sf.multi_pair_info_nce(torch.randn(2, 3, 4, device="cuda"), backend="cpp")
 
 
+def test_device_notes_come_from_the_record(monkeypatch):
+    """The explicit-backend device error and the benchmarks' skip read the backend's record, not its name."""
+    import dataclasses
+
+    from scale_fast.bench.op import scale_fast_impls
+
+    record = dataclasses.replace(_dispatch.capability("torch"), devices=("cuda",), device_hint="a hint",
+                                 measured_on=("cuda",), unmeasured_reason="not timed here")
+    monkeypatch.setitem(_dispatch._records, "torch", record)
+    with pytest.raises(ValueError, match=r"backend='torch' runs on cuda tensors only; got tensors on cpu \(a hint\)"):
+        _dispatch.resolve_backend("torch", torch.device("cpu"))
+    (impl,) = scale_fast_impls("cpu", lambda be: None, backends=["torch"])
+    assert impl.skip == "not timed here"
+
+
 def test_names_come_from_the_registry():
     import argparse
 

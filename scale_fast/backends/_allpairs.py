@@ -2,9 +2,11 @@
 
 Three layers, so that a backend writes only tile loops and a new loss form only its math:
 
-* pair kernels (``PairKernels``): a backend's loops over the tiles of one pair's logits
-  (torch: scale_fast/backends/torch/contrastive.py; cpp: the compiled ones);
-* pair forms (``NTXent``, ``Clip``): how one pair's loss is built from the kernels, for all
+* pair kernels, one record per loss family: ``PairKernels`` (the softmax forms) and
+  ``SigLIPKernels`` (the sigmoid form), a backend's loops over the tiles of one pair's logits
+  (e.g. scale_fast/backends/torch/contrastive.py and siglip.py);
+* pair forms (``NTXent``, ``Clip`` on PairKernels, ``SigLIP`` on SigLIPKernels): how one pair's
+  loss is built from the kernels, for all
   its rows (``forward``/``backward``) and for a block of its rows against every column
   (``rows_forward``/``rows_backward``, the row_range form; needs the row-block kernels);
 * the driver (``all_pairs``): every active pair i < j in one autograd Function.  It saves
@@ -13,13 +15,13 @@ Three layers, so that a backend writes only tile loops and a new loss form only 
   into one de buffer.
 
 A new form is a class with the methods of ``PairForm`` (``rows_*`` only for row_range),
-added to the backend's ``forms`` mapping; the driver needs no change.
+added to the backend's ``forms`` mapping (``pair_forms``); the driver needs no change.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Mapping, Optional, Protocol, Tuple
+from typing import Callable, ContextManager, Mapping, Optional, Protocol, Tuple, Union
 
 import torch
 
@@ -29,7 +31,8 @@ from ._host_memory import release
 
 @dataclass(frozen=True)
 class PairKernels:
-    """A backend's tile loops over one pair (rows already gathered and normalised, accumulation dtype).
+    """A backend's tile loops over one pair for the softmax (InfoNCE) forms NT-Xent and CLIP (rows
+    already gathered and normalised, accumulation dtype).
 
     ntxent_forward(u, rs) -> (loss, lse, pos); ntxent_backward(u, rs, lse, pos, coef) -> (du, d_rs):
         NT-Xent of u = [a; b] (positives r <-> r + n, self excluded), rs = s * w per row of u.
@@ -40,9 +43,6 @@ class PairKernels:
     rows_backward(q, k, rs, lse, pos, self_idx, pos_dot, coef) -> (dq, dk, d_rs):
         the row-block form: sum over query rows q of LSE over every key row k minus the
         positive k[pos]; self_idx (or None) a column to exclude per row.  Optional.
-    siglip_forward(q, k, rs, pos, bias) -> sum; siglip_backward(q, k, rs, pos, bias, coef) ->
-    (dq, dk, d_rs, d_bias): the sigmoid loss sum_r sum_c softplus(-y_rc (rs_r q_r . k_c + bias)) of
-        the query rows q against every key row k, y_rc = +1 where c == pos[r], else -1.  Optional.
     coef: a 0-dim tensor, the gradient of the returned loss.
     workspace() -> a context the driver holds around the pair loop of one call (forward, and
         backward): scratch the kernels keep in it is reused by the next pair rather than freed
@@ -55,15 +55,28 @@ class PairKernels:
     cross_backward: Callable
     rows_forward: Optional[Callable] = None
     rows_backward: Optional[Callable] = None
-    siglip_forward: Optional[Callable] = None
-    siglip_backward: Optional[Callable] = None
+    workspace: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+@dataclass(frozen=True)
+class SigLIPKernels:
+    """A backend's tile loops over one pair for the sigmoid (SigLIP) form (rows as in PairKernels).
+
+    forward(q, k, rs, pos, bias) -> sum; backward(q, k, rs, pos, bias, coef) -> (dq, dk, d_rs, d_bias):
+        the sigmoid loss sum_r sum_c softplus(-y_rc (rs_r q_r . k_c + bias)) of the query rows q
+        against every key row k, y_rc = +1 where c == pos[r], else -1 (the row-block form too).
+    workspace: as in PairKernels.
+    """
+
+    forward: Callable
+    backward: Callable
     workspace: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 class PairForm(Protocol):
     """One pair's loss from its unit rows a, b [n, D] and row scales rs [n] (= s * w_b), on kernels k."""
 
-    k: PairKernels
+    k: Union[PairKernels, SigLIPKernels]
 
     def forward(self, a, b, rs) -> Tuple[torch.Tensor, object]: ...
 
@@ -159,34 +172,33 @@ class SigLIP:
 
     takes_bias = True
 
-    def __init__(self, kernels: PairKernels):
+    def __init__(self, kernels: SigLIPKernels):
         self.k = kernels
 
     def forward(self, a, b, rs, bias):
         n = a.shape[0]
-        return self.k.siglip_forward(a, b, rs, torch.arange(n, device=a.device), bias) / n, None
+        return self.k.forward(a, b, rs, torch.arange(n, device=a.device), bias) / n, None
 
     def backward(self, a, b, rs, bias, stats, coef):
         n = a.shape[0]
-        return self.k.siglip_backward(a, b, rs, torch.arange(n, device=a.device), bias, coef / n)
+        return self.k.backward(a, b, rs, torch.arange(n, device=a.device), bias, coef / n)
 
     def rows_forward(self, a, b, rs, local, bias):
-        return self.k.siglip_forward(a.index_select(0, local), b, rs, local, bias) / a.shape[0], None
+        return self.k.forward(a.index_select(0, local), b, rs, local, bias) / a.shape[0], None
 
     def rows_backward(self, a, b, rs, local, bias, stats, coef, columns_grad=True):
-        dq, db, d_rs, d_bias = self.k.siglip_backward(a.index_select(0, local), b, rs, local, bias, coef / a.shape[0])
+        dq, db, d_rs, d_bias = self.k.backward(a.index_select(0, local), b, rs, local, bias, coef / a.shape[0])
         if not columns_grad:
             db.zero_()
         da = torch.zeros_like(a).index_add_(0, local, dq)
         return da, db, d_rs, d_bias
 
 
-def pair_forms(kernels: PairKernels) -> Mapping[str, PairForm]:
-    """The forms every backend with these kernels offers, by the name users pass (form=...)."""
-    forms = {"ntxent": NTXent(kernels), "clip": Clip(kernels)}
-    if kernels.siglip_forward is not None:
-        forms["siglip"] = SigLIP(kernels)
-    return forms
+def pair_forms(kernels: Union[PairKernels, SigLIPKernels]) -> Mapping[str, PairForm]:
+    """The forms a kernel set serves, by the name users pass (form=...)."""
+    if isinstance(kernels, SigLIPKernels):
+        return {"siglip": SigLIP(kernels)}
+    return {"ntxent": NTXent(kernels), "clip": Clip(kernels)}
 
 
 def joined(a, b):

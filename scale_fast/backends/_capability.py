@@ -41,6 +41,10 @@ class Capability:
         (is_available may do the work a first use does: the cpp build).
     pending_reason: what that first use would still do ("" when nothing), without doing it: the
         reports (available_backends, explain_backend) read it instead of calling is_available.
+    device_hint: how to run it where its devices exclude the tensors' ("" when nothing helps), added
+        to the error of an explicit backend=... there.
+    measured_on: device types where its timings measure its kernels ("*": any); elsewhere (e.g. an
+        emulation) the benchmarks skip it, saying unmeasured_reason.
     """
 
     name: str
@@ -55,6 +59,9 @@ class Capability:
     is_available: Callable[[], bool] = _always
     unavailable_reason: Callable[[], str] = _no_reason
     pending_reason: Callable[[], str] = _no_reason
+    device_hint: str = ""
+    measured_on: Tuple[str, ...] = ("*",)
+    unmeasured_reason: str = ""
 
     def lacks(self, op: str, device: torch.device, dtype: Optional[torch.dtype] = None,
               modalities: Optional[int] = None, row_range: bool = False, columns_grad: bool = True) -> str:
@@ -73,3 +80,7 @@ class Capability:
         if not columns_grad and op not in self.constant_columns_ops:
             return f"{self.name} {op} has no row_range form with constant columns"
         return ""
+
+    def measured(self, device: torch.device) -> bool:
+        """Whether its timings on `device` measure its kernels (see measured_on)."""
+        return "*" in self.measured_on or device.type in self.measured_on

@@ -70,13 +70,12 @@ def scale_fast_impls(device: str, build_for: Callable[[str], Callable], backends
     unavailable = sf.available_backends(with_reasons=True, build=True)  # builds the backends it measures
     for be in backends or sf.backend_names():
         name = f"scale_fast {be}"
-        lacks = op and capability(be).lacks(op, torch.device(device))
+        record = capability(be)
+        lacks = op and record.lacks(op, torch.device(device))
         if unavailable[be]:
             out.append(Impl(name, "scale_fast", skip=f"backend not available here: {unavailable[be]}"))
-        elif be == "triton" and not device.startswith("cuda"):
-            out.append(Impl(name, "scale_fast", skip="CUDA only (TRITON_INTERPRET emulation is not a measurement)"))
-        elif be == "cpp" and device.startswith("cuda"):
-            out.append(Impl(name, "scale_fast", skip="CPU tensors only"))
+        elif not record.measured(torch.device(device)):
+            out.append(Impl(name, "scale_fast", skip=record.unmeasured_reason))
         elif lacks:
             out.append(Impl(name, "scale_fast", skip=f"{lacks} (the torch backend's code would run)"))
         else:

@@ -7,7 +7,7 @@ cache directory, see ``_build``.  A failed build gives one RuntimeWarning and le
 backend unavailable: "auto" then uses the torch backend, and backend="cpp" raises
 ValueError with the reason.
 
-Ops (backend contracts in scale_fast/_dispatch.py): ``contrastive`` (all-pairs NT-Xent /
+Ops (``ops.py``, backend contracts in scale_fast/_dispatch.py): ``contrastive`` (all-pairs NT-Xent /
 CLIP with row weights, logit-scale gradient, absent samples), ``siglip`` (the sigmoid form,
 with logit-bias gradient and the row_range form of the process-group path), ``linear_cross_entropy``
 (masked-token linear cross-entropy, class ids or probabilities, row scales, bias),
@@ -25,10 +25,7 @@ from __future__ import annotations
 import torch
 
 from .._capability import Capability
-from . import _build
-from .contrastive import contrastive, info_nce, siglip
-from .linear_ce import linear_cross_entropy
-from .scores import scores
+from . import _build, ops  # ops imports nothing heavy and compiles nothing
 
 
 def is_available() -> bool:
@@ -48,7 +45,7 @@ def extension():
 # Inputs of every float dtype are accumulated in float32 (float64 in float64) by the kernels.
 CAPABILITY = Capability(
     name="cpp",
-    module=__name__,
+    module=ops.__name__,
     devices=("cpu",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     ops=("scores", "contrastive", "siglip", "info_nce", "linear_cross_entropy"),
@@ -58,8 +55,9 @@ CAPABILITY = Capability(
     is_available=is_available,
     unavailable_reason=unavailable_reason,
     pending_reason=_build.pending,  # "not built yet" without building (available_backends, explain_backend)
+    measured_on=("cpu",),
+    unmeasured_reason="CPU tensors only",
 )
 
 
-__all__ = ["CAPABILITY", "contrastive", "siglip", "linear_cross_entropy", "info_nce", "scores", "is_available",
-           "unavailable_reason", "extension"]
+__all__ = ["CAPABILITY", "is_available", "unavailable_reason", "extension"]

@@ -1,11 +1,10 @@
-"""The cpp backend's pair kernels for the contrastive losses (docs/contract.md §4): NT-Xent, CLIP, SigLIP.
+"""The cpp backend's pair kernels for the InfoNCE losses (docs/contract.md §4): NT-Xent, CLIP (SigLIP: siglip.py).
 
 The all-pairs driver, the pair forms and the info-NCE Functions are shared
 (scale_fast/backends/_allpairs.py); each pair's tile loops run in C++: NT-Xent forms only the Gram tiles R <= C, the
 log-sum-exp uses the fixed shift |s w_r| when 2 max|s w| <= 60 (float32; 600 float64) and
 an online max otherwise, and the weight gradient is a sum of P (G - G_pos) products normalised
-by p_sum (see the torch backend).  The positive-logit terms and the O(n) bookkeeping stay in torch.  SigLIP's
-sigmoid loss runs whole in C++ (csrc/siglip.cpp), the positives included.
+by p_sum (see the torch backend).  The positive-logit terms and the O(n) bookkeeping stay in torch.
 """
 from __future__ import annotations
 
@@ -61,35 +60,15 @@ def cross_backward(a, b, rs, lse_r, lse_c, pos, coef):
     return da, db, c * (dot_p / p_sum).sum(0)
 
 
-def siglip_forward(q, k, rs, pos, bias):
-    """sum_r sum_c softplus(-y_rc (rs_r q_r . k_c + bias)) of the rows q against every row of k."""
-    return _ext().siglip_forward(q, k, rs, pos, float(bias), TILE)
-
-
-def siglip_backward(q, k, rs, pos, bias, coef):
-    """(dq, dk, d_rs, d_bias) of coef * siglip_forward's sum."""
-    return tuple(_ext().siglip_backward(q, k, rs, pos, float(bias), float(coef), TILE))
-
-
-# No row-block InfoNCE kernels: contrastive's row_range is left to the torch backend; the
-# SigLIP form's row_range needs only the siglip kernels (each query row against every key).
-KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward,
-                      siglip_forward=siglip_forward, siglip_backward=siglip_backward)
+# No row-block InfoNCE kernels: contrastive's row_range is left to the torch backend (the SigLIP
+# form's row_range, siglip.py, needs only the siglip kernels).
+KERNELS = PairKernels(ntxent_forward, ntxent_backward, cross_forward, cross_backward)
 FORMS = pair_forms(KERNELS)
 
 
 def contrastive(e, present, logit_scale, row_weights, form, *, normalize=True):
     """[M, M] pair losses of every active pair i < j from raw embeddings e (backend contract in _dispatch.py)."""
     return all_pairs(FORMS, e, present, logit_scale, row_weights, form, normalize=normalize)
-
-
-def siglip(e, present, logit_scale, logit_bias, row_weights, row_range=None, *, normalize=True, columns_grad=True):
-    """[M, M] sigmoid (SigLIP) pair losses (backend contract in _dispatch.py).
-
-    row_range=(start, stop): only the rows of samples start..stop-1 (see scale_fast/backends/_allpairs.py).
-    """
-    return all_pairs(FORMS, e, present, logit_scale, row_weights, "siglip", row_range, logit_bias, normalize,
-                     columns_grad)
 
 
 def info_nce(a, b, row_weights, scale):

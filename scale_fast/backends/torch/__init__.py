@@ -7,13 +7,11 @@ backend with the row-block (``row_range``) forms the process-group path uses.
 import torch
 
 from .._capability import Capability
-from .contrastive import contrastive, info_nce, info_nce_rows, siglip
-from .linear_ce import linear_cross_entropy
-from .scores import scores
+from . import ops  # imported with the package: the fallback of every lookup, never imported while tracing
 
 CAPABILITY = Capability(
     name="torch",
-    module=__name__,
+    module=ops.__name__,
     devices=("*",),
     dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
     ops=("scores", "contrastive", "siglip", "info_nce", "info_nce_rows", "linear_cross_entropy"),
@@ -21,4 +19,4 @@ CAPABILITY = Capability(
     constant_columns_ops=("contrastive", "siglip"),
 )
 
-__all__ = ["CAPABILITY", "scores", "contrastive", "siglip", "info_nce", "info_nce_rows", "linear_cross_entropy"]
+__all__ = ["CAPABILITY"]

@@ -57,4 +57,7 @@ CAPABILITY = Capability(
     preferred_on=("cuda",),
     is_available=is_available,
     unavailable_reason=unavailable_reason,
+    device_hint="triton runs on CPU tensors only with TRITON_INTERPRET=1 set before triton is imported",
+    measured_on=("cuda",),
+    unmeasured_reason="CUDA only (TRITON_INTERPRET emulation is not a measurement)",
 )

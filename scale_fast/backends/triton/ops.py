@@ -1,12 +1,11 @@
 """The "triton" backend's ops, under the names of the contract in scale_fast/_dispatch.py."""
 from scale_fast._normalize import keep_present, normalize_present
 
-from .._allpairs import PairKernels, SigLIP, all_pairs
 from . import contrastive as _contrastive
-from . import siglip as _siglip
 from . import scores as _scores
 from .contrastive import info_nce
 from .linear_ce import linear_cross_entropy
+from .siglip import siglip
 
 
 # The kernels take normalised rows; the backend contract hands over raw embeddings (normalize=False:
@@ -22,15 +21,6 @@ def scores(e, present, mode, *, normalize=True):
 def contrastive(e, present, logit_scale, row_weights, form, row_range=None, *, normalize=True):
     return _contrastive.contrastive(_rows(e, present, normalize), present, logit_scale, row_weights, form,
                                     row_range)
-
-
-# form="siglip": the shared all-pairs driver over the sigmoid tile kernels of siglip.py
-_SIGLIP = {"siglip": SigLIP(PairKernels(None, None, None, None, siglip_forward=_siglip.siglip_forward,
-                                        siglip_backward=_siglip.siglip_backward))}
-
-
-def siglip(e, present, logit_scale, logit_bias, row_weights, *, normalize=True):
-    return all_pairs(_SIGLIP, e, present, logit_scale, row_weights, "siglip", None, logit_bias, normalize)
 
 
 __all__ = ["scores", "contrastive", "siglip", "info_nce", "linear_cross_entropy"]

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._allpairs import SigLIPKernels, all_pairs, pair_forms
 from . import interpreted
 
 _INTERPRET = interpreted()
@@ -187,3 +188,13 @@ def report_kernels(dtype: torch.dtype, D: int):
     benchmarks/kernel_report.py."""
     f = _flags(dtype, D)
     return [("siglip_fwd", _fwd_kernel, f), ("siglip_bwd_tile", _bwd_tile_kernel, f)]
+
+
+# the shared all-pairs driver over these kernels (it normalises the raw embeddings itself)
+KERNELS = SigLIPKernels(siglip_forward, siglip_backward)
+FORMS = pair_forms(KERNELS)
+
+
+def siglip(e, present, logit_scale, logit_bias, row_weights, *, normalize=True):
+    """[M, M] sigmoid (SigLIP) pair losses (backend contract in _dispatch.py)."""
+    return all_pairs(FORMS, e, present, logit_scale, row_weights, "siglip", None, logit_bias, normalize)
