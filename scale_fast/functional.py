@@ -121,7 +121,8 @@ def linear_cross_entropy(
     V.check_device("target", target, device)
     if target.is_floating_point():
         if tuple(target.shape) != (n, k):
-            raise ValueError(f"target (probabilities) must have shape [N, K] = {(n, k)}, got {tuple(target.shape)}")
+            raise ValueError(f"target (probabilities) must have shape [N, K] = {(n, k)}, got {tuple(target.shape)} "
+                             "(class ids must be an integer tensor)")
     else:
         V.check_tensor("target", target, floating=False)
         V.check_class_targets("target", target, n, k, ignore_index)

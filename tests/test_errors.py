@@ -234,6 +234,13 @@ def test_lce_soft_target_wrong_classes(backend):
                                 torch.rand(4, 8, device=DEVICE), backend=backend)
 
 
+def test_lce_float_class_ids_named(backend):
+    """Class ids given as a float tensor are read as probabilities: the message says ids must be integers."""
+    with pytest.raises(ERR, match="class ids must be an integer tensor"):
+        sf.linear_cross_entropy(torch.randn(4, 6, device=DEVICE), torch.randn(9, 6, device=DEVICE),
+                                torch.zeros(4, device=DEVICE), backend=backend)
+
+
 @pytest.mark.parametrize("bad", [9, 50, -2])
 def test_lce_target_out_of_range(backend, bad):
     with pytest.raises(ERR, match="target"):
