@@ -160,3 +160,11 @@ def test_baseline_command(tmp_path, small_manifest, capsys):
     assert summary["train"] == 32 and summary["held_out"] == 8
     assert 0 <= summary["baseline_R@1"] <= 1 and summary["model_R@1"] == events(out, "done")[-1]["R@1"]
     assert "model R@1" in lines[0] and "baseline R@1" in lines[0] and lines[-2].startswith("mean")
+
+
+def test_run_without_out_says_nothing_is_saved_at_start(capsys):
+    argv = ["pretrain", "--steps", "1", "--batch-size", "8", "--eval-size", "24", "--eval-every", "0",
+            "--no-progress", "--threads", "1", *SMALL]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "no --out: nothing will be saved" in err

@@ -104,6 +104,9 @@ class Trainer:
                 self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
 
         self.out_dir = args.out
+        if self.lead and not args.out:  # said at the start, not only when the run is interrupted
+            print("scale-fast pretrain: no --out: nothing will be saved (no checkpoint, log or resume)",
+                  file=sys.stderr, flush=True)
         self.ckpt_path = os.path.join(args.out, CHECKPOINT) if args.out else None
         log_path = args.log or (os.path.join(args.out, LOG) if args.out else None)
         self.log = JsonlLog(log_path if self.lead else None)
