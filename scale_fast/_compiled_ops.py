@@ -112,6 +112,10 @@ class CompiledOp:
     run: Optional[Callable] = None
     keywords: Tuple[Tuple[str, object], ...] = ()
 
+    def changed(self, options: Dict[str, object]) -> Dict[str, object]:
+        """The keyword options that differ from their defaults: the ones a backend op is called with."""
+        return {k: options[k] for k, default in self.keywords if options.get(k, default) != default}
+
 
 def _parameters(inputs: str) -> List[Tuple[str, str]]:
     """[(type, name)] of a schema's inputs (defaults dropped)."""
@@ -164,7 +168,7 @@ def register(spec: CompiledOp):
             return spec.run(backend, *inputs)
         options = dict(zip((k for k, _ in spec.keywords), inputs[n_positional:]))
         return _eager(backend, spec.name, *inputs[:n_positional], row_range=inputs[-1] if takes_rows else None,
-                      **{k: options[k] for k, default in spec.keywords if options[k] != default})
+                      **spec.changed(options))
 
     def forward(*args):
         with torch.no_grad():
@@ -284,5 +288,4 @@ def run_op(backend: str, name: str, *args, row_range=None, **options):
     if torch.compiler.is_compiling():
         rows = (None if row_range is None else list(row_range),) if takes_rows else ()
         return op(*args, *(options.get(k, default) for k, default in spec.keywords), *rows, backend)
-    return _eager(backend, name, *args, row_range=row_range,
-                  **{k: options[k] for k, default in spec.keywords if options.get(k, default) != default})
+    return _eager(backend, name, *args, row_range=row_range, **spec.changed(options))
