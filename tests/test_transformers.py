@@ -296,6 +296,28 @@ def test_apply_is_per_instance_and_revert_restores():
     assert "forward" not in clip.__dict__
 
 
+def test_an_instance_forward_of_the_head_is_kept_and_restored():
+    """A forward set on the lm_head instance before apply (as accelerate's device hooks do) still runs
+    outside the patched training loss and is put back by revert."""
+    model, ref = _causal("llama", torch.float32)
+    calls = []
+    own = model.lm_head.forward
+
+    def hooked(hidden):
+        calls.append(hidden.shape)
+        return own(hidden)
+
+    model.lm_head.forward = hooked
+    sft.apply(model, backend="torch")
+    ids, labels = _tokens()
+    assert model(input_ids=ids, labels=labels).logits is None and not calls   # the loss: no head call
+    model.eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, ref.eval()(input_ids=ids).logits)
+    assert len(calls) == 1                                                    # eval: the hooked head ran
+    sft.revert(model)
+    assert model.lm_head.__dict__["forward"] is hooked
+
+
 class _TanhLlama(transformers.LlamaForCausalLM):
     """A model that transforms its logits before the loss in a way the config does not say."""
 

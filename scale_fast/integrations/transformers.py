@@ -59,9 +59,11 @@ def apply(model: nn.Module, *, backend: str = "auto") -> nn.Module:
         model.forward = types.MethodType(_forward_of(type(model), _contrastive_forward), model)
         return model
     _check_causal_lm(model)
-    model._scale_fast = _Patch(backend, previous, loss_function=model.__dict__.get("_loss_function"))
+    head_previous = model.lm_head.__dict__.get("forward")
+    model._scale_fast = _Patch(backend, previous, loss_function=model.__dict__.get("_loss_function"),
+                               head_forward=head_previous)
     model.loss_function = functools.partial(_causal_lm_loss, backend=backend)
-    model.lm_head.forward = types.MethodType(_head_forward, model.lm_head)
+    model.lm_head.forward = functools.partial(_head_forward, model.lm_head, head_previous)
     model.forward = types.MethodType(_forward_of(type(model), _causal_forward), model)
     return model
 
@@ -75,7 +77,7 @@ def revert(model: nn.Module) -> nn.Module:
     _restore(model, "forward", patch.previous)
     if type(model).__name__ not in CONTRASTIVE:
         _restore(model, "_loss_function", patch.loss_function)
-        model.lm_head.__dict__.pop("forward", None)
+        _restore(model.lm_head, "forward", patch.head_forward)
         model.lm_head.__dict__.pop("_scale_fast_defer", None)
     return model
 
@@ -93,8 +95,9 @@ def patched(model: nn.Module, *, backend: str = "auto"):
 class _Patch:
     """What apply() changed on one model: the backend, and what revert() puts back."""
 
-    def __init__(self, backend, previous, loss_function):
+    def __init__(self, backend, previous, loss_function, head_forward=None):
         self.backend, self.previous, self.loss_function = backend, previous, loss_function
+        self.head_forward = head_forward  # an instance-level lm_head.forward set before us (e.g. a device hook)
 
     def original(self, model):
         """The forward apply() found: an earlier instance-level one, or the class's."""
@@ -212,12 +215,13 @@ def _has_labels(forward, args, kwargs) -> bool:
         return False
 
 
-def _head_forward(self, hidden):
-    """lm_head inside a patched training forward: no logits, the hidden states and weights instead."""
+def _head_forward(self, previous, hidden):
+    """lm_head inside a patched training forward: no logits, the hidden states and weights instead;
+    elsewhere the head's own forward (`previous`: an instance-level one it had before apply)."""
     if self.__dict__.get("_scale_fast_defer"):
         self._scale_fast_defer = False
         return DeferredLogits(hidden, self.weight, self.bias)
-    return type(self).forward(self, hidden)
+    return previous(hidden) if previous is not None else type(self).forward(self, hidden)
 
 
 def _causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
