@@ -285,6 +285,9 @@ def run_op(backend: str, name: str, *args, row_range=None, **options):
     if name not in _CUSTOM_OPS:
         return _eager(backend, name, *args, row_range=row_range, **options)
     op, spec, takes_rows = _CUSTOM_OPS[name]
+    unknown = set(options) - {k for k, _ in spec.keywords}
+    if unknown or (row_range is not None and not takes_rows):
+        raise TypeError(f"op {name!r} takes no {sorted(unknown) or 'row_range'}")
     if torch.compiler.is_compiling():
         rows = (None if row_range is None else list(row_range),) if takes_rows else ()
         return op(*args, *(options.get(k, default) for k, default in spec.keywords), *rows, backend)

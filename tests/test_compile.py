@@ -100,3 +100,14 @@ def test_first_call_compiled_with_fullgraph():
             "assert torch.allclose(g, r, rtol=1e-12, atol=1e-14), (g - r).abs().max()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_run_op_refuses_an_option_the_op_does_not_take():
+    """A misspelt keyword option, or row_range for an op without that form, is an error, not dropped."""
+    from scale_fast._compiled_ops import run_op
+
+    e, present = torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(TypeError, match="normalise"):
+        run_op("torch", "scores", e, present, "sample", normalise=False)
+    with pytest.raises(TypeError, match="row_range"):
+        run_op("torch", "scores", e, present, "sample", row_range=(0, 2))
