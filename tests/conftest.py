@@ -280,3 +280,14 @@ def run_ranks(worker, world: int, tmp_path_factory, name: str):
     outdir = str(tmp_path_factory.mktemp(f"{name}{world}"))
     mp.spawn(worker, args=(world, f"tcp://127.0.0.1:{free_port()}", outdir), nprocs=world, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def rank_fixtures(worker, name: str):
+    """Module-scoped fixtures ranks2 and ranks3: every rank's results of run_ranks(worker) in 2 and 3
+    processes.  A test module binds them: ``ranks2, ranks3 = rank_fixtures(_worker, "name")``."""
+    def fixture(world):
+        @pytest.fixture(scope="module", name=f"ranks{world}")
+        def ranks(tmp_path_factory):
+            return run_ranks(worker, world, tmp_path_factory, name)
+        return ranks
+    return fixture(2), fixture(3)

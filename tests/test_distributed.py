@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import scale_fast as sf
-from conftest import run_ranks
+from conftest import rank_fixtures, run_ranks
 
 import importlib
 
@@ -198,18 +198,7 @@ def _key(name, backend):
     return name if backend == "torch" else f"{name}-{backend}"
 
 
-def _spawn(world, tmp_path_factory, worker=_worker):
-    return run_ranks(worker, world, tmp_path_factory, "dist")
-
-
-@pytest.fixture(scope="module")
-def ranks2(tmp_path_factory):
-    return _spawn(2, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ranks3(tmp_path_factory):
-    return _spawn(3, tmp_path_factory)
+ranks2, ranks3 = rank_fixtures(_worker, "dist")
 
 
 # --------------------------------------------------------------------------- checks
@@ -281,7 +270,7 @@ def test_module_passes_process_group(ranks2):
 def test_compiled_under_a_process_group_matches_eager(tmp_path_factory):
     """torch.compile(fullgraph=True) of scale_loss under a 2-process gloo group: one graph (the
     objective's custom op), the eager values and every gradient on every rank."""
-    for rank, res in enumerate(_spawn(2, tmp_path_factory, _compile_worker)):
+    for rank, res in enumerate(run_ranks(_compile_worker, 2, tmp_path_factory, "dist")):
         for idx in COMPILED:
             name = CASES[idx][0]
             eager, compiled = res[name, None], res[name, "aot_eager"]

@@ -11,7 +11,6 @@ global batch, 2 and 3 gloo processes.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 
 import pytest
@@ -20,7 +19,7 @@ import torch.distributed as dist
 
 import scale_fast as sf
 from reference import ref_pair_losses, ref_rows, ref_scale_loss
-from conftest import run_ranks
+from conftest import rank_fixtures
 
 M, D = 3, 5
 SIZES = {2: [3, 5], 3: [2, 4, 3]}
@@ -98,18 +97,7 @@ def _worker(rank, world, init, outdir):
         dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path_factory):
-    return run_ranks(_worker, world, tmp_path_factory, "pairs")
-
-
-@pytest.fixture(scope="module")
-def ranks2(tmp_path_factory):
-    return _spawn(2, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ranks3(tmp_path_factory):
-    return _spawn(3, tmp_path_factory)
+ranks2, ranks3 = rank_fixtures(_worker, "pairs")
 
 
 # --------------------------------------------------------------------------- reference

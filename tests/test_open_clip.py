@@ -22,7 +22,7 @@ except Exception as exc:  # noqa: BLE001 - ImportError, or torchvision's operato
     pytest.skip(f"open_clip does not import here: {type(exc).__name__}: {exc}", allow_module_level=True)
 
 from scale_fast.integrations import open_clip as sf_open_clip  # noqa: E402
-from conftest import run_ranks  # noqa: E402
+from conftest import rank_fixtures  # noqa: E402
 
 ORIGINAL = {name: getattr(oc_loss, name) for name in ("ClipLoss", "SigLipLoss", "CoCaLoss")}
 N, D = 4, 8  # local batch, feature width
@@ -249,18 +249,7 @@ def _worker(rank, world, init, outdir):
         dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path_factory):
-    return run_ranks(_worker, world, tmp_path_factory, "open_clip")
-
-
-@pytest.fixture(scope="module")
-def ranks2(tmp_path_factory):
-    return _spawn(2, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ranks3(tmp_path_factory):
-    return _spawn(3, tmp_path_factory)
+ranks2, ranks3 = rank_fixtures(_worker, "open_clip")
 
 
 def _case_id(case):
