@@ -272,13 +272,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rank_main(rank, worker, world, init, outdir):
+    """One spawned rank: one thread, a gloo group, and worker(rank, world)'s results saved for the parent."""
+    import os
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.save(worker(rank, world), os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def run_ranks(worker, world: int, tmp_path_factory, name: str):
-    """Every rank's results of worker(rank, world, init_method, outdir) in `world` spawned processes; the
-    worker saves its results to outdir/rank<r>.pt."""
+    """Every rank's results of worker(rank, world) (run inside a gloo group) in `world` spawned processes."""
     import os
     import torch.multiprocessing as mp
     outdir = str(tmp_path_factory.mktemp(f"{name}{world}"))
-    mp.spawn(worker, args=(world, f"tcp://127.0.0.1:{free_port()}", outdir), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(worker, world, f"tcp://127.0.0.1:{free_port()}", outdir), nprocs=world, join=True)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 

@@ -12,7 +12,6 @@ All cases of one world size run in one spawn (module-scoped fixture) to keep the
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -132,66 +131,56 @@ REPLICATED = ("logit_scale", "logit_bias") + tuple(f"{p}{m}" for p in ("weight",
 
 
 # --------------------------------------------------------------------------- workers
-def _worker(rank, world, init, outdir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _worker(rank, world):
+    results = {}
+    for idx, backend in [(i, "torch") for i in range(len(CASES))] + EXTRA:
+        name, mode, form, dtype, harmonize, detach, with_te = CASES[idx]
+        case = make_case(idx, SIZES[world], dtype)
+        present, e, te, tasks, _ = local_slice(case, rank)
+        out, g = run_loss(present, e, te, tasks, case["logit_scale"], mode, form, harmonize, detach, with_te,
+                          group=dist.group.WORLD, backend=backend)
+        results[_key(name, backend)] = dict(total=out.total.detach(), contrastive=out.contrastive.detach(),
+                             masked=out.masked.detach(), active=out.active, scores=out.scores.detach(),
+                             weights=out.weights.detach(), grads=g)
+    # SCALELoss(process_group=...) is scale_loss(process_group=...)
+    name, mode, form, dtype, harmonize, detach, with_te = CASES[0]
+    case = make_case(0, SIZES[world], dtype)
+    present, e, te, tasks, _ = local_slice(case, rank)
+    mod = sf.SCALELoss(["a", "b", "c", "d"], logit_scale=4.0, mode=mode, form=form, backend="torch",
+                       process_group=dist.group.WORLD)
+    mtasks = {m: sf.MaskedTask(t["kind"], t["hidden"], t["target"], weight=t["weight"], bias=t["bias"],
+                               sample_index=t["sample_index"]) for m, t in tasks.items()}
+    results["module_total"] = mod(e, present, mtasks, te).total.detach()
+    # a layout that differs between ranks is refused on every rank (no hang)
+    case = make_case(0, SIZES[world], torch.float64)
+    present, e, te, tasks, _ = local_slice(case, rank)
+    if rank == 1:
+        tasks.pop(2)
     try:
-        results = {}
-        for idx, backend in [(i, "torch") for i in range(len(CASES))] + EXTRA:
-            name, mode, form, dtype, harmonize, detach, with_te = CASES[idx]
-            case = make_case(idx, SIZES[world], dtype)
-            present, e, te, tasks, _ = local_slice(case, rank)
-            out, g = run_loss(present, e, te, tasks, case["logit_scale"], mode, form, harmonize, detach, with_te,
-                              group=dist.group.WORLD, backend=backend)
-            results[_key(name, backend)] = dict(total=out.total.detach(), contrastive=out.contrastive.detach(),
-                                 masked=out.masked.detach(), active=out.active, scores=out.scores.detach(),
-                                 weights=out.weights.detach(), grads=g)
-        # SCALELoss(process_group=...) is scale_loss(process_group=...)
-        name, mode, form, dtype, harmonize, detach, with_te = CASES[0]
-        case = make_case(0, SIZES[world], dtype)
-        present, e, te, tasks, _ = local_slice(case, rank)
-        mod = sf.SCALELoss(["a", "b", "c", "d"], logit_scale=4.0, mode=mode, form=form, backend="torch",
-                           process_group=dist.group.WORLD)
-        mtasks = {m: sf.MaskedTask(t["kind"], t["hidden"], t["target"], weight=t["weight"], bias=t["bias"],
-                                   sample_index=t["sample_index"]) for m, t in tasks.items()}
-        results["module_total"] = mod(e, present, mtasks, te).total.detach()
-        # a layout that differs between ranks is refused on every rank (no hang)
-        case = make_case(0, SIZES[world], torch.float64)
-        present, e, te, tasks, _ = local_slice(case, rank)
-        if rank == 1:
-            tasks.pop(2)
-        try:
-            run_loss(present, e, te, tasks, case["logit_scale"], "sample", "ntxent", True, False, False,
-                     group=dist.group.WORLD)
-            results["mismatch"] = None
-        except ValueError as exc:
-            results["mismatch"] = str(exc)
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        run_loss(present, e, te, tasks, case["logit_scale"], "sample", "ntxent", True, False, False,
+                 group=dist.group.WORLD)
+        results["mismatch"] = None
+    except ValueError as exc:
+        results["mismatch"] = str(exc)
+    return results
 
 
 # torch.compile(fullgraph=True) under the group: these cases, compiled and eager on every rank
 COMPILED = [c[0] for c in CASES].index("sample-ntxent"), [c[0] for c in CASES].index("batch-clip"), SIGLIP
 
 
-def _compile_worker(rank, world, init, outdir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        results = {}
-        for idx in COMPILED:
-            name, mode, form, dtype, harmonize, detach, with_te = CASES[idx]
-            case = make_case(idx, SIZES[world], dtype)
-            present, e, te, tasks, _ = local_slice(case, rank)
-            for compiler in (None, "aot_eager"):
-                torch._dynamo.reset()
-                out, g = run_loss(present, e, te, tasks, case["logit_scale"], mode, form, harmonize, detach, with_te,
-                                  group=dist.group.WORLD, compiler=compiler)
-                results[name, compiler] = dict({f: getattr(out, f).detach() for f in OUTPUTS}, grads=g)
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _compile_worker(rank, world):
+    results = {}
+    for idx in COMPILED:
+        name, mode, form, dtype, harmonize, detach, with_te = CASES[idx]
+        case = make_case(idx, SIZES[world], dtype)
+        present, e, te, tasks, _ = local_slice(case, rank)
+        for compiler in (None, "aot_eager"):
+            torch._dynamo.reset()
+            out, g = run_loss(present, e, te, tasks, case["logit_scale"], mode, form, harmonize, detach, with_te,
+                              group=dist.group.WORLD, compiler=compiler)
+            results[name, compiler] = dict({f: getattr(out, f).detach() for f in OUTPUTS}, grads=g)
+    return results
 
 
 def _key(name, backend):

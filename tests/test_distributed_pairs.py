@@ -11,7 +11,6 @@ global batch, 2 and 3 gloo processes.
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -65,36 +64,31 @@ def _local(case, sizes, rank):
     return case["present"][:, rows], case["e"][:, rows], case["w"][rows]
 
 
-def _worker(rank, world, init, outdir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        results = {}
-        for backend in BACKENDS:
-            for idx, (form, normalize, with_grad, partial) in _cases(backend):
-                case = make_case(idx, SIZES[world])
-                present, e, w = _local(case, SIZES[world], rank)
-                e = e.clone().requires_grad_(True)
-                w = w.clone().requires_grad_(True)
-                s = torch.tensor(case["scale"], dtype=torch.float64, requires_grad=True)
-                b = torch.tensor(case["bias"], dtype=torch.float64, requires_grad=True) if form == "siglip" else None
-                out = sf.multi_pair_info_nce(e, present, logit_scale=s, weights=w, form=form, logit_bias=b,
-                                             backend=backend, normalize=normalize, process_group=dist.group.WORLD,
-                                             gather_with_grad=with_grad, partial=partial)
-                leaves = [e, w, s] + ([b] if b is not None else [])
-                gs = torch.autograd.grad((out * case["G"]).sum(), leaves)
-                results[(backend, idx)] = dict(out=out.detach(), grads=[x.detach() for x in gs])
-        for mode, form in SCALE_CASES:  # scale_loss(normalize=False) under the group
-            case = make_case(100, SIZES[world])
-            present, e, _ = _local(case, SIZES[world], rank)
+def _worker(rank, world):
+    results = {}
+    for backend in BACKENDS:
+        for idx, (form, normalize, with_grad, partial) in _cases(backend):
+            case = make_case(idx, SIZES[world])
+            present, e, w = _local(case, SIZES[world], rank)
             e = e.clone().requires_grad_(True)
-            out = sf.scale_loss(e, present, logit_scale=case["scale"], mode=mode, form=form, backend="torch",
-                                normalize=False, process_group=dist.group.WORLD)
-            (g,) = torch.autograd.grad(out.total, [e])
-            results[("scale_loss", mode, form)] = dict(total=out.total.detach(), grad=g)
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+            w = w.clone().requires_grad_(True)
+            s = torch.tensor(case["scale"], dtype=torch.float64, requires_grad=True)
+            b = torch.tensor(case["bias"], dtype=torch.float64, requires_grad=True) if form == "siglip" else None
+            out = sf.multi_pair_info_nce(e, present, logit_scale=s, weights=w, form=form, logit_bias=b,
+                                         backend=backend, normalize=normalize, process_group=dist.group.WORLD,
+                                         gather_with_grad=with_grad, partial=partial)
+            leaves = [e, w, s] + ([b] if b is not None else [])
+            gs = torch.autograd.grad((out * case["G"]).sum(), leaves)
+            results[(backend, idx)] = dict(out=out.detach(), grads=[x.detach() for x in gs])
+    for mode, form in SCALE_CASES:  # scale_loss(normalize=False) under the group
+        case = make_case(100, SIZES[world])
+        present, e, _ = _local(case, SIZES[world], rank)
+        e = e.clone().requires_grad_(True)
+        out = sf.scale_loss(e, present, logit_scale=case["scale"], mode=mode, form=form, backend="torch",
+                            normalize=False, process_group=dist.group.WORLD)
+        (g,) = torch.autograd.grad(out.total, [e])
+        results[("scale_loss", mode, form)] = dict(total=out.total.detach(), grad=g)
+    return results
 
 
 ranks2, ranks3 = rank_fixtures(_worker, "pairs")
